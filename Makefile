@@ -1,0 +1,27 @@
+# Set-up and the two quickstart commands. Everything installs into ./.venv.
+#   make demo   -> install, then run the main job (ctxext demo) on the embedded default
+#   make test   -> install, then run the whole test suite
+# Torch: the CPU build torch==2.13.0 where no NVIDIA GPU is visible; otherwise the default (CUDA) build.
+# Override with e.g. `make test TORCH=torch==2.14.1`.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: install demo test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/ctxext demo
+
+test: install
+	$(PY) -m pytest

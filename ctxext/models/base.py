@@ -1,0 +1,150 @@
+"""Model-family adapters: the only place that knows transformers' module and config names.
+
+A ``Family`` says where a family keeps its rope parameters (one flat dict, or one per layer type), which
+*scopes* a user may patch (``all``; ``global`` / ``sliding`` where layer types have separate rotary
+frequencies) and why a scope is missing. Families register themselves in ``FAMILIES`` by ``model_type``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..rope.spec import MethodError
+
+SCOPE_LAYER_TYPES = {"global": "full_attention", "sliding": "sliding_attention"}
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not a RoPE model of a supported family."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """Args:
+    name: family name shown to users.
+    model_types: ``config.model_type`` values handled.
+    per_layer_type: rope parameters are a dict keyed by layer type (Gemma 3) instead of one flat dict.
+    default_scope: scope used when the user gives none.
+    scope_note: why only ``all`` exists for a flat family with sliding layers (shown on a bad scope).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    per_layer_type: bool = False
+    default_scope: str = "all"
+    scope_note: str = ""
+
+    def scopes(self, config) -> dict[str, list[str | None]]:
+        """Valid scopes for this config -> rope-parameter keys they cover (None = the flat dict)."""
+        if not self.per_layer_type:
+            return {"all": [None]}
+        present = [t for t in ("full_attention", "sliding_attention") if t in set(config.layer_types)]
+        scopes: dict[str, list[str | None]] = {"all": list(present)}
+        for scope, layer_type in SCOPE_LAYER_TYPES.items():
+            if layer_type in present:
+                scopes[scope] = [layer_type]
+        return scopes
+
+    def resolve_scope(self, config, scope: str | None) -> list[str | None]:
+        scopes = self.scopes(config)
+        scope = scope or self.default_scope
+        if scope not in scopes:
+            known = scope in ("all", *SCOPE_LAYER_TYPES)
+            why = self.scope_note if known and self.scope_note else (
+                f"this {self.name} model has no {SCOPE_LAYER_TYPES.get(scope, scope)} layers" if known else "unknown scope"
+            )
+            raise MethodError(f"scope {scope!r} is not available: {why}; valid scopes: {', '.join(scopes)}")
+        return scopes[scope]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    for model_type in family.model_types:
+        if model_type in FAMILIES:
+            raise ValueError(f"model_type {model_type!r} already handled by family {FAMILIES[model_type].name!r}")
+        FAMILIES[model_type] = family
+    return family
+
+
+def family_of(config) -> Family:
+    """The adapter for ``config`` or an ``UnsupportedModelError`` naming the supported families."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    supported = ", ".join(sorted(FAMILIES))
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported: ctxext patches rotary (RoPE) decoders of the families "
+        f"{supported}"
+    )
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def get_rope_parameters(config, key: str | None) -> dict[str, Any]:
+    params = config.rope_parameters if key is None else config.rope_parameters[key]
+    return copy.deepcopy(dict(params))
+
+
+def set_rope_parameters(config, key: str | None, params: dict[str, Any]) -> None:
+    if key is None:
+        config.rope_parameters = copy.deepcopy(params)
+    else:
+        updated = copy.deepcopy(dict(config.rope_parameters))
+        updated[key] = copy.deepcopy(params)
+        config.rope_parameters = updated
+
+
+def _probe_max_positions(params: dict[str, Any], max_position_embeddings: int) -> int:
+    # Only read where a factor is missing; chosen consistent with original_max_position_embeddings * factor so
+    # that transformers' config validation has nothing to warn about.
+    original = params.get("original_max_position_embeddings")
+    if not original:
+        return max_position_embeddings
+    return max(int(original) + 1, round(int(original) * float(params.get("factor") or 1.0)))
+
+
+def compute_inv_freq(params: dict[str, Any], head_dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """transformers' own fp32 ``(inv_freq, attention_factor)`` for one flat rope-parameter dict.
+
+    Uses transformers' ``ROPE_INIT_FUNCTIONS`` on a throw-away Llama config, so it applies to every family.
+    """
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        hint = " (run `import ctxext` first)" if rope_type.startswith("ctxext") else ""
+        raise UnsupportedModelError(f"rope_type {rope_type!r} is not known to transformers{hint}")
+    probe = LlamaConfig(
+        hidden_size=head_dim,
+        num_attention_heads=1,
+        head_dim=head_dim,
+        max_position_embeddings=_probe_max_positions(params, max_position_embeddings),
+        rope_parameters=copy.deepcopy(params),
+    )
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](probe, None)
+    return inv_freq.float(), float(attention_factor)
+
+
+def find_rotary(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """``(parent, attribute, module)`` of the model's single rotary embedding (also inside PEFT wrappers)."""
+    found = [(name, mod) for name, mod in model.named_modules() if name.split(".")[-1] == "rotary_emb"]
+    if len(found) != 1:
+        raise UnsupportedModelError(
+            f"expected one rotary embedding module named 'rotary_emb', found {len(found)}: {[n for n, _ in found]}"
+        )
+    name, module = found[0]
+    parent_name, _, attr = name.rpartition(".")
+    return model.get_submodule(parent_name), attr, module

@@ -1,0 +1,116 @@
+"""Method chains: parse ``"prope+pi"``-style specs, refuse chains that make no sense, apply them.
+
+Rules (each refusal says why):
+  * at most one *rescale* method (pi, ntk, dynamic, yarn, llama3): two rescalers fight over the same frequencies;
+    fold them into one factor instead;
+  * ``prope`` may go with one rescaler, in either order (removing pairs and rescaling the rest commute);
+  * ``xpos`` acts inside attention and must come last;
+  * ``dynamic`` recomputes the frequencies at every forward and stands alone (``ntk`` is its static form);
+  * no method twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .spec import METHODS, MethodError, RopeContext, RopeState, make_method, method_fields
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        number = float(text)
+    except ValueError:
+        raise MethodError(f"parameter value {text!r} is not a number") from None
+    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
+
+
+def parse_chain(spec: str | Sequence[str], **params: Any) -> tuple:
+    """Build a validated chain from ``"prope+pi"`` (or ``["prope", "pi"]``) plus shared parameters.
+
+    A parameter given by keyword goes to every method of the chain that has a field of that name; a parameter
+    no method takes is an error. Parameters can also be written inline: ``"prope:keep=0.25+pi:factor=4"``.
+    Keyword values that are None are ignored (convenient for CLI flags left unset).
+    """
+    names = spec.split("+") if isinstance(spec, str) else list(spec)
+    params = {k: v for k, v in params.items() if v is not None}
+    used: set[str] = set()
+    methods = []
+    for item in names:
+        item = item.strip()
+        name, _, inline = item.partition(":")
+        if name not in METHODS:
+            raise MethodError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+        fields = {f.name for f in method_fields(METHODS[name])}
+        kwargs = {k: v for k, v in params.items() if k in fields}
+        used |= set(kwargs)
+        for pair in filter(None, inline.split(",")):
+            key, eq, value = pair.partition("=")
+            if not eq:
+                raise MethodError(f"{name}: inline parameter {pair!r} must look like key=value, e.g. pi:factor=4")
+            kwargs[key.strip()] = _parse_value(value.strip())
+        methods.append(make_method(name, **kwargs))
+    unused = sorted(set(params) - used)
+    if unused:
+        owners = {k: sorted(n for n, c in METHODS.items() if k in {f.name for f in method_fields(c)}) for k in unused}
+        detail = "; ".join(f"{k} belongs to {', '.join(v) or 'no method'}" for k, v in owners.items())
+        raise MethodError(f"parameter(s) {', '.join(unused)} not used by the chain {'+'.join(m.name for m in methods)} ({detail})")
+    validate_chain(methods)
+    return tuple(methods)
+
+
+def validate_chain(methods: Sequence) -> None:
+    """Raise ``MethodError`` if the chain makes no sense (see the module docstring)."""
+    if not methods:
+        raise MethodError(f"empty method chain; valid methods: {', '.join(sorted(METHODS))}")
+    names = [m.name for m in methods]
+    chain = "+".join(names)
+    for name in set(names):
+        if names.count(name) > 1:
+            raise MethodError(f"chain {chain}: method {name!r} appears twice; give it once with the combined parameters")
+    rescalers = [m.name for m in methods if m.kind == "rescale"]
+    if len(rescalers) > 1:
+        raise MethodError(
+            f"chain {chain}: {' and '.join(rescalers)} both rescale every frequency; use one rescaling method "
+            f"(prope and xpos combine with any one of pi, ntk, dynamic, yarn, llama3)"
+        )
+    for i, m in enumerate(methods):
+        if m.kind == "attention" and i != len(methods) - 1:
+            raise MethodError(f"chain {chain}: {m.name} acts inside attention and must come last, e.g. pi+{m.name}")
+    if "dynamic" in names and len(names) > 1:
+        raise MethodError(
+            f"chain {chain}: dynamic recomputes the frequencies at every forward and cannot be chained; "
+            f"use ntk (its static form) in a chain"
+        )
+
+
+def apply_chain(methods: Sequence, state: RopeState, ctx: RopeContext) -> RopeState:
+    """Run the frequency part of a chain on ``state`` (float64)."""
+    for method in methods:
+        state = method.apply(state, ctx)
+    return state
+
+
+def rescale_factor(methods: Sequence) -> float:
+    """How much the chain extends the context (1 when it has no rescaling method)."""
+    return math.prod(float(getattr(m, "factor", 1.0)) for m in methods if m.kind == "rescale" and m.name != "dynamic")
+
+
+def chain_to_records(methods: Sequence) -> list[dict[str, Any]]:
+    """JSON-ready description: ``[{"method": "pi", "factor": 4.0}, ...]``."""
+    return [{"method": m.name, **{f.name: getattr(m, f.name) for f in method_fields(type(m))}} for m in methods]
+
+
+def chain_from_records(records: Sequence[Mapping[str, Any]]) -> tuple:
+    methods = [make_method(r["method"], **{k: v for k, v in r.items() if k != "method"}) for r in records]
+    validate_chain(methods)
+    return tuple(methods)
+
+
+def format_chain(methods: Sequence) -> str:
+    def one(m) -> str:
+        fields = [f"{f.name}={getattr(m, f.name):g}" for f in method_fields(type(m)) if getattr(m, f.name) is not None]
+        return m.name + (":" + ",".join(fields) if fields else "")
+
+    return "+".join(one(m) for m in methods)

@@ -1,0 +1,54 @@
+"""Llama 3.1 frequency scaling (Meta 2024, The Llama 3 Herd of Models, arXiv:2407.21783).
+
+By wavelength ``lambda = 2 pi / inv_freq`` against the trained context ``L``: wavelengths shorter than
+``L / high_freq_factor`` are kept, longer than ``L / low_freq_factor`` are divided by ``factor`` (PI), and in
+between ``inv_freq' = (1 - a) inv_freq / factor + a inv_freq`` with
+``a = (L / lambda - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+transformers' native form: ``rope_type: llama3``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .spec import MethodError, RopeContext, RopeState, check_positive, register_method
+
+
+@register_method
+@dataclass(frozen=True)
+class Llama3Config:
+    """Args:
+    factor: extension factor applied to the low frequencies (8 in Llama 3.1).
+    low_freq_factor: wavelengths above L / low_freq_factor are fully interpolated (default 1).
+    high_freq_factor: wavelengths below L / high_freq_factor are kept (default 4).
+    """
+
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    name: ClassVar[str] = "llama3"
+    kind: ClassVar[str] = "rescale"
+    paper: ClassVar[str] = "Meta 2024, The Llama 3 Herd of Models (arXiv:2407.21783), rope_scaling 'llama3'"
+
+    def __post_init__(self) -> None:
+        check_positive(self.name, "factor", self.factor)
+        check_positive(self.name, "low_freq_factor", self.low_freq_factor)
+        check_positive(self.name, "high_freq_factor", self.high_freq_factor)
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise MethodError(
+                f"llama3: high_freq_factor={self.high_freq_factor!r} must be greater than "
+                f"low_freq_factor={self.low_freq_factor!r} (defaults 4 and 1)"
+            )
+
+    def apply(self, state: RopeState, ctx: RopeContext) -> RopeState:
+        inv_freq, L = state.inv_freq, ctx.context_length
+        wavelen = 2 * math.pi / inv_freq  # inf for removed pairs: they stay 0 below
+        smooth = (L / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        mixed = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        out = torch.where(wavelen > L / self.low_freq_factor, inv_freq / self.factor, mixed)
+        out = torch.where(wavelen < L / self.high_freq_factor, inv_freq, out)
+        return RopeState(out, state.attention_factor)

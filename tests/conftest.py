@@ -1,0 +1,48 @@
+"""Tiny random models of every supported family, built from configs (no download)."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
+CONTEXT = 64  # trained context of the tiny models
+HEAD_DIM = 16
+
+
+def tiny_config(model_type: str, **overrides):
+    kwargs = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=CONTEXT,
+        pad_token_id=0,
+    )
+    if model_type == "gemma3_text":
+        kwargs.update(layer_types=["sliding_attention", "full_attention"], sliding_window=16)
+    if model_type in ("mistral", "qwen2", "gemma2"):
+        kwargs.update(sliding_window=16)
+    if model_type == "gemma2":
+        kwargs.update(layer_types=["sliding_attention", "full_attention"])
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    # random init is tiny; scale q/k up so positional effects show in the logits
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)
+    model.generation_config.eos_token_id = None  # random models: never stop early in greedy tests
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
