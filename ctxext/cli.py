@@ -1,0 +1,171 @@
+"""``ctxext`` command line: one function per subcommand, each a thin call into the library.
+
+    ctxext patch SRC OUT --method yarn --factor 8
+    ctxext patch SRC OUT --method prope+pi --keep 0.5 --target-length 8192
+    ctxext info OUT
+    ctxext methods
+    ctxext demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+EXIT_BAD_INPUT = 2
+
+CHAIN_HELP = """\
+Method chains: join methods with '+', e.g. --method prope+pi --keep 0.5 --factor 4. A flag goes to the method of
+the chain that has that parameter. Parameters can also be written inline: --method "prope:keep=0.5+pi:factor=4".
+Rules: at most one rescaling method (pi, ntk, dynamic, yarn, llama3); prope combines with it in any order; xpos
+comes last; dynamic stands alone. Patching a checkpoint that ctxext already patched applies the new chain on top
+of its current frequencies and appends a step to the record in config.json (`ctxext info` shows all steps)."""
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method parameters (see `ctxext methods`)")
+    g.add_argument("--factor", type=float, help="extension factor s (pi, ntk, yarn, llama3; dynamic: its alpha slope)")
+    g.add_argument("--target-length", type=int, help="new context; sets factor = target / the checkpoint's context")
+    g.add_argument("--keep", type=float, help="prope: fraction of rotation pairs kept, highest frequencies first")
+    g.add_argument("--scale-base", type=float, help="xpos: decay scale gamma (default 512)")
+    g.add_argument("--beta-fast", type=float, help="yarn: rotations above which pairs are kept (default 32)")
+    g.add_argument("--beta-slow", type=float, help="yarn: rotations below which pairs are interpolated (default 1)")
+    g.add_argument("--attention-factor", type=float, help="yarn: cos/sin multiplier (default 0.1 ln s + 1)")
+    g.add_argument("--low-freq-factor", type=float, help="llama3: low-frequency boundary L / this (default 1)")
+    g.add_argument("--high-freq-factor", type=float, help="llama3: high-frequency boundary L / this (default 4)")
+    g.add_argument("--scope", choices=["all", "global", "sliding"],
+                   help="layer types to patch; default: all (Gemma 3: global)")
+
+
+def _method_params(args) -> dict:
+    names = ["factor", "keep", "scale_base", "beta_fast", "beta_slow", "attention_factor", "low_freq_factor",
+             "high_freq_factor"]
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def cmd_patch(args) -> int:
+    from .hub import patch_checkpoint
+
+    out = patch_checkpoint(
+        args.src, args.out, args.method, scope=args.scope, target_length=args.target_length, dtype=args.dtype,
+        force=args.force, allow_pickle=args.allow_pickle, **_method_params(args),
+    )
+    info = _describe(out)
+    print(f"wrote {out}: {info['rope_summary']}; context {info['original_context']} -> {info['extended_context']}")
+    print(f"loads with stock transformers: {info['stock_transformers_loads']}")
+    return 0
+
+
+def _describe(path) -> dict:
+    from .hub import describe_checkpoint
+
+    info = describe_checkpoint(path)
+    info["rope_summary"] = ", ".join(f"{k}: {v}" for k, v in info["rope_types"].items())
+    return info
+
+
+def cmd_info(args) -> int:
+    info = _describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"checkpoint        {info['path']}")
+    print(f"family            {info['family']} (model_type {info['model_type']}), head_dim {info['head_dim']}")
+    print(f"weights           {', '.join(info['weights']) or '(none found)'}")
+    for scope, params in info["rope_parameters"].items():
+        shown = {k: (f"[{len(v)} values]" if isinstance(v, list) else v) for k, v in (params or {}).items()}
+        print(f"rope ({scope:<17}) {json.dumps(shown)}")
+    print(f"context           original {info['original_context']}, extended {info['extended_context']} "
+          f"(max_position_embeddings {info['max_position_embeddings']})")
+    steps = (info["ctxext"] or {}).get("steps", [])
+    if not steps:
+        print("ctxext            not patched by ctxext")
+    for i, step in enumerate(steps, 1):
+        print(f"ctxext step {i}     {step['spec']} (scope {step['scope']}): {step['from_context']} -> {step['to_context']}")
+    print(f"stock load        {info['stock_transformers_loads']}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .rope import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        print(f"{name}  [{cls.kind}]  {cls.paper}")
+        doc = (cls.__doc__ or "").split("Args:")[-1]
+        described = {line.strip().split(":")[0]: line.strip().split(":", 1)[1].strip()
+                     for line in doc.splitlines() if ":" in line and not line.startswith("      ")}
+        for f in dataclasses.fields(cls):
+            default = "required" if f.default is dataclasses.MISSING else f"default {f.default}"
+            print(f"    {f.name:<17} {default:<14} {described.get(f.name, '')}")
+        print()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(output_dir=args.output_dir, factor=args.factor)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctxext", description="Extend the context window of Hugging Face causal LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress from the library")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "patch", help="patch a checkpoint and save it (loads with from_pretrained)",
+        description="Patch the rotary embedding of checkpoint SRC and write the result to OUT, a complete "
+        "safetensors checkpoint whose config.json carries the new rope parameters (native transformers types "
+        "where possible) and a record of what ctxext did. OUT is written to a temporary folder and renamed when "
+        "complete. xPos checkpoints need `import ctxext` before from_pretrained; without it loading raises.",
+        epilog=CHAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="checkpoint folder (or an org/name hub id when online)")
+    p.add_argument("out", help="output folder (must not exist unless --force)")
+    p.add_argument("--method", required=True, help="method or chain: pi, ntk, dynamic, yarn, llama3, prope, xpos, e.g. prope+pi")
+    _add_method_flags(p)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype of OUT (default: as stored)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read pickled *.bin weights (can execute code: only for files you trust)")
+    p.set_defaults(func=cmd_patch)
+
+    p = sub.add_parser("info", help="explain a checkpoint's rope configuration and what ctxext did to it")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("methods", help="list every method with its parameters, defaults and paper")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default model")
+    p.add_argument("--output-dir", default="ctxext-demo", help="where the report and checkpoints go")
+    p.add_argument("--factor", type=float, default=8.0, help="extension factor")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from .hub import CheckpointError
+    from .models import UnsupportedModelError
+    from .rope import MethodError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, UnsupportedModelError, MethodError) as err:
+        print(f"ctxext {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"ctxext {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Read and write Hugging Face checkpoints safely: safetensors only, no remote code, atomic output folders.
+
+``patch_checkpoint(SRC, OUT, "yarn", factor=8)`` is what ``ctxext patch`` runs: it validates everything it can
+from config.json before loading weights, patches in memory, and writes OUT through a temporary folder beside it
+that is renamed only when complete, so an interrupted run leaves no OUT (and an old OUT intact).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import family_of
+from .models.base import head_dim_of
+from .native import XPOS_ROPE_TYPE
+from .patch import RECORD_KEY, apply_plan, plan_patch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = re.compile(
+    r"^(tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|tokenizer\.model|vocab\.(json|txt)|"
+    r"merges\.txt|chat_template\.(json|jinja)|spiece\.model)$"
+)
+TMP_MARK = ".ctxext-tmp-"
+
+
+class CheckpointError(ValueError):
+    """A source or output path that cannot be used; the message says why and what to do."""
+
+
+def _looks_like_hub_id(src: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", src) is not None
+
+
+def check_source(src: str | os.PathLike) -> str:
+    """Return ``src`` as a string after checking that it is a checkpoint folder (or a hub id, used as such)."""
+    path = Path(src)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{src} is not a Hugging Face checkpoint: it has no config.json")
+        return str(path)
+    if path.exists():
+        raise CheckpointError(f"{src} is a file; give the checkpoint folder that holds config.json")
+    if not _looks_like_hub_id(str(src)):
+        raise CheckpointError(f"{src} does not exist; give a local checkpoint folder (or an org/name hub id when online)")
+    return str(src)
+
+
+def check_weights_format(src: str, allow_pickle: bool) -> None:
+    path = Path(src)
+    if not path.is_dir():
+        return  # hub id: from_pretrained(use_safetensors=True) refuses pickles itself
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    if pickles and not allow_pickle:
+        raise CheckpointError(
+            f"{src} has only pickled weights ({', '.join(pickles[:3])}); loading a pickle can run arbitrary code. "
+            "Convert it to safetensors, or pass --allow-pickle if you trust the file"
+        )
+    if not pickles:
+        raise CheckpointError(f"{src} has a config.json but no weights (*.safetensors)")
+
+
+def check_output(out: str | os.PathLike, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} already exists; choose another output folder or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder; it cannot be replaced by a checkpoint")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write {out}: its parent folder {parent} does not exist")
+    try:  # a real probe: os.access says yes to root even where the filesystem refuses
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}probe-", dir=parent))
+    except OSError as err:
+        raise CheckpointError(f"cannot write {out}: {parent} is not writable ({err.strerror})") from err
+    return out
+
+
+def load_config(src: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot read the config of {src}: {err}") from err
+
+
+def load_model(src: str, *, dtype: str = "auto", allow_pickle: bool = False):
+    """Load a causal LM with stock transformers: safetensors only unless ``allow_pickle``, never remote code."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
+    check_weights_format(src, allow_pickle)
+    return AutoModelForCausalLM.from_pretrained(
+        src, dtype=DTYPES[dtype], use_safetensors=None if allow_pickle else True, trust_remote_code=False
+    ).eval()
+
+
+def _clean_stale_temporaries(out: Path) -> None:
+    for stale in out.absolute().parent.glob(f".{out.name}{TMP_MARK}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_checkpoint(model, out: str | os.PathLike, *, source: str | None = None, force: bool = False) -> Path:
+    """Write ``model`` as a complete safetensors checkpoint (plus SRC's tokenizer files) atomically."""
+    out = check_output(out, force)
+    _clean_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=out.absolute().parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
+            model.generation_config.save_pretrained(tmp)
+        if source is not None and Path(source).is_dir():
+            for f in Path(source).iterdir():
+                if TOKENIZER_FILES.match(f.name) and f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        if out.exists():  # --force: swap, then delete the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}old-", dir=out.absolute().parent))
+            os.replace(out, old / "previous")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def patch_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    chain: str | Sequence,
+    *,
+    scope: str | None = None,
+    target_length: int | None = None,
+    dtype: str = "auto",
+    force: bool = False,
+    allow_pickle: bool = False,
+    **params: Any,
+) -> Path:
+    """Patch the checkpoint SRC with ``chain`` and write it to OUT (see ``ctxext patch --help``)."""
+    src = check_source(src)
+    check_output(out, force)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
+    config = load_config(src)
+    plan = plan_patch(config, chain, scope=scope, target_length=target_length, **params)  # fails before any load
+    check_weights_format(src, allow_pickle)
+    model = load_model(src, dtype=dtype, allow_pickle=allow_pickle)
+    apply_plan(model, plan)
+    log.info("patched %s with %s", src, plan.record["steps"][-1]["spec"])
+    return save_checkpoint(model, out, source=src, force=force)
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``ctxext info`` shows, read from config.json alone (no weights are loaded)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    src = check_source(path)
+    config_path = Path(src) / "config.json"
+    raw = json.loads(config_path.read_text()) if config_path.is_file() else load_config(src).to_dict()
+    config = load_config(src)
+    family = family_of(config)
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    per_type = rope if all(isinstance(v, dict) for v in rope.values()) and rope else {"all": rope}
+    types = {k: (v or {}).get("rope_type", "default") for k, v in per_type.items()}
+    stock = {t for t in ROPE_INIT_FUNCTIONS if not t.startswith("ctxext")} | {"default"}
+    record = raw.get(RECORD_KEY)
+    needs = sorted(set(types.values()) - stock)
+    if not needs:
+        loads = "yes: stock transformers AutoModelForCausalLM.from_pretrained reproduces it"
+    elif needs == [XPOS_ROPE_TYPE]:
+        loads = "only after `import ctxext` (xPos attention); without it transformers raises KeyError: 'ctxext_xpos'"
+    else:
+        loads = f"no: unknown rope type(s) {', '.join(needs)}"
+    weights = sorted(p.name for p in Path(src).glob("*.safetensors")) if Path(src).is_dir() else []
+    return {
+        "path": src,
+        "family": family.name,
+        "model_type": config.model_type,
+        "head_dim": head_dim_of(config),
+        "rope_parameters": per_type,
+        "rope_types": types,
+        "max_position_embeddings": raw.get("max_position_embeddings"),
+        "original_context": (record or {}).get("original_context", raw.get("max_position_embeddings")),
+        "extended_context": (record or {}).get("context", raw.get("max_position_embeddings")),
+        "ctxext": record,
+        "stock_transformers_loads": loads,
+        "weights": weights,
+        "scopes": list(family.scopes(config)),
+    }
