@@ -4,6 +4,9 @@
     ctxext patch SRC OUT --method prope+pi --keep 0.5 --target-length 8192
     ctxext info OUT
     ctxext methods
+    ctxext eval ppl reference out/yarn8 --lengths 256,512,1024,2048
+    ctxext eval passkey out/yarn8 --lengths 512,1024,2048 --trials 10
+    ctxext analyze freq reference --compare out/prope
     ctxext demo
 """
 
@@ -104,6 +107,74 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 256,512,1024")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,0.5,1")
+
+
+def cmd_eval_ppl(args) -> int:
+    from .evals.report import evaluate_perplexity
+
+    res = evaluate_perplexity(args.models, lengths=args.lengths, data=args.data, stride=args.stride,
+                              output=args.output, text_field=args.text_field, max_documents=args.max_documents,
+                              batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    lengths = [str(L) for L in args.lengths]
+    print("perplexity".ljust(28) + "".join(f"{L:>10}" for L in lengths))
+    for label, r in res["models"].items():
+        print(label[:27].ljust(28) + "".join(f"{r['per_length'][L]['perplexity']:>10.2f}" for L in lengths))
+    first = next(iter(res["models"].values()))["per_length"]
+    print("docs scored (skipped)".ljust(28) + "".join(
+        f"{first[L]['documents_scored']:>6}({first[L]['documents_skipped']})" for L in lengths))
+    print(f"results: {args.output}/ppl.json, plot: {args.output}/ppl.png")
+    return 0
+
+
+def cmd_eval_passkey(args) -> int:
+    from .evals.report import evaluate_passkey
+
+    res = evaluate_passkey(args.models, lengths=args.lengths, depths=args.depths, trials=args.trials, seed=args.seed,
+                           filler=args.filler, output=args.output, text_field=args.text_field,
+                           batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    for label, r in res["models"].items():
+        print(f"{label}: passkey accuracy ({args.trials} keys per cell), rows = length, columns = depth")
+        print("".ljust(8) + "".join(f"{d:>7}" for d in args.depths))
+        for L, row in r["accuracy"].items():
+            print(str(L).ljust(8) + "".join(f"{row[str(d)]:>7.0%}" for d in args.depths))
+        print(f"heatmap: {r['plot']}")
+    print(f"results: {args.output}/passkey.json")
+    return 0
+
+
+def cmd_analyze_freq(args) -> int:
+    from .evals.report import analyze_frequencies
+
+    res = analyze_frequencies(args.model, data=args.data, compare=args.compare, output=args.output,
+                              max_tokens=args.max_tokens, text_field=args.text_field, device=args.device,
+                              dtype=args.dtype)
+    top = res["runs"]["model"]["top_pairs_per_layer"]
+    for i, pairs in enumerate(top):
+        print(f"layer {i}: largest q.k norm products at pairs {pairs}")
+    print("\n".join(res["reasoning"]))
+    print(f"heatmap: {res['plot']}, results: {args.output}/freq.json")
+    return 0
+
+
+def _add_eval_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default="ctxext-eval", help="folder for JSON results and PNG plots")
+    p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet rows holding the text")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -142,6 +213,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list every method with its parameters, defaults and paper")
     p.set_defaults(func=cmd_methods)
 
+    data_help = "text source: stdlib:held_out (default), a file/folder (.txt/.py/.md/.jsonl/.parquet) or a hub dataset"
+    ev = sub.add_parser("eval", help="evaluate models: perplexity vs length, passkey retrieval").add_subparsers(
+        dest="eval_command", required=True)
+    p = ev.add_parser("ppl", help="sliding-window perplexity against context length (JSON, PNG plot, table)")
+    p.add_argument("models", nargs="+", help="checkpoint folders, or 'reference' for the shipped model")
+    p.add_argument("--lengths", type=_ints, required=True, help="comma-separated context lengths, e.g. 256,512,1024")
+    p.add_argument("--data", default="stdlib:held_out", help=data_help)
+    p.add_argument("--stride", type=int, help="window stride (default: the length, i.e. non-overlapping windows)")
+    p.add_argument("--max-documents", type=int, help="score at most this many documents per length")
+    p.add_argument("--batch-size", type=int, default=1)
+    _add_eval_common(p)
+    p.set_defaults(func=cmd_eval_ppl)
+
+    p = ev.add_parser("passkey", help="passkey retrieval grid: length x depth (JSON, heatmap PNG per model)")
+    p.add_argument("models", nargs="+", help="checkpoint folders, or 'reference' for the shipped model")
+    p.add_argument("--lengths", type=_ints, required=True, help="comma-separated prompt lengths in tokens")
+    p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="key depths in [0, 1]")
+    p.add_argument("--trials", type=int, default=10, help="keys per (length, depth) cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--filler", default="stdlib:held_out", help="filler text source (" + data_help + ")")
+    p.add_argument("--batch-size", type=int, default=8)
+    _add_eval_common(p)
+    p.set_defaults(func=cmd_eval_passkey)
+
+    an = sub.add_parser("analyze", help="analyses of RoPE usage").add_subparsers(dest="analyze_command", required=True)
+    p = an.add_parser("freq", help="per-layer/head/pair q and k norms (Barbero et al. 2024), heatmap, prope keep hint")
+    p.add_argument("model", help="checkpoint folder, or 'reference'")
+    p.add_argument("--data", default="stdlib:held_out", help=data_help)
+    p.add_argument("--compare", help="a second (e.g. patched) checkpoint shown side by side")
+    p.add_argument("--max-tokens", type=int, default=16384, help="tokens of data to measure on")
+    _add_eval_common(p)
+    p.set_defaults(func=cmd_analyze_freq)
+
     p = sub.add_parser("demo", help="the main job on the embedded default model")
     p.add_argument("--output-dir", default="ctxext-demo", help="where the report and checkpoints go")
     p.add_argument("--factor", type=float, default=8.0, help="extension factor")
@@ -153,13 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from .data import DataError
     from .hub import CheckpointError
     from .models import UnsupportedModelError
     from .rope import MethodError
 
     try:
         return args.func(args)
-    except (CheckpointError, UnsupportedModelError, MethodError) as err:
+    except (CheckpointError, UnsupportedModelError, MethodError, DataError, FileNotFoundError, ValueError) as err:
         print(f"ctxext {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

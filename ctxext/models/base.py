@@ -148,3 +148,23 @@ def find_rotary(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
     name, module = found[0]
     parent_name, _, attr = name.rpartition(".")
     return model.get_submodule(parent_name), attr, module
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in order."""
+    parent, _, _ = find_rotary(model)
+    layers = getattr(parent, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError("cannot find the decoder layers next to the rotary embedding")
+    return [layer.self_attn for layer in layers]
+
+
+def layer_inv_freq(model: nn.Module) -> list[torch.Tensor]:
+    """The rotary frequencies each decoder layer uses (Gemma 3: by layer type), fp32 on CPU."""
+    _, _, rotary = find_rotary(model)
+    layer_types = getattr(model.config, "layer_types", None)
+    per_type = isinstance(getattr(rotary, "rope_type", None), dict)
+    n = len(attention_modules(model))
+    if per_type:
+        return [getattr(rotary, f"{layer_types[i]}_inv_freq").float().cpu() for i in range(n)]
+    return [rotary.inv_freq.float().cpu()] * n

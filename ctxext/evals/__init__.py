@@ -1,0 +1,1 @@
+"""Evaluation: perplexity against context length, passkey retrieval (plain functions returning plain results)."""

@@ -1,0 +1,81 @@
+"""Sliding-window perplexity (Press et al. 2022 protocol) at a given context length.
+
+For a document of ``n >= length`` tokens, windows of ``length`` tokens start every ``stride`` tokens; each window
+scores only the tokens the previous window did not, so every token is scored at most once, with at least
+``length - stride`` tokens of context once past the first window. A window's own first token has no context in
+it and is never scored (with ``stride == length``, non-overlapping windows, that drops one token per window,
+exactly like transformers' ``labels=input_ids`` loss per window). The last window is shifted back to end at the
+document's end. Documents shorter than ``length`` are skipped and counted,
+never padded into the score. Perplexity = exp(total NLL / tokens scored).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    length: int
+    stride: int
+    perplexity: float
+    nll_sum: float
+    tokens_scored: int
+    documents_scored: int
+    documents_skipped: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def windows(n: int, length: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, first_scored)`` per window of a document of ``n`` tokens; targets are ``[first_scored, end)``."""
+    if n < length:
+        return []
+    spans, scored_until, begin = [], 1, 0
+    while scored_until < n:
+        begin = min(begin, n - length)
+        end = begin + length
+        spans.append((begin, end, max(scored_until, begin + 1)))
+        scored_until = end
+        begin += stride
+    return spans
+
+
+@torch.no_grad()
+def perplexity(
+    model, documents: Sequence[Sequence[int]], length: int, stride: int | None = None, *, batch_size: int = 1,
+    progress: bool = True, max_documents: int | None = None,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on token-id ``documents`` at context ``length`` (see the module docstring)."""
+    stride = stride or length
+    if not 0 < stride <= length:
+        raise ValueError(f"stride={stride!r} is invalid; valid range: 0 < stride <= length ({length})")
+    device = next(model.parameters()).device
+    usable = [d for d in documents if len(d) >= length]
+    skipped = len(documents) - len(usable)
+    if max_documents is not None:
+        usable = usable[:max_documents]
+    jobs = [(doc, span) for doc in usable for span in windows(len(doc), length, stride)]
+    nll, count = 0.0, 0
+    bar = tqdm(range(0, len(jobs), batch_size), desc=f"ppl@{length}", disable=not progress, leave=False)
+    for start in bar:
+        batch = jobs[start : start + batch_size]
+        ids = torch.tensor([doc[b:e] for doc, (b, e, _) in batch], device=device)
+        labels = ids.clone()
+        for row, (_, (b, _, first)) in enumerate(batch):
+            labels[row, : first - b] = -100
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                               reduction="sum").item()
+        count += int((targets != -100).sum())
+    if count == 0:
+        raise ValueError(f"no document has at least {length} tokens ({skipped} skipped); use longer documents")
+    return PerplexityResult(length, stride, math.exp(nll / count), nll, count, len(usable), skipped)

@@ -1,0 +1,169 @@
+"""One function per evaluation command: load models, evaluate, write JSON + PNG, return plain results.
+
+    evaluate_perplexity(["reference", "out/yarn8"], lengths=[256, 512, 1024], output="eval")
+    evaluate_passkey(["out/yarn8"], lengths=[512, 1024], depths=[0, 0.5, 1], trials=10, output="eval")
+    analyze_frequencies("reference", compare="out/prope", output="eval")
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data import DEFAULT_EVAL_SOURCE, load_texts, tokenize_documents
+from ..reference import resolve_model
+from .passkey import passkey_accuracy
+from .perplexity import perplexity
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_for_eval(name: str, *, device: str = "auto", dtype: str = "auto"):
+    """``(model, tokenizer, path)`` for a model folder or ``reference``."""
+    from transformers import AutoTokenizer
+
+    from ..hub import check_source, load_model
+
+    path = check_source(resolve_model(name))
+    model = load_model(path, dtype=dtype).to(pick_device(device))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, path
+
+
+def _label(name: str, used: set[str]) -> str:
+    label = Path(name).name or name
+    while label in used:
+        label += "'"
+    used.add(label)
+    return label
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2))
+
+
+def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DEFAULT_EVAL_SOURCE,
+                        stride: int | None = None, output: str | Path = "ctxext-eval", text_field: str = "text",
+                        max_documents: int | None = None, batch_size: int = 1, device: str = "auto",
+                        dtype: str = "auto") -> dict:
+    """Perplexity of each model at each length; writes ``ppl.json`` and ``ppl.png`` under ``output``."""
+    if not lengths or any(L < 2 for L in lengths):
+        raise ValueError(f"lengths={lengths!r} is invalid; give context lengths >= 2, e.g. 256,512,1024")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = load_texts(data, text_field=text_field)
+    results, curves, used = {}, {}, set()
+    trained = None
+    for name in models:
+        model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
+        record = getattr(model.config, "ctxext", None) or {}
+        trained = trained or record.get("original_context", model.config.max_position_embeddings)
+        docs = tokenize_documents(tokenizer, texts)
+        label = _label(name, used)
+        per_length = {}
+        for L in lengths:
+            r = perplexity(model, docs, L, stride=stride or L, batch_size=batch_size, max_documents=max_documents)
+            per_length[str(L)] = r.to_dict()
+        results[label] = {"path": path, "per_length": per_length,
+                          "context": record.get("context", model.config.max_position_embeddings)}
+        curves[label] = {int(L): v["perplexity"] for L, v in per_length.items()}
+        del model
+    payload = {
+        "protocol": {"data": data, "text_field": text_field, "documents": len(texts), "lengths": lengths,
+                     "stride": stride or "length (non-overlapping windows)", "max_documents": max_documents,
+                     "score": "exp(mean NLL) over every scored token; documents shorter than the length skipped",
+                     "ctxext": __version__, "date": time.strftime("%Y-%m-%d")},
+        "models": results,
+    }
+    _write_json(out / "ppl.json", payload)
+    from ..plots import plot_perplexity
+
+    plot_perplexity(curves, out / "ppl.png", title=f"perplexity vs context ({data})", trained_context=trained)
+    return payload
+
+
+def evaluate_passkey(models: list[str], *, lengths: list[int], depths: list[float], trials: int = 10, seed: int = 0,
+                     filler: str = DEFAULT_EVAL_SOURCE, output: str | Path = "ctxext-eval", text_field: str = "text",
+                     batch_size: int = 8, device: str = "auto", dtype: str = "auto") -> dict:
+    """Passkey accuracy grid per model; writes ``passkey.json`` and ``passkey_<model>.png`` under ``output``."""
+    if trials < 1:
+        raise ValueError(f"trials={trials!r} is invalid; give at least 1")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = load_texts(filler, text_field=text_field)
+    random.Random(seed).shuffle(texts)
+    results, used = {}, set()
+    from ..plots import plot_passkey
+
+    for name in models:
+        model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
+        stream = [t for ids in tokenize_documents(tokenizer, texts) for t in ids + [tokenizer.eos_token_id or 0]]
+        grid = passkey_accuracy(model, tokenizer, stream, lengths, depths, trials, seed=seed, batch_size=batch_size)
+        label = _label(name, used)
+        grid["path"] = path
+        grid["plot"] = str(plot_passkey(grid["accuracy"], out / f"passkey_{_slug(label)}.png",
+                                        title=f"passkey retrieval: {label} ({trials} keys per cell)"))
+        results[label] = grid
+        del model
+    payload = {"protocol": {"filler": filler, "trials": trials, "seed": seed, "lengths": lengths, "depths": depths,
+                            "score": "exact match of the greedy answer's first digit run with the key",
+                            "ctxext": __version__, "date": time.strftime("%Y-%m-%d")},
+               "models": results}
+    _write_json(out / "passkey.json", payload)
+    return payload
+
+
+def analyze_frequencies(model_name: str, *, data: str = DEFAULT_EVAL_SOURCE, compare: str | None = None,
+                        output: str | Path = "ctxext-eval", seq_len: int | None = None, max_tokens: int = 16384,
+                        text_field: str = "text", device: str = "auto", dtype: str = "auto") -> dict:
+    """Frequency usage of a model (and optionally a patched one); writes ``freq.json`` and ``freq.png``."""
+    from ..analysis import frequency_usage, suggest_keep
+    from ..plots import plot_frequency_usage
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = load_texts(data, text_field=text_field)
+    runs, panels = {}, {}
+    keep, reasoning, wavelengths, context = None, [], None, None
+    for role, name in [("model", model_name)] + ([("compare", compare)] if compare else []):
+        model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
+        record = getattr(model.config, "ctxext", None) or {}
+        context = context or record.get("original_context", model.config.max_position_embeddings)
+        usage = frequency_usage(model, tokenize_documents(tokenizer, texts), seq_len=seq_len or context,
+                                max_tokens=max_tokens)
+        label = Path(name).name or name
+        runs[role] = {"name": name, "path": path, **usage.to_dict()}
+        energy = usage.qk_energy()
+        panels[f"{label}: q norm"] = usage.q.mean(axis=1)
+        panels[f"{label}: k norm"] = usage.k.mean(axis=1)
+        if role == "model":
+            panels[f"{label}: v norm (control)"] = usage.v.mean(axis=1)
+            keep, reasoning = suggest_keep(usage, context)
+            inv = usage.inv_freq.mean(axis=0)
+            with np.errstate(divide="ignore"):
+                wavelengths = np.where(inv > 0, 2 * np.pi / inv, np.inf)
+            runs[role]["top_pairs_per_layer"] = [np.argsort(-row)[:5].tolist() for row in energy]
+        del model
+    plot = plot_frequency_usage(panels, wavelengths, out / "freq.png", title="mean pair norm per layer",
+                                context_length=context)
+    payload = {"protocol": {"data": data, "max_tokens": max_tokens, "window": seq_len or context,
+                            "measure": "mean L2 norm of each half-split 2-D chunk of q, k (after q/k norm) and v",
+                            "ctxext": __version__},
+               "runs": runs, "suggested_keep": keep, "reasoning": reasoning, "plot": str(plot)}
+    _write_json(out / "freq.json", payload)
+    return payload

@@ -1,0 +1,75 @@
+"""PNG plots of evaluation results (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_perplexity(curves: dict[str, dict[int, float]], path: Path, *, title: str, trained_context: int | None = None) -> Path:
+    """One line per model: perplexity against context length (log2 x axis)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        lengths = sorted(points)
+        ax.plot(lengths, [points[L] for L in lengths], marker="o", label=name)
+    if trained_context:
+        ax.axvline(trained_context, color="grey", linestyle=":", label=f"trained context ({trained_context})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_passkey(accuracy: dict[str, dict[str, float]], path: Path, *, title: str) -> Path:
+    """Heatmap of passkey accuracy: rows = context length, columns = key depth."""
+    lengths = list(accuracy)
+    depths = list(next(iter(accuracy.values())))
+    grid = np.array([[accuracy[L][d] for d in depths] for L in lengths])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(depths), 1.2 + 0.6 * len(lengths)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for i in range(len(lengths)):
+        for j in range(len(depths)):
+            ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(depths)), depths)
+    ax.set_yticks(range(len(lengths)), lengths)
+    ax.set_xlabel("key depth (0 = start, 1 = end)")
+    ax.set_ylabel("context length")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_frequency_usage(panels: dict[str, np.ndarray], wavelengths: np.ndarray, path: Path, *, title: str,
+                         context_length: int | None = None) -> Path:
+    """One heatmap per panel (layer x rotation pair, mean over heads); pairs ordered high -> low frequency."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (name, grid) in zip(axes[0], panels.items()):
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("rotation pair (0 = highest frequency)")
+        ax.set_ylabel("layer")
+        if context_length is not None and np.isfinite(wavelengths).any():
+            beyond = np.nonzero(wavelengths > context_length)[0]
+            if beyond.size:
+                ax.axvline(beyond[0] - 0.5, color="red", linestyle="--", linewidth=1)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(title + ("" if context_length is None else f"  (red: wavelength > {context_length})"), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
