@@ -175,6 +175,20 @@ def _add_eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
+def cmd_finetune(args) -> int:
+    from .config import load_config
+    from .train import finetune
+
+    cfg = load_config(args.config, args.overrides)
+    result = finetune(cfg, output_dir=args.output_dir, resume=args.resume)
+    if "merged" in result:
+        last = result["last"]
+        print(f"final loss {last.get('loss', float('nan')):.4f}"
+              + (f", held-out loss {last['held_out_loss']:.4f}" if last.get("held_out_loss") is not None else ""))
+        print(f"merged checkpoint: {result['merged']}\nadapter: {result['adapter']}\nmetrics: {result['metrics']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -246,6 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_common(p)
     p.set_defaults(func=cmd_analyze_freq)
 
+    p = sub.add_parser(
+        "finetune", help="progressive-length LoRA fine-tuning from a YAML config (accelerate; resumable)",
+        description="Fine-tune a patched model stage by stage at growing sequence lengths. Runs with python on one "
+        "CPU/GPU and with `accelerate launch -m ctxext.cli finetune ...` on several (DDP, FSDP, DeepSpeed). "
+        "Writes metrics.jsonl, checkpoints/, adapter/ and merged/ under the output folder.")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimization.lr=1e-4 stages.0.steps=20")
+    p.add_argument("--output-dir", help="run folder (default: output_dir of the config)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
+    p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("demo", help="the main job on the embedded default model")
     p.add_argument("--output-dir", default="ctxext-demo", help="where the report and checkpoints go")
     p.add_argument("--factor", type=float, default=8.0, help="extension factor")
@@ -259,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from .data import DataError
     from .hub import CheckpointError
+    from .train import TrainingError
     from .models import UnsupportedModelError
     from .rope import MethodError
 
@@ -267,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, UnsupportedModelError, MethodError, DataError, FileNotFoundError, ValueError) as err:
         print(f"ctxext {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingError as err:
+        print(f"ctxext {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"ctxext {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -1,0 +1,212 @@
+"""Fine-tuning run configuration: YAML -> validated, frozen pydantic models.
+
+Strict: an unknown key is an error naming it (with the closest valid key), a wrong type names the field.
+``key=value`` overrides use dotted paths (``optimization.lr=1e-4``, ``stages.0.steps=50``); values are YAML.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid fine-tuning configuration; the message names every bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    path: str = Field("reference", description="checkpoint folder, hub id, or 'reference' (the shipped model)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="weights dtype for training")
+    attn_implementation: str = Field("sdpa", description="transformers attention implementation (xpos sets its own)")
+
+
+class MethodParams(_Strict):
+    """Method parameters (the same names as `ctxext patch` flags); unset ones keep the method's default."""
+
+    factor: float | None = None
+    keep: float | None = None
+    scale_base: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    attention_factor: float | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+
+    def given(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in MethodParams.model_fields if getattr(self, k) is not None}
+
+
+class PatchSection(MethodParams):
+    method: str = Field(..., description="method or chain, e.g. yarn or prope+pi")
+    target_length: int | None = Field(None, gt=0, description="sets factor = target_length / the model's context")
+    scope: Literal["all", "global", "sliding"] | None = None
+
+
+class Stage(_Strict):
+    seq_len: int = Field(..., gt=0, description="packed block length in tokens")
+    steps: int | None = Field(None, gt=0, description="optimizer steps in this stage (or give tokens)")
+    tokens: int | None = Field(None, gt=0, description="training tokens in this stage (steps = tokens / tokens_per_step)")
+    lr: float | None = Field(None, gt=0, description="peak learning rate of this stage (default optimization.lr)")
+    patch: MethodParams | None = Field(None, description="method parameters for this stage, e.g. {factor: 2}")
+
+    @model_validator(mode="after")
+    def _steps_or_tokens(self):
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of steps or tokens")
+        return self
+
+
+class LoraSection(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="module names; 'all-linear' for every linear layer")
+    train_embeddings: bool = Field(False, description="also train the input embeddings (tied output too)")
+    train_norms: bool = Field(False, description="also train every norm weight (LongLoRA's LoRA+)")
+
+
+class DataSection(_Strict):
+    source: str = Field("stdlib:train", description="stdlib:train, a file/folder, or a hub dataset name")
+    text_field: str = "text"
+    held_out: str | None = Field("stdlib:held_out", description="held-out source (None: last held_out_fraction of source)")
+    held_out_fraction: float = Field(0.02, gt=0, lt=1)
+    max_documents: int | None = Field(None, gt=0)
+
+
+class OptimizationSection(_Strict):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(10, ge=0, description="linear warmup at the start of every stage")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    tokens_per_step: int = Field(16384, gt=0, description="tokens per optimizer step, constant across stages")
+    micro_batch_size: int = Field(1, gt=0, description="sequences per forward pass (gradient accumulation)")
+    grad_clip: float | None = Field(1.0, gt=0)
+    activation_checkpointing: bool = True
+    loss_chunk_tokens: int = Field(1024, gt=0, description="LM head + cross-entropy computed this many tokens at a time")
+
+
+class LoggingSection(_Strict):
+    log_every: int = Field(1, gt=0)
+    eval_every: int = Field(50, gt=0, description="held-out loss every N steps (and at the end of each stage)")
+    eval_blocks: int = Field(4, gt=0, description="held-out blocks per evaluation")
+    save_every: int = Field(50, gt=0, description="training checkpoint every N steps")
+
+
+class FinetuneConfig(_Strict):
+    model: ModelSection = ModelSection()
+    patch: PatchSection
+    stages: list[Stage] = Field(..., min_length=1)
+    lora: LoraSection = LoraSection()
+    data: DataSection = DataSection()
+    optimization: OptimizationSection = OptimizationSection()
+    logging: LoggingSection = LoggingSection()
+    seed: int = 0
+    output_dir: str = "runs/finetune"
+
+    @model_validator(mode="after")
+    def _fits(self):
+        for i, s in enumerate(self.stages):
+            if s.seq_len > self.optimization.tokens_per_step:
+                raise ValueError(f"stages.{i}.seq_len={s.seq_len} exceeds optimization.tokens_per_step="
+                                 f"{self.optimization.tokens_per_step}; raise tokens_per_step")
+        return self
+
+    def stage_steps(self, index: int) -> int:
+        s = self.stages[index]
+        return s.steps if s.steps is not None else math.ceil(s.tokens / self.optimization.tokens_per_step)
+
+    def sequences_per_step(self, index: int) -> int:
+        return self.optimization.tokens_per_step // self.stages[index].seq_len
+
+
+# ---------------------------------------------------------------- loading, overrides, errors
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else f" (valid: {', '.join(options)})"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = FinetuneConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
+        for candidate in [ann, *args]:
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+        else:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(e["loc"])
+            hint = _closest(str(e["loc"][-1]), list(parent.model_fields)) if parent else ""
+            lines.append(f"unknown key {loc}{hint}")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid fine-tuning config:\n  " + "\n  ".join(lines)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. optimization.lr=1e-4")
+        node: Any = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        parsed = yaml.safe_load(value)
+        if isinstance(node, list):
+            node[int(last)] = parsed
+        else:
+            node[last] = parsed
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> FinetuneConfig:
+    """Read, override and validate a config (from ``path`` or an already-parsed ``raw`` dict)."""
+    if raw is None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError("a fine-tuning config must be a mapping of sections (model, patch, stages, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return FinetuneConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None

@@ -1,0 +1,160 @@
+"""Progressive-length fine-tuning end to end (subprocesses), resume after kill -9, 2-process accelerate parity,
+config validation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from ctxext import corpus
+from ctxext.config import ConfigError, load_config
+from ctxext.reference import train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+COMMON = ["lora.train_embeddings=true", "optimization.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    tok = train_tokenizer(corpus.read_texts(corpus.stdlib_files("train")[:40]), vocab_size=400)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def finetune_cmd(base, out, *extra, launcher=None):
+    script = [str(REPO / "scripts" / "finetune.py"), "--config", str(REPO / "configs" / "tiny.yaml")]
+    head = launcher or [sys.executable]
+    return [*head, *script, f"model.path={base}", "--output-dir", str(out), *COMMON, *extra]
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "run"
+    proc = subprocess.run(finetune_cmd(base, out), capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end(base, reference_run):
+    curve = losses(reference_run)
+    assert len(curve) == 12 and all(torch.isfinite(torch.tensor(curve)))
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3  # learning
+    assert [p.name for p in sorted((reference_run / "checkpoints").iterdir())] == [
+        "step-000004", "step-000008", "step-000012"]  # one per save interval
+    records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["seq_len"] for r in records] == [64] * 6 + [128] * 6
+    assert any("held_out_loss" in r for r in records)
+    assert (reference_run / "config.resolved.yaml").is_file() and (reference_run / "adapter").is_dir()
+    merged = AutoModelForCausalLM.from_pretrained(reference_run / "merged").eval()
+    original = AutoModelForCausalLM.from_pretrained(base).eval()
+    assert merged.config.rope_parameters == {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    assert merged.config.max_position_embeddings == 256 and merged.config.ctxext["original_context"] == 64
+    ids = torch.randint(2, 400, (1, 100))
+    assert not torch.allclose(merged(ids).logits, original(ids).logits, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_reproduces_the_loss_curve(base, reference_run, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(finetune_cmd(base, out), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "checkpoints" / "step-000004").is_dir():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "merged").exists()
+    resumed = subprocess.run(finetune_cmd(base, out, "--resume"), capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(out) == pytest.approx(losses(reference_run), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_give_the_same_loss_curve(base, reference_run, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run(finetune_cmd(base, out, launcher=launcher), capture_output=True, text=True, cwd=REPO,
+                          env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {json.loads(line)["processes"] for line in (out / "metrics.jsonl").read_text().splitlines()} == {2}
+    assert losses(out) == pytest.approx(losses(reference_run), rel=2e-4)
+
+
+def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
+    out = tmp_path / "nan"
+    proc = subprocess.run(finetune_cmd(base, out, "optimization.lr=1e30", "optimization.grad_clip=null",
+                                       "logging.save_every=1"), capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "loss became" in proc.stderr and "Last good checkpoint" in proc.stderr
+    assert (out / "checkpoints" / "step-000001").is_dir() and not (out / "merged").exists()
+
+
+def test_bad_data_is_refused_before_training(base, tmp_path):
+    proc = subprocess.run(finetune_cmd(base, tmp_path / "a", f"data.source={tmp_path}/missing"), capture_output=True,
+                          text=True, cwd=REPO, env=ENV)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    small = tmp_path / "small.txt"
+    small.write_text("x = 1\n")
+    proc = subprocess.run(finetune_cmd(base, tmp_path / "b", f"data.source={small}", "data.held_out=null"),
+                          capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert proc.returncode == 2 and "fewer than one block" in proc.stderr
+
+
+# ---------------------------------------------------------------- config validation
+
+
+def test_every_shipped_config_validates():
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.stages and path.read_text().startswith("#")  # header comment with the command
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optimization.lrr=1", "unknown key optimization.lrr (did you mean 'lr'?)"),
+        ("stages.0.seqlen=64", "unknown key stages.0.seqlen (did you mean 'seq_len'?)"),
+        ("lora.r=abc", "lora.r: Input should be a valid integer"),
+        ("stages.0.steps=0", "stages.0.steps: Input should be greater than 0"),
+        ("stages.0.seq_len=-5", "stages.0.seq_len: Input should be greater than 0"),
+        ("stages.0.tokens=1000", "give exactly one of steps or tokens"),
+        ("stages.1.seq_len=4096", "stages.1.seq_len=4096 exceeds optimization.tokens_per_step=512"),
+        ("modle.path=x", "unknown key modle (did you mean 'model'?)"),
+    ],
+)
+def test_config_errors_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "tiny.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_cli_reports_config_errors_with_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ctxext.cli", "finetune", str(REPO / "configs" / "tiny.yaml"),
+                           "optimization.lrr=1"], capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert proc.returncode == 2 and "did you mean 'lr'" in proc.stderr
