@@ -2,6 +2,10 @@
 
     ctxext finetune configs/tiny.yaml                    # one CPU process
     accelerate launch --num_processes 4 -m ctxext.cli finetune configs/llama3.2-1b-32k.yaml   # DDP / FSDP / DS
+    accelerate launch --multi_gpu --num_processes 2 -m ctxext.cli finetune configs/tiny.yaml  # 2 CPU processes (gloo)
+
+(On a machine without GPUs, ``accelerate launch --cpu`` starts a single process unless MPI is set up; use
+``--multi_gpu --num_processes N``, which starts N CPU processes with the gloo backend.)
 
 A run is a list of stages of growing ``seq_len``. Documents are tokenized once, joined with EOS and packed into
 blocks of each stage's length (no padding). Every optimizer step sees ``tokens_per_step`` tokens whatever the
@@ -223,7 +227,8 @@ def finetune(cfg: FinetuneConfig, *, output_dir: str | None = None, resume: bool
     from transformers import AutoTokenizer
 
     run = Path(output_dir or cfg.output_dir)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # the global batch is split over processes, so the scheduler steps once per optimizer step (not per process)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
     torch.manual_seed(cfg.seed)
     if run.exists() and not resume and any(run.iterdir()):
         raise TrainingError(f"{run} already holds a run; pass --resume to continue it or choose another --output-dir")

@@ -95,13 +95,17 @@ def test_kill_9_then_resume_reproduces_the_loss_curve(base, reference_run, tmp_p
 @pytest.mark.slow
 def test_two_cpu_processes_give_the_same_loss_curve(base, reference_run, tmp_path):
     out = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # `accelerate launch --cpu` runs one process without MPI; --multi_gpu on a CPU machine starts 2 gloo processes
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = subprocess.run(finetune_cmd(base, out, launcher=launcher), capture_output=True, text=True, cwd=REPO,
                           env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {json.loads(line)["processes"] for line in (out / "metrics.jsonl").read_text().splitlines()} == {2}
     assert losses(out) == pytest.approx(losses(reference_run), rel=2e-4)
+    lrs = [[json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+           for run in (out, reference_run)]
+    assert lrs[0] == pytest.approx(lrs[1])  # the scheduler steps once per optimizer step, not once per process
 
 
 def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
