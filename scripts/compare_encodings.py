@@ -1,0 +1,140 @@
+"""Train one small model per position encoding under the same budget at length L0; measure extrapolation.
+
+    python scripts/compare_encodings.py                 # full run (about 45 minutes on 2 CPU cores) -> docs/ENCODINGS.md
+    python scripts/compare_encodings.py --quick --output /tmp/enc    # a couple of minutes (CI)
+
+Every model: the same pre-norm Llama-style decoder (ctxext.encodings.TinyLM), tokenizer, data (Python stdlib,
+train split), seed, steps, batch and learning rate; only the position encoding differs. Held-out perplexity
+(stdlib held-out split, non-overlapping windows, ctxext.evals.perplexity) at L0, 2 L0, 4 L0 and 8 L0 without any
+fine-tuning, plus parameter count and mean training step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ctxext import corpus
+from ctxext.encodings import ENCODINGS, TinyLM
+from ctxext.evals.perplexity import perplexity
+from ctxext.plots import plot_perplexity
+from ctxext.reference import REFERENCE_DIR, train_tokenizer
+
+
+class _HFStyle(torch.nn.Module):
+    """Adapter so ctxext.evals.perplexity can score a TinyLM (it calls model(input_ids=...).logits)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return type("Out", (), {"logits": self.model(input_ids)})()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default="docs")
+    p.add_argument("--length", type=int, default=128, help="training length L0")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dim", type=int, default=192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--xpos-scale-base", type=float, help="xPos gamma (default L0 / 2, the paper's 512 for 1024)")
+    p.add_argument("--eval-documents", type=int, default=60)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny models and few steps (CI)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.length, args.steps, args.batch_size, args.dim, args.layers, args.eval_documents = 32, 20, 4, 64, 2, 6
+    torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if (REFERENCE_DIR / "tokenizer.json").is_file() and not args.quick:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(REFERENCE_DIR)
+    else:
+        tokenizer = train_tokenizer(corpus.read_texts(corpus.stdlib_files("train")[:80]), 512)
+    train_files = corpus.stdlib_files("train")[: 80 if args.quick else None]
+    ids = tokenizer(corpus.read_texts(train_files), add_special_tokens=False)["input_ids"]
+    stream = np.asarray([t for doc in ids for t in (*doc, tokenizer.eos_token_id)], dtype=np.int64)
+    held = tokenizer(corpus.read_texts(corpus.stdlib_files("held_out")), add_special_tokens=False)["input_ids"]
+    held = [d for d in held if len(d) >= 8 * args.length][: args.eval_documents]
+    lengths = [args.length * m for m in (1, 2, 4, 8)]
+
+    results = {}
+    for encoding in ENCODINGS:
+        torch.manual_seed(args.seed)
+        rng = random.Random(args.seed)
+        model = TinyLM(len(tokenizer), args.dim, args.layers, args.heads, encoding, max_len=args.length,
+                       scale_base=args.xpos_scale_base or args.length / 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+        times = []
+        for step in tqdm(range(args.steps), desc=encoding, unit="step"):
+            lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            starts = [rng.randrange(0, len(stream) - args.length - 1) for _ in range(args.batch_size)]
+            batch = torch.from_numpy(np.stack([stream[s : s + args.length + 1] for s in starts]))
+            t0 = time.perf_counter()
+            logits = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        model.eval()
+        ppl = {L: perplexity(_HFStyle(model), held, L, progress=False).perplexity for L in lengths}
+        results[encoding] = {"parameters": sum(p.numel() for p in model.parameters()),
+                             "ms_per_step": 1000 * float(np.mean(times[len(times) // 5 :])),
+                             "final_train_loss": loss.item(), "perplexity": {str(k): v for k, v in ppl.items()}}
+        print(encoding, json.dumps(results[encoding]), flush=True)
+
+    base_ms = results["rope"]["ms_per_step"]
+    (out / "encodings.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    plot_perplexity({e: {int(k): v for k, v in r["perplexity"].items()} for e, r in results.items()},
+                    out / "encodings.png", title=f"held-out perplexity, trained at {args.length}",
+                    trained_context=args.length)
+    cmd = "python scripts/compare_encodings.py" + (" --quick" if args.quick else "")
+    lines = [
+        "# Position encodings: parameters, length extrapolation, compute cost (measured)", "",
+        f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')}, CPU, {args.threads} threads). Same model (TinyLM: "
+        f"dim {args.dim}, {args.layers} layers, {args.heads} heads), data (Python stdlib train split), tokenizer, "
+        f"seed and budget ({args.steps} steps x {args.batch_size} x {args.length} tokens) for every encoding; "
+        f"held-out perplexity (stdlib held-out split, {len(held)} documents, non-overlapping windows) without "
+        "fine-tuning.", "",
+        f"| encoding | extra parameters | total parameters | ms / step (x rope) | ppl@{lengths[0]} | "
+        + " | ".join(f"ppl@{L}" for L in lengths[1:]) + f" | ppl@{lengths[-1]} / ppl@{lengths[0]} |",
+        "|---|---|---|---|---|" + "---|" * (len(lengths) - 1) + "---|",
+    ]
+    base_params = results["rope"]["parameters"]
+    for e, r in results.items():
+        pp = r["perplexity"]
+        lines.append(
+            f"| {e} | {r['parameters'] - base_params:,} | {r['parameters']:,} | {r['ms_per_step']:.0f} "
+            f"({r['ms_per_step'] / base_ms:.2f}x) | " + " | ".join(f"{pp[str(L)]:.1f}" for L in lengths)
+            + f" | {pp[str(lengths[-1])] / pp[str(lengths[0])]:.2f} |")
+    lines += ["", f"![perplexity vs length](encodings.png)", ""]
+    (out / "ENCODINGS.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Reference position encodings against their papers' formulas; the comparison script's quick mode."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctxext import corpus
+from ctxext.encodings import ENCODINGS, TinyLM, alibi_slopes, rope_rotate, sinusoidal_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_alibi_slopes_for_8_and_12_heads():
+    # Press et al. 2022: 8 heads -> 1/2, 1/4, ..., 1/256
+    assert alibi_slopes(8).tolist() == pytest.approx([2.0 ** -(i + 1) for i in range(8)])
+    # 12 heads: the 8-head slopes, then every other slope of the 16-head set: 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5
+    expected = [2.0 ** -(i + 1) for i in range(8)] + [2.0 ** -(0.5 + i) for i in range(4)]
+    assert alibi_slopes(12).tolist() == pytest.approx(expected)
+
+
+def test_sinusoidal_values_at_known_positions():
+    table = sinusoidal_table(100, 8)
+    assert table[0].tolist() == pytest.approx([0, 1, 0, 1, 0, 1, 0, 1])
+    assert table[1, 0].item() == pytest.approx(math.sin(1.0))
+    assert table[1, 1].item() == pytest.approx(math.cos(1.0))
+    assert table[37, 2].item() == pytest.approx(math.sin(37 / 10000 ** (2 / 8)), abs=1e-6)
+    assert table[99, 7].item() == pytest.approx(math.cos(99 / 10000 ** (6 / 8)), abs=1e-6)
+
+
+def test_rope_is_a_complex_rotation_of_each_half_split_pair():
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    pos = torch.arange(5)
+    out = rope_rotate(x, pos)
+    z = torch.complex(x[:, :4].double(), x[:, 4:].double())
+    theta = 10000.0 ** (-torch.arange(4, dtype=torch.float64) * 2 / 8)
+    rotated = z * torch.exp(1j * pos[:, None].double() * theta[None, :])
+    torch.testing.assert_close(out.double(), torch.cat([rotated.real, rotated.imag], -1), rtol=1e-5, atol=1e-5)
+    # relative: q.k depends only on the distance
+    q, k = torch.randn(8), torch.randn(8)
+    dots = [(rope_rotate(q[None], torch.tensor([n])) @ rope_rotate(k[None], torch.tensor([n - 3])).T).item()
+            for n in (3, 10, 50)]
+    assert dots == pytest.approx([dots[0]] * 3, rel=1e-4)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_every_encoding_trains_and_runs_beyond_its_length(encoding):
+    torch.manual_seed(0)
+    model = TinyLM(50, 32, 1, 4, encoding, max_len=16, scale_base=8.0)
+    ids = torch.randint(0, 50, (2, 16))
+    loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(model(torch.randint(0, 50, (1, 64)))).all()  # 4x the training length
+
+
+def test_alibi_bias_is_minus_slope_times_distance():
+    torch.manual_seed(0)
+    model = TinyLM(50, 16, 1, 2, "alibi", max_len=8)
+    block = model.blocks[0]
+    x = torch.randn(1, 6, 16)
+    # with q = k = 0 the logits are only the bias: attention weights = softmax(-slope * distance)
+    with torch.no_grad():
+        block.qkv.weight[:32] = 0
+        v = block.qkv(x)[..., 32:].view(1, 6, 2, 8).transpose(1, 2)
+        out = block.attention(x).view(1, 6, 2, 8).transpose(1, 2)
+    for h, slope in enumerate(alibi_slopes(2).tolist()):
+        for i in range(6):
+            w = torch.softmax(torch.tensor([-slope * (i - j) for j in range(i + 1)]), 0)
+            torch.testing.assert_close(out[0, h, i], (w[:, None] * v[0, h, : i + 1]).sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compare_encodings_quick_mode_runs_end_to_end(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_encodings.py"), "--quick", "--output",
+                           str(tmp_path), "--threads", "1"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "ENCODINGS.md").read_text()
+    for e in ENCODINGS:
+        assert f"| {e} |" in table
+    assert (tmp_path / "encodings.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stdlib_split_is_deterministic_and_disjoint():
+    train, held = corpus.stdlib_files("train"), corpus.stdlib_files("held_out")
+    assert train == corpus.stdlib_files("train") and held == corpus.stdlib_files("held_out")
+    assert not set(train) & set(held)
+    assert 0.05 < len(held) / (len(train) + len(held)) < 0.15
+    root = corpus.stdlib_root()
+    # the split is a function of the relative path alone (same on every machine)
+    assert all(corpus.split_of(p.relative_to(root).as_posix()) == "held_out" for p in held)
