@@ -66,4 +66,4 @@ def _column(dataset, field: str, source: str) -> list[str]:
 
 def tokenize_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids per document, without special tokens."""
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]

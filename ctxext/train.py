@@ -401,7 +401,7 @@ def save_results(peft_model, tokenizer, run: Path, cfg: FinetuneConfig) -> dict:
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
     if getattr(merged, "is_gradient_checkpointing", False):
-        merged.gradient_checkpointing_disable()
+        getattr(merged, "activation_checkpointing_disable", merged.gradient_checkpointing_disable)()
     out = save_checkpoint(merged, run / "merged", force=True)
     tokenizer.save_pretrained(out)
     return {"adapter": str(adapter), "merged": str(out)}

@@ -39,7 +39,7 @@ def build_prompt(tokenizer, filler_ids: list[int], length: int, depth: float, ke
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth={depth!r} is invalid; valid range: 0 <= depth <= 1")
-    key_ids = tokenizer.encode(KEY_LINE.format(key=key), add_special_tokens=False)
+    key_ids = tokenizer.encode(KEY_LINE.format(key=key), add_special_tokens=False, verbose=False)
     question_ids = tokenizer.encode(QUESTION, add_special_tokens=False)
     n_filler = length - len(key_ids) - len(question_ids)
     if n_filler < 0:
