@@ -6,8 +6,8 @@
 Model: a SmolLM-135M-shaped Llama with random weights (vocab 49,152, 30 layers, hidden 576, 9 heads, 3 kv heads),
 LoRA r=16 on q/k/v/o, SDPA, gradient checkpointing on in both. Baseline = what a user writes: transformers model
 + peft + the model's own loss (``labels=input_ids``). ctxext = ``ctxext.train.ChunkedLMLoss`` (LM head and
-cross-entropy 1,024 tokens at a time). Every (implementation, length) runs in its own process; each process does
-a warm-up step and a timed step. Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size
+cross-entropy 1,024 tokens at a time). Every (implementation, length) runs in its own process; each process times
+one step (after a warm-up step on GPU). Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size
 (ru_maxrss) minus the resident size after the model is built, i.e. what the step itself needs.
 """
 
@@ -65,8 +65,8 @@ def worker(impl: str, seq_len: int, shape: str) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    step()  # warm-up (allocator, optimizer state)
-    if device.type == "cuda":
+    if device.type == "cuda":  # warm-up (kernels, allocator); on CPU the one timed step is enough
+        step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base_rss = rss_mb()

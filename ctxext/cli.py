@@ -126,7 +126,8 @@ def cmd_eval_ppl(args) -> int:
 
     res = evaluate_perplexity(args.models, lengths=args.lengths, data=args.data, stride=args.stride,
                               output=args.output, text_field=args.text_field, max_documents=args.max_documents,
-                              batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+                              batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                              same_documents=not args.all_documents)
     lengths = [str(L) for L in args.lengths]
     print("perplexity".ljust(28) + "".join(f"{L:>10}" for L in lengths))
     for label, r in res["models"].items():
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="stdlib:held_out", help=data_help)
     p.add_argument("--stride", type=int, help="window stride (default: the length, i.e. non-overlapping windows)")
     p.add_argument("--max-documents", type=int, help="score at most this many documents per length")
+    p.add_argument("--all-documents", action="store_true",
+                   help="score every document long enough for each length, whole (default: the first max(lengths) "
+                   "tokens of documents at least that long, at every length, so lengths compare the same text)")
     p.add_argument("--batch-size", type=int, default=1)
     _add_eval_common(p)
     p.set_defaults(func=cmd_eval_ppl)

@@ -74,14 +74,20 @@ def run_demo(output_dir: str = "ctxext-demo", factor: float = 8.0, method: str =
     from .config import load_config
     from .evals.report import evaluate_passkey, evaluate_perplexity
     from .hub import patch_checkpoint
-    from .reference import resolve_model
+    from .reference import build_stand_in, has_reference_model, resolve_model
     from .train import finetune
 
     started = time.perf_counter()
     plan = _quick_or_full(quick)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = resolve_model(model)
+    if model == "reference" and not has_reference_model():
+        base = str(build_stand_in(out / "stand-in-model"))
+        print("note: this installation ships no trained reference model yet; the demo runs on a tiny random Llama "
+              "(context 256) built from a config, so it shows the pipeline, not the quality of the methods.")
+        model = "tiny random stand-in"
+    else:
+        base = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(base)
     from transformers import AutoConfig
 
@@ -121,7 +127,7 @@ def run_demo(output_dir: str = "ctxext-demo", factor: float = 8.0, method: str =
     models = [str(base), str(patched), tuned]
     names = {str(base): "original", str(patched): f"{spec} x{factor:g}", tuned: f"{spec} x{factor:g} + LoRA"}
     say(f"perplexity at {lengths} ({plan['ppl_docs']} held-out documents per length)")
-    ppl = evaluate_perplexity(models, lengths=lengths, output=out, max_documents=plan["ppl_docs"])
+    ppl = evaluate_perplexity(models, lengths=lengths, output=out, max_documents=plan["ppl_docs"], batch_size=4)
     commands.append(f"ctxext eval ppl {' '.join(models)} --lengths {','.join(map(str, lengths))} "
                     f"--max-documents {plan['ppl_docs']} --output {out}")
     pk_lengths = sorted({context, 4 * context, target})

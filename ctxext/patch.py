@@ -14,6 +14,7 @@ new config exactly as ``from_pretrained`` will, switches attention to xPos when 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from .rope.chain import apply_chain, chain_to_records, format_chain, parse_chain
 from .rope.spec import MethodError, RopeContext, RopeState
 
 RECORD_KEY = "ctxext"  # config.json key holding what ctxext did
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -211,4 +213,7 @@ def patch_model(
 ) -> PatchHandle:
     """Patch a loaded model in place (see ``plan_patch`` for the arguments); returns the undo handle."""
     plan = plan_patch(model.config, chain, scope=scope, target_length=target_length, **params)
+    if any(m.name == "dynamic" for m in plan.chain):
+        log.warning("dynamic NTK recomputes frequencies from the sequence length: a KV-cached decode differs "
+                    "slightly from a full forward over the same tokens (about 1e-2 in the logits)")
     return apply_plan(model, plan)

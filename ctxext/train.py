@@ -166,7 +166,10 @@ def build_model(cfg: FinetuneConfig):
         if cfg.lora.train_norms and "norm" in name.rsplit(".", 2)[-2]:
             p.requires_grad_(True)
     if cfg.optimization.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return peft_model, handle, path
 

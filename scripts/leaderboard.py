@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                 model_dir = finetune(load_config(raw=raw), output_dir=str(run), progress=False)["merged"]
                 ft_seconds, ft_tokens = time.perf_counter() - t0, sum(plan["steps"]) * plan["tokens_per_step"]
             ppl = evaluate_perplexity([model_dir], lengths=lengths, output=work / "eval" / label.replace(" ", ""),
-                                      max_documents=plan["ppl_docs"])
+                                      max_documents=plan["ppl_docs"], batch_size=4)
             pk = evaluate_passkey([model_dir], lengths=pk_lengths, depths=plan["depths"], trials=plan["passkey_trials"],
                                   output=work / "eval" / label.replace(" ", ""))
             per = next(iter(ppl["models"].values()))["per_length"]

@@ -39,6 +39,19 @@ def run_fresh(code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def stock_load_error(path: Path) -> str | None:
+    """The KeyError message of a stock from_pretrained(path) in a fresh process without ctxext (None: it loaded)."""
+    return run_fresh(f"""
+import json
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained({str(path)!r})
+    print(json.dumps({{"raised": None}}))
+except KeyError as err:
+    print(json.dumps({{"raised": str(err)}}))
+""")["raised"]
+
+
 def save_tiny(path: Path, family: str, with_tokenizer=False, **overrides) -> Path:
     model = tiny_model(family, **overrides)
     model.save_pretrained(path)
@@ -132,16 +145,7 @@ def test_xpos_needs_ctxext_and_survives_a_plain_save_pretrained(sources, tmp_pat
     resaved = tmp_path / "resaved"
     torch.save(IDS, tmp_path / "ids.pt")
     torch.save(expected_logits(sources["qwen3"], "pi+xpos", factor=2, scale_base=64), tmp_path / "expected.pt")
-    without = run_fresh(f"""
-import json, torch
-from transformers import AutoModelForCausalLM
-try:
-    AutoModelForCausalLM.from_pretrained({str(out)!r})
-    print(json.dumps({{"raised": None}}))
-except KeyError as err:
-    print(json.dumps({{"raised": str(err)}}))
-""")
-    assert without["raised"] == "'ctxext_xpos'"
+    assert stock_load_error(out) == "'ctxext_xpos'"
     with_ctxext = run_fresh(f"""
 import json, torch, ctxext
 from transformers import AutoModelForCausalLM
@@ -151,16 +155,7 @@ model.save_pretrained({str(resaved)!r})   # plain transformers save: drops attn_
 print(json.dumps({{"same": same, "attn": model.config._attn_implementation}}))
 """)
     assert with_ctxext == {"same": True, "attn": "ctxext_xpos"}
-    again = run_fresh(f"""
-import json
-from transformers import AutoModelForCausalLM
-try:
-    AutoModelForCausalLM.from_pretrained({str(resaved)!r})
-    print(json.dumps({{"raised": None}}))
-except KeyError as err:
-    print(json.dumps({{"raised": str(err)}}))
-""")
-    assert again["raised"] == "'ctxext_xpos'"
+    assert stock_load_error(resaved) == "'ctxext_xpos'"
     reloaded = run_fresh(f"""
 import json, torch, ctxext
 from transformers import AutoModelForCausalLM

@@ -60,8 +60,13 @@ def _write_json(path: Path, payload: dict) -> None:
 def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DEFAULT_EVAL_SOURCE,
                         stride: int | None = None, output: str | Path = "ctxext-eval", text_field: str = "text",
                         max_documents: int | None = None, batch_size: int = 1, device: str = "auto",
-                        dtype: str = "auto") -> dict:
-    """Perplexity of each model at each length; writes ``ppl.json`` and ``ppl.png`` under ``output``."""
+                        dtype: str = "auto", same_documents: bool = True) -> dict:
+    """Perplexity of each model at each length; writes ``ppl.json`` and ``ppl.png`` under ``output``.
+
+    ``same_documents``: every length scores the same text, the first ``max(lengths)`` tokens of each document at
+    least that long (shorter documents are counted as skipped), so the curve compares like with like; otherwise
+    each length scores every document long enough for it, whole.
+    """
     if not lengths or any(L < 2 for L in lengths):
         raise ValueError(f"lengths={lengths!r} is invalid; give context lengths >= 2, e.g. 256,512,1024")
     out = Path(output)
@@ -74,6 +79,9 @@ def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DE
         record = getattr(model.config, "ctxext", None) or {}
         trained = trained or record.get("original_context", model.config.max_position_embeddings)
         docs = tokenize_documents(tokenizer, texts)
+        if same_documents:  # every length scores the same text: the first `longest` tokens of long documents
+            longest = max(lengths)
+            docs = [d[:longest] for d in docs if len(d) >= longest] + [d[:1] for d in docs if len(d) < longest]
         label = _label(name, used)
         per_length = {}
         for L in lengths:
@@ -86,6 +94,7 @@ def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DE
     payload = {
         "protocol": {"data": data, "text_field": text_field, "documents": len(texts), "lengths": lengths,
                      "stride": stride or "length (non-overlapping windows)", "max_documents": max_documents,
+                     "same_documents_at_every_length": same_documents,
                      "score": "exp(mean NLL) over every scored token; documents shorter than the length skipped",
                      "ctxext": __version__, "date": time.strftime("%Y-%m-%d")},
         "models": results,
