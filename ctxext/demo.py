@@ -127,12 +127,14 @@ def run_demo(output_dir: str = "ctxext-demo", factor: float = 8.0, method: str =
     models = [str(base), str(patched), tuned]
     names = {str(base): "original", str(patched): f"{spec} x{factor:g}", tuned: f"{spec} x{factor:g} + LoRA"}
     say(f"perplexity at {lengths} ({plan['ppl_docs']} held-out documents per length)")
-    ppl = evaluate_perplexity(models, lengths=lengths, output=out, max_documents=plan["ppl_docs"], batch_size=4)
+    ppl = evaluate_perplexity(models, lengths=lengths, output=out, max_documents=plan["ppl_docs"], batch_size=4,
+                              labels=[names[m] for m in models])
     commands.append(f"ctxext eval ppl {' '.join(models)} --lengths {','.join(map(str, lengths))} "
                     f"--max-documents {plan['ppl_docs']} --output {out}")
     pk_lengths = sorted({context, 4 * context, target})
     say(f"passkey at {pk_lengths} x depths {plan['depths']} ({plan['passkey_trials']} keys per cell)")
-    pk = evaluate_passkey(models, lengths=pk_lengths, depths=plan["depths"], trials=plan["passkey_trials"], output=out)
+    pk = evaluate_passkey(models, lengths=pk_lengths, depths=plan["depths"], trials=plan["passkey_trials"], output=out,
+                          labels=[names[m] for m in models])
     commands.append(f"ctxext eval passkey {' '.join(models)} --lengths {','.join(map(str, pk_lengths))} "
                     f"--depths {','.join(map(str, plan['depths']))} --trials {plan['passkey_trials']} --output {out}")
 

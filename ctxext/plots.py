@@ -20,6 +20,8 @@ def plot_perplexity(curves: dict[str, dict[int, float]], path: Path, *, title: s
     if trained_context:
         ax.axvline(trained_context, color="grey", linestyle=":", label=f"trained context ({trained_context})")
     ax.set_xscale("log", base=2)
+    ticks = sorted({L for points in curves.values() for L in points})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity (log scale)")
@@ -63,6 +65,7 @@ def plot_frequency_usage(panels: dict[str, np.ndarray], wavelengths: np.ndarray,
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("rotation pair (0 = highest frequency)")
         ax.set_ylabel("layer")
+        ax.set_yticks(range(grid.shape[0]))
         if context_length is not None and np.isfinite(wavelengths).any():
             beyond = np.nonzero(wavelengths > context_length)[0]
             if beyond.size:

@@ -60,7 +60,7 @@ def _write_json(path: Path, payload: dict) -> None:
 def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DEFAULT_EVAL_SOURCE,
                         stride: int | None = None, output: str | Path = "ctxext-eval", text_field: str = "text",
                         max_documents: int | None = None, batch_size: int = 1, device: str = "auto",
-                        dtype: str = "auto", same_documents: bool = True) -> dict:
+                        dtype: str = "auto", same_documents: bool = True, labels: list[str] | None = None) -> dict:
     """Perplexity of each model at each length; writes ``ppl.json`` and ``ppl.png`` under ``output``.
 
     ``same_documents``: every length scores the same text, the first ``max(lengths)`` tokens of each document at
@@ -74,7 +74,7 @@ def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DE
     texts = load_texts(data, text_field=text_field)
     results, curves, used = {}, {}, set()
     trained = None
-    for name in models:
+    for i, name in enumerate(models):
         model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
         record = getattr(model.config, "ctxext", None) or {}
         trained = trained or record.get("original_context", model.config.max_position_embeddings)
@@ -82,7 +82,7 @@ def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DE
         if same_documents:  # every length scores the same text: the first `longest` tokens of long documents
             longest = max(lengths)
             docs = [d[:longest] for d in docs if len(d) >= longest] + [d[:1] for d in docs if len(d) < longest]
-        label = _label(name, used)
+        label = _label(labels[i] if labels else name, used)
         per_length = {}
         for L in lengths:
             r = perplexity(model, docs, L, stride=stride or L, batch_size=batch_size, max_documents=max_documents)
@@ -108,7 +108,8 @@ def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DE
 
 def evaluate_passkey(models: list[str], *, lengths: list[int], depths: list[float], trials: int = 10, seed: int = 0,
                      filler: str = DEFAULT_EVAL_SOURCE, output: str | Path = "ctxext-eval", text_field: str = "text",
-                     batch_size: int = 8, device: str = "auto", dtype: str = "auto") -> dict:
+                     batch_size: int = 8, device: str = "auto", dtype: str = "auto",
+                     labels: list[str] | None = None) -> dict:
     """Passkey accuracy grid per model; writes ``passkey.json`` and ``passkey_<model>.png`` under ``output``."""
     if trials < 1:
         raise ValueError(f"trials={trials!r} is invalid; give at least 1")
@@ -119,11 +120,11 @@ def evaluate_passkey(models: list[str], *, lengths: list[int], depths: list[floa
     results, used = {}, set()
     from ..plots import plot_passkey
 
-    for name in models:
+    for i, name in enumerate(models):
         model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
         stream = [t for ids in tokenize_documents(tokenizer, texts) for t in ids + [tokenizer.eos_token_id or 0]]
         grid = passkey_accuracy(model, tokenizer, stream, lengths, depths, trials, seed=seed, batch_size=batch_size)
-        label = _label(name, used)
+        label = _label(labels[i] if labels else name, used)
         grid["path"] = path
         grid["plot"] = str(plot_passkey(grid["accuracy"], out / f"passkey_{_slug(label)}.png",
                                         title=f"passkey retrieval: {label} ({trials} keys per cell)"))
