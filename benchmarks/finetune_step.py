@@ -6,15 +6,17 @@
 Model: a SmolLM-135M-shaped Llama with random weights (vocab 49,152, 30 layers, hidden 576, 9 heads, 3 kv heads),
 LoRA r=16 on q/k/v/o, SDPA, gradient checkpointing on in both. Baseline = what a user writes: transformers model
 + peft + the model's own loss (``labels=input_ids``). ctxext = ``ctxext.train.ChunkedLMLoss`` (LM head and
-cross-entropy 1,024 tokens at a time). Every (implementation, length) runs in its own process; each process times
+cross-entropy 1,024 tokens at a time, gradients computed in the forward pass: ``ctxext.loss``). Every (implementation, length) runs in its own process; each process times
 one step (after a warm-up step on GPU). Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size
-(ru_maxrss) minus the resident size after the model is built, i.e. what the step itself needs.
+(ru_maxrss) minus the resident size after the model is built, i.e. what the step itself needs, with glibc's mmap
+threshold fixed (see WORKER_ENV) so that the resident set follows live tensors.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -24,9 +26,19 @@ from pathlib import Path
 SHAPES = {
     "smollm-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    "body-only": dict(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    "vocab-only": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "tiny": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True),
 }
+
+
+# glibc's default mmap threshold grows when large blocks are freed, after which freed tensors stay in the heap and
+# the resident set keeps growing (measured: 861 MB "peak" for a step whose live tensors peak near 136 MB). A fixed
+# threshold returns freed tensors to the OS, so the peak RSS tracks live memory, for both implementations alike.
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def rss_mb() -> float:
@@ -34,7 +46,7 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def worker(impl: str, seq_len: int, shape: str) -> dict:
+def worker(impl: str, seq_len: int, shape: str, checkpointing: bool = True) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -45,7 +57,8 @@ def worker(impl: str, seq_len: int, shape: str) -> dict:
     config = LlamaConfig(max_position_embeddings=max(seq_len, 2048), **SHAPES[shape])
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                                              task_type="CAUSAL_LM"))
@@ -89,15 +102,16 @@ def main() -> int:
     p.add_argument("--shape", default="smollm-135m", choices=list(SHAPES))
     p.add_argument("--output", default="docs/benchmarks")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "SEQ_LEN"), help=argparse.SUPPRESS)
+    p.add_argument("--no-checkpointing", action="store_true", help="activation checkpointing off (diagnosis)")
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.shape)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.shape, not args.no_checkpointing)))
         return 0
     rows = []
     for seq_len in [int(x) for x in args.lengths.split(",")]:
         for impl in ("baseline", "ctxext"):
             proc = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--worker", impl, str(seq_len)],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=WORKER_ENV)
             if proc.returncode != 0:
                 rows.append({"impl": impl, "seq_len": seq_len, "error": proc.stderr.strip().splitlines()[-1]})
             else:
@@ -109,7 +123,8 @@ def main() -> int:
     by = {(r["impl"], r["seq_len"]): r for r in rows}
     lines = [f"# One LoRA training step: ctxext vs baseline ({args.shape})", "",
              f"Command: `python benchmarks/finetune_step.py --shape {args.shape} --lengths {args.lengths}` "
-             f"({time.strftime('%Y-%m-%d')}, {rows[0].get('device', '?')}).", "",
+             f"({time.strftime('%Y-%m-%d')}, {rows[0].get('device', '?')}; each step in its own process; CPU peak = "
+             "peak RSS minus RSS after model build, with MALLOC_MMAP_THRESHOLD_=65536 for both).", "",
              "| seq_len | baseline peak MB | ctxext peak MB | memory ratio | baseline tok/s | ctxext tok/s | speed ratio |",
              "|---|---|---|---|---|---|---|"]
     for seq_len in [int(x) for x in args.lengths.split(",")]:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .config import FinetuneConfig
 from .data import load_texts, tokenize_documents
+from .loss import linear_cross_entropy
 
 log = logging.getLogger(__name__)
 EXIT_DIVERGED = 3
@@ -100,8 +101,9 @@ def step_blocks(stream: np.ndarray, seq_len: int, count: int, pos: Position, see
 class ChunkedLMLoss(nn.Module):
     """Wraps a (PEFT) causal LM; ``forward(input_ids)`` returns the summed next-token NLL of the block.
 
-    The decoder runs once; the LM head and cross-entropy run on ``chunk`` positions at a time under activation
-    checkpointing, so at most ``[batch, chunk, vocab]`` fp32 logits exist at any moment, in forward and backward.
+    The decoder runs once; the LM head and cross-entropy run ``chunk`` positions at a time
+    (``ctxext.loss.linear_cross_entropy``: gradients computed chunk by chunk in the forward pass), so at most
+    ``[chunk, vocab]`` fp32 logits exist at any moment and nothing is recomputed.
     """
 
     def __init__(self, model: nn.Module, chunk: int):
@@ -111,24 +113,28 @@ class ChunkedLMLoss(nn.Module):
     def _causal_lm(self) -> nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def _chunk_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        lm = self._causal_lm()
-        logits = lm.lm_head(hidden).float()
-        cap = getattr(lm.config, "final_logit_softcapping", None)
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         lm = self._causal_lm()
         hidden = lm.model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
         targets = input_ids[:, 1:]
+        head = lm.lm_head
+        softcap = getattr(lm.config, "final_logit_softcapping", None)
+        if type(head) is nn.Linear and head.bias is None:
+            return linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten(), chunk=self.chunk,
+                                        softcap=softcap)
+        # an adapted or biased head (e.g. LoRA on lm_head): chunks under activation checkpointing instead
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, targets.shape[1], self.chunk):
             h, t = hidden[:, s : s + self.chunk], targets[:, s : s + self.chunk]
-            total = total + (checkpoint(self._chunk_nll, h, t, use_reentrant=False) if torch.is_grad_enabled()
-                             else self._chunk_nll(h, t))
+            total = total + checkpoint(self._chunk_nll, h, t, head, softcap, use_reentrant=False)
         return total
+
+    @staticmethod
+    def _chunk_nll(hidden, targets, head, softcap):
+        logits = head(hidden).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
 
 
 def stage_patch_params(cfg: FinetuneConfig, stage: int) -> dict:

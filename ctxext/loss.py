@@ -1,0 +1,57 @@
+"""Next-token cross-entropy through the LM head without ever holding full-sequence logits.
+
+``linear_cross_entropy(hidden, weight, targets, chunk)`` equals ``F.cross_entropy(hidden @ weight.T, targets,
+reduction="sum")`` (fp32 logits, ``-100`` targets ignored, optional Gemma-style logit soft-capping) but works
+``chunk`` rows at a time and computes each chunk's gradients during the forward pass, so neither pass keeps more
+than ``[chunk, vocab]`` fp32 logits and nothing is recomputed. Backward only scales the stored gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, softcap: float | None):
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk):
+            h, t = hidden[s : s + chunk], targets[s : s + chunk]
+            logits = (h @ weight.T).float()
+            if softcap:
+                tanh = torch.tanh(logits / softcap)
+                logits = softcap * tanh
+            valid = t != -100
+            safe = t.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot, per valid row
+            grad[torch.arange(len(t), device=t.device), safe] -= 1.0
+            grad *= valid[:, None]
+            if softcap:
+                grad *= 1 - tanh**2
+            if grad_hidden is not None:
+                grad_hidden[s : s + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad.T @ h.float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int = 1024,
+                         softcap: float | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden [N, H] @ weight[V, H].T`` against ``targets [N]`` (see the module doc)."""
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, softcap)

@@ -1,0 +1,43 @@
+"""The chunked LM-head cross-entropy equals the plain one, in value and in every gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ctxext.loss import linear_cross_entropy
+from ctxext.train import ChunkedLMLoss
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_matches_full_logits_cross_entropy_and_gradients(softcap, chunk):
+    torch.manual_seed(0)
+    h = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 97, (50,))
+    t[[3, 17]] = -100
+    logits = h @ w.T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    ref = F.cross_entropy(logits, t, reduction="sum", ignore_index=-100)
+    ref_gh, ref_gw = torch.autograd.grad(ref * 0.7, (h, w))
+    got = linear_cross_entropy(h, w, t, chunk=chunk, softcap=softcap)
+    gh, gw = torch.autograd.grad(got * 0.7, (h, w))
+    torch.testing.assert_close(got, ref.float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+
+
+def test_wrapped_model_loss_equals_transformers_own_loss_and_gradients():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    ids = torch.randint(0, 101, (2, 40))
+    own = model(input_ids=ids, labels=ids).loss
+    own_grads = torch.autograd.grad(own, list(model.parameters()))
+    ours = ChunkedLMLoss(model, chunk=16)(ids) / (2 * 39)
+    our_grads = torch.autograd.grad(ours, list(model.parameters()))
+    torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-6)
+    for a, b in zip(our_grads, own_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
