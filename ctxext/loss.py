@@ -30,7 +30,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            grad = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot, per valid row
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d loss / d logits = softmax - onehot
             grad[torch.arange(len(t), device=t.device), safe] -= 1.0
             grad *= valid[:, None]
             if softcap:
