@@ -220,6 +220,7 @@ def save_training_state(accelerator, run: Path, pos: Position) -> Path:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder moves
     if accelerator.is_main_process:
         (tmp / "position.json").write_text(json.dumps(asdict(pos)))
         os.replace(tmp, final)
