@@ -240,7 +240,9 @@ def finetune(cfg: FinetuneConfig, *, output_dir: str | None = None, resume: bool
     # the global batch is split over processes, so the scheduler steps once per optimizer step (not per process)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
     torch.manual_seed(cfg.seed)
-    if run.exists() and not resume and any(run.iterdir()):
+    occupied = run.exists() and any(run.iterdir())
+    accelerator.wait_for_everyone()  # every process looks before the main process writes anything
+    if occupied and not resume:
         raise TrainingError(f"{run} already holds a run; pass --resume to continue it or choose another --output-dir")
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
