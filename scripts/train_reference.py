@@ -279,7 +279,8 @@ def main(argv=None) -> int:
     model.eval()
     result = evaluate(model, tokenizer, held_docs, held_filler, args.trials, args.quick)
     passed = gates(result)
-    out = Path(args.output)
+    # ship only what passes: a failing model goes to the work folder as a candidate (resume to improve it)
+    out = Path(args.output) if all(passed.values()) else work / "candidate"
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.model_max_length = 1_000_000  # documents are tokenized whole; the context is in config.json
@@ -304,6 +305,8 @@ def main(argv=None) -> int:
     print(json.dumps({"gates": passed, "perplexity": {k: round(v["perplexity"], 2) for k, v in
                                                         result["perplexity"].items()},
                       "passkey": result["passkey"]["accuracy"], "copy": result["copy"]}, indent=2))
+    if not all(passed.values()):
+        print(f"gates failed: the model was written to {out}, not to {args.output}; continue with --resume", flush=True)
     return 0 if all(passed.values()) else 1
 
 
