@@ -159,7 +159,6 @@ def patch_checkpoint(
         raise CheckpointError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
     config = load_config(src)
     plan = plan_patch(config, chain, scope=scope, target_length=target_length, **params)  # fails before any load
-    check_weights_format(src, allow_pickle)
     model = load_model(src, dtype=dtype, allow_pickle=allow_pickle)
     apply_plan(model, plan)
     log.info("patched %s with %s", src, plan.record["steps"][-1]["spec"])
@@ -171,9 +170,9 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     src = check_source(path)
-    config_path = Path(src) / "config.json"
-    raw = json.loads(config_path.read_text()) if config_path.is_file() else load_config(src).to_dict()
     config = load_config(src)
+    config_path = Path(src) / "config.json"
+    raw = json.loads(config_path.read_text()) if config_path.is_file() else config.to_dict()
     family = family_of(config)
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     per_type = rope if all(isinstance(v, dict) for v in rope.values()) and rope else {"all": rope}
