@@ -70,10 +70,11 @@ def code_block(rng: random.Random, stream: np.ndarray) -> tuple[list[int], list[
     return stream[start : start + SEQ_LEN + 1].tolist(), [1] * (SEQ_LEN + 1)
 
 
-def passkey_block(rng: random.Random, stream: np.ndarray, tokenizer) -> tuple[list[int], list[int]]:
+def passkey_block(rng: random.Random, stream: np.ndarray, tokenizer, edge_depth_share: float = 0.0):
     length = rng.randint(48, SEQ_LEN - 12)
     offset = rng.randrange(0, len(stream) - 2 * SEQ_LEN)
-    doc = passkey.training_document(tokenizer, stream[offset : offset + 2 * SEQ_LEN].tolist(), rng, length)
+    doc = passkey.training_document(tokenizer, stream[offset : offset + 2 * SEQ_LEN].tolist(), rng, length,
+                                    edge_depth_share)
     doc = doc[: SEQ_LEN + 1]
     rest, _ = code_block(rng, stream)
     ids = (doc + [tokenizer.eos_token_id] + rest)[: SEQ_LEN + 1]
@@ -81,7 +82,7 @@ def passkey_block(rng: random.Random, stream: np.ndarray, tokenizer) -> tuple[li
 
 
 def make_batch(seed: int, step: int, total_steps: int, batch_size: int, stream: np.ndarray, tokenizer,
-               copy_share: float = 0.4, passkey_share: float = 0.3):
+               copy_share: float = 0.4, passkey_share: float = 0.3, edge_depth_share: float = 0.0):
     rng = random.Random(seed * 1_000_003 + step)
     progress = step / max(1, total_steps)
     p_copy = copy_share * (1 - 0.75 * min(1.0, progress / 0.5))  # falls to a quarter by mid-run
@@ -92,7 +93,7 @@ def make_batch(seed: int, step: int, total_steps: int, batch_size: int, stream: 
         if u < p_copy:
             block = copy_block(rng, len(tokenizer), len(SPECIALS), tokenizer.eos_token_id)
         elif u < p_copy + p_passkey:
-            block = passkey_block(rng, stream, tokenizer)
+            block = passkey_block(rng, stream, tokenizer, edge_depth_share)
         else:
             block = code_block(rng, stream)
         ids.append(block[0])
@@ -182,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=40, help="passkey trials per (length, depth) cell at the end")
     p.add_argument("--copy-share", type=float, default=0.4, help="share of copy blocks at the start (falls to 1/4)")
     p.add_argument("--passkey-share", type=float, default=0.3, help="share of passkey documents")
+    p.add_argument("--edge-depth-share", type=float, default=0.0,
+                   help="share of passkey documents with the key exactly at the start or the end")
     p.add_argument("--resume", action="store_true",
                    help="continue from --work-dir; may change --steps and the shares (a new phase, recorded)")
     p.add_argument("--quick", action="store_true", help="tiny model, few files and steps (tests)")
@@ -241,7 +244,7 @@ def main(argv=None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, warmup=100)
         ids, labels = make_batch(args.seed, step, args.steps, args.batch_size, stream, tokenizer, args.copy_share,
-                                 args.passkey_share)
+                                 args.passkey_share, args.edge_depth_share)
         logits = model(ids).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)

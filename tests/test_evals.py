@@ -233,3 +233,17 @@ def test_eval_and_analyze_commands_write_json_and_plots(lm_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ctxext.cli", "eval", "ppl", lm_dir, "--lengths", "64",
                            "--data", tmp_path / "missing"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_training_documents_can_put_the_key_exactly_at_the_start(tokenizer):
+    import random
+
+    filler = [t for d in corpus.read_texts(corpus.stdlib_files("held_out")[:10]) for t in tokenizer.encode(d)]
+    key_start = tokenizer.encode("# The pass key is")
+    rng = random.Random(0)
+    docs = [passkey.training_document(tokenizer, filler, rng, 200, edge_depth_share=1.0) for _ in range(40)]
+    at_start = sum(d[: len(key_start)] == key_start for d in docs)
+    assert 10 <= at_start <= 30  # about half at depth 0, the rest at depth 1
+    rng = random.Random(0)
+    docs = [passkey.training_document(tokenizer, filler, rng, 200) for _ in range(40)]
+    assert sum(d[: len(key_start)] == key_start for d in docs) <= 2  # uniform depths rarely hit position 0
