@@ -23,7 +23,7 @@ from torch import nn
 
 from . import __version__
 from .models import family_of
-from .models.base import compute_inv_freq, find_rotary, get_rope_parameters, head_dim_of, set_rope_parameters
+from .models.base import compute_inv_freq, find_rotary, get_rope_parameters, head_dim_of
 from .native import XPOS_ROPE_TYPE, native_rope_parameters, unwrap_xpos
 from .rope.chain import apply_chain, chain_to_records, format_chain, parse_chain, rescale_factor, validate_chain
 from .rope.spec import MethodError, RopeContext, RopeState

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 import reference as ref
-from conftest import CONTEXT, tiny_config, tiny_model
+from conftest import CONTEXT, tiny_model
 from ctxext import MethodError, patch_model, plan_patch
 from ctxext.models import UnsupportedModelError
 from ctxext.models.base import find_rotary

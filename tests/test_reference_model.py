@@ -4,7 +4,6 @@ promises (re-measured here on a subset: retrieval within 256 tokens, context hel
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctxext import corpus

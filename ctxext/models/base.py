@@ -94,15 +94,6 @@ def get_rope_parameters(config, key: str | None) -> dict[str, Any]:
     return copy.deepcopy(dict(params))
 
 
-def set_rope_parameters(config, key: str | None, params: dict[str, Any]) -> None:
-    if key is None:
-        config.rope_parameters = copy.deepcopy(params)
-    else:
-        updated = copy.deepcopy(dict(config.rope_parameters))
-        updated[key] = copy.deepcopy(params)
-        config.rope_parameters = updated
-
-
 def _probe_max_positions(params: dict[str, Any], max_position_embeddings: int) -> int:
     # Only read where a factor is missing; chosen consistent with original_max_position_embeddings * factor so
     # that transformers' config validation has nothing to warn about.
