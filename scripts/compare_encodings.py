@@ -6,7 +6,8 @@
 Every model: the same pre-norm Llama-style decoder (ctxext.encodings.TinyLM), tokenizer, data (Python stdlib,
 train split), seed, steps, batch and learning rate; only the position encoding differs. Held-out perplexity
 (stdlib held-out split, non-overlapping windows, ctxext.evals.perplexity) at L0, 2 L0, 4 L0 and 8 L0 without any
-fine-tuning, plus parameter count and mean training step time.
+fine-tuning, plus parameter count and mean training step time, beside what the literature claims. Text below the
+line "<!-- notes -->" in an existing ENCODINGS.md is kept when the table is rewritten (also by --report-from).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from ctxext import corpus
 from ctxext.encodings import ENCODINGS, TinyLM
 from ctxext.evals.perplexity import perplexity
+from ctxext.evals.report import write_markdown_keeping_notes
 from ctxext.plots import plot_perplexity
 from ctxext.reference import REFERENCE_DIR, train_tokenizer
 
@@ -40,6 +42,59 @@ class _HFStyle(torch.nn.Module):
 
     def forward(self, input_ids):
         return type("Out", (), {"logits": self.model(input_ids)})()
+
+
+# What the literature (and the seed's comparison table) says about each encoding, to read beside the measurements.
+CLAIMS = {
+    "sinusoidal": ("0", "poor beyond L (Vaswani et al. 2017; Press et al. 2022 measure it failing)", "an add"),
+    "learned": ("L x d", "none: positions beyond L have no embedding (here: the last one is reused)", "an add"),
+    "rope": ("0", "limited: degrades beyond L without scaling (Su et al. 2021; Chen et al. 2023)", "a rotation per layer"),
+    "alibi": ("0", "good: train short, test long (Press et al. 2022)", "a bias in every attention"),
+    "xpos": ("0", "better than RoPE beyond L (Sun et al. 2022)", "a rotation + a scale per layer"),
+}
+
+
+def verdict(ratio: float) -> str:
+    """Plain words for ppl@8L0 / ppl@L0 (below 1: more context helped; above: it hurt)."""
+    if ratio <= 1.05:
+        return "holds"
+    if ratio <= 1.5:
+        return "degrades"
+    return "fails"
+
+
+def write_report(results: dict, args: dict, n_held: int, out: Path) -> None:
+    """docs/ENCODINGS.md + encodings.png from the measured results (also: ``--report-from encodings.json``)."""
+    lengths = sorted(int(k) for k in next(iter(results.values()))["perplexity"])
+    base_ms, base_params = results["rope"]["ms_per_step"], results["rope"]["parameters"]
+    plot_perplexity({e: {int(k): v for k, v in r["perplexity"].items()} for e, r in results.items()},
+                    out / "encodings.png", title=f"held-out perplexity, trained at {lengths[0]}",
+                    trained_context=lengths[0])
+    cmd = "python scripts/compare_encodings.py" + (" --quick" if args["quick"] else "")
+    lines = [
+        "# Position encodings: parameters, length extrapolation, compute cost (measured)", "",
+        (f"Command: `{cmd}` ({args.get('date') or time.strftime('%Y-%m-%d')}, CPU, {args['threads']} threads). "
+        f"Same model (`ctxext.encodings.TinyLM`: dim {args['dim']}, {args['layers']} layers, {args['heads']} heads), "
+        f"data (Python stdlib train split), tokenizer, seed and budget ({args['steps']} steps x {args['batch_size']} "
+        f"x {args['length']} tokens) for every encoding; held-out perplexity (stdlib held-out split, {n_held} "
+        "documents, non-overlapping windows) without fine-tuning. Raw numbers: `encodings.json`."), "",
+        "| encoding | extra parameters | total parameters | ms / step (x rope) | "
+        + " | ".join(f"ppl@{L}" for L in lengths) + f" | ppl@{lengths[-1]} / ppl@{lengths[0]} | measured "
+        "| claimed extrapolation | claimed extra parameters, cost |",
+        "|---|---|---|---|" + "---|" * len(lengths) + "---|---|---|---|",
+    ]
+    for e, r in results.items():
+        pp = r["perplexity"]
+        ratio = pp[str(lengths[-1])] / pp[str(lengths[0])]
+        params, claim, cost = CLAIMS[e]
+        lines.append(
+            f"| {e} | {r['parameters'] - base_params:,} | {r['parameters']:,} | {r['ms_per_step']:.0f} "
+            f"({r['ms_per_step'] / base_ms:.2f}x) | " + " | ".join(f"{pp[str(L)]:.1f}" for L in lengths)
+            + f" | {ratio:.2f} | {verdict(ratio)} | {claim} | {params}; {cost} |")
+    lines += ["", "`measured`: holds (ratio <= 1.05), degrades (<= 1.5), fails (> 1.5).", "",
+              "![perplexity vs length](encodings.png)", ""]
+    write_markdown_keeping_notes(out / "ENCODINGS.md", "\n".join(lines))
+    print("\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -57,7 +112,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny models and few steps (CI)")
+    p.add_argument("--report-from", metavar="JSON", help="rewrite ENCODINGS.md and the plot from a saved "
+                   "encodings.json (no training)")
     args = p.parse_args(argv)
+    if args.report_from:
+        saved = json.loads(Path(args.report_from).read_text())
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        write_report(saved["results"], saved["args"], saved.get("held_out_documents", saved["args"]["eval_documents"]), out)
+        return 0
+    args.date = time.strftime("%Y-%m-%d")
     if args.quick:
         args.length, args.steps, args.batch_size, args.dim, args.layers, args.eval_documents = 32, 20, 4, 64, 2, 6
     torch.set_num_threads(args.threads)
@@ -106,33 +170,9 @@ def main(argv=None) -> int:
                              "final_train_loss": loss.item(), "perplexity": {str(k): v for k, v in ppl.items()}}
         print(encoding, json.dumps(results[encoding]), flush=True)
 
-    base_ms = results["rope"]["ms_per_step"]
-    (out / "encodings.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    plot_perplexity({e: {int(k): v for k, v in r["perplexity"].items()} for e, r in results.items()},
-                    out / "encodings.png", title=f"held-out perplexity, trained at {args.length}",
-                    trained_context=args.length)
-    cmd = "python scripts/compare_encodings.py" + (" --quick" if args.quick else "")
-    lines = [
-        "# Position encodings: parameters, length extrapolation, compute cost (measured)", "",
-        f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')}, CPU, {args.threads} threads). Same model (TinyLM: "
-        f"dim {args.dim}, {args.layers} layers, {args.heads} heads), data (Python stdlib train split), tokenizer, "
-        f"seed and budget ({args.steps} steps x {args.batch_size} x {args.length} tokens) for every encoding; "
-        f"held-out perplexity (stdlib held-out split, {len(held)} documents, non-overlapping windows) without "
-        "fine-tuning.", "",
-        f"| encoding | extra parameters | total parameters | ms / step (x rope) | ppl@{lengths[0]} | "
-        + " | ".join(f"ppl@{L}" for L in lengths[1:]) + f" | ppl@{lengths[-1]} / ppl@{lengths[0]} |",
-        "|---|---|---|---|---|" + "---|" * (len(lengths) - 1) + "---|",
-    ]
-    base_params = results["rope"]["parameters"]
-    for e, r in results.items():
-        pp = r["perplexity"]
-        lines.append(
-            f"| {e} | {r['parameters'] - base_params:,} | {r['parameters']:,} | {r['ms_per_step']:.0f} "
-            f"({r['ms_per_step'] / base_ms:.2f}x) | " + " | ".join(f"{pp[str(L)]:.1f}" for L in lengths)
-            + f" | {pp[str(lengths[-1])] / pp[str(lengths[0])]:.2f} |")
-    lines += ["", f"![perplexity vs length](encodings.png)", ""]
-    (out / "ENCODINGS.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    (out / "encodings.json").write_text(json.dumps({"args": vars(args), "held_out_documents": len(held),
+                                                     "results": results}, indent=2))
+    write_report(results, vars(args), len(held), out)
     return 0
 
 

@@ -83,6 +83,13 @@ def test_compare_encodings_quick_mode_runs_end_to_end(tmp_path):
     for e in ENCODINGS:
         assert f"| {e} |" in table
     assert (tmp_path / "encodings.png").read_bytes()[:4] == b"\x89PNG"
+    # the report re-renders from the saved numbers alone, identically
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_encodings.py"), "--report-from",
+                           str(tmp_path / "encodings.json"), "--output", str(again)], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (again / "ENCODINGS.md").read_text() == table
 
 
 def test_stdlib_split_is_deterministic_and_disjoint():

@@ -57,6 +57,16 @@ def _write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2))
 
 
+NOTES_MARKER = "<!-- notes -->"
+
+
+def write_markdown_keeping_notes(path: Path, text: str) -> None:
+    """Write a generated results page; hand-written text below NOTES_MARKER in the old page survives a rerun."""
+    old = path.read_text() if path.is_file() else ""
+    notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else "\n"
+    path.write_text(text.rstrip("\n") + "\n\n" + NOTES_MARKER + notes)
+
+
 def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DEFAULT_EVAL_SOURCE,
                         stride: int | None = None, output: str | Path = "ctxext-eval", text_field: str = "text",
                         max_documents: int | None = None, batch_size: int = 1, device: str = "auto",
