@@ -34,6 +34,36 @@ def plot_perplexity(curves: dict[str, dict[int, float]], path: Path, *, title: s
     return path
 
 
+def plot_sweep(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], path: Path, *, title: str,
+               baseline: dict[int, float] | None = None, trained_context: int | None = None) -> Path:
+    """Two panels sharing the y axis, without and with fine-tuning; one colour per method in both."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    names = list(dict.fromkeys([*before, *after]))
+    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    ticks = sorted({L for curves in (before, after) for points in curves.values() for L in points})
+    for ax, curves, label in ((axes[0], before, "no fine-tuning"), (axes[1], after, "same fine-tuning budget")):
+        if baseline:
+            ax.plot(sorted(baseline), [baseline[L] for L in sorted(baseline)], "k--", marker="o", label="original")
+        for name, points in curves.items():
+            lengths = sorted(points)
+            ax.plot(lengths, [points[L] for L in lengths], marker="o", color=colours[name], label=name)
+        if trained_context:
+            ax.axvline(trained_context, color="grey", linestyle=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("perplexity (log scale)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_passkey(accuracy: dict[str, dict[str, float]], path: Path, *, title: str) -> Path:
     """Heatmap of passkey accuracy: rows = context length, columns = key depth."""
     lengths = list(accuracy)

@@ -412,8 +412,7 @@ def save_results(peft_model, tokenizer, run: Path, cfg: FinetuneConfig) -> dict:
                                                           indent=2))
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
-    if getattr(merged, "is_gradient_checkpointing", False):
-        getattr(merged, "activation_checkpointing_disable", merged.gradient_checkpointing_disable)()
+    getattr(merged, "activation_checkpointing_disable", merged.gradient_checkpointing_disable)()  # no-op when off
     out = save_checkpoint(merged, run / "merged", force=True)
     tokenizer.save_pretrained(out)
     return {"adapter": str(adapter), "merged": str(out)}

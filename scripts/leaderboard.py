@@ -1,14 +1,15 @@
 """Every method on the reference model, with and without the same fine-tuning budget: the leaderboard.
 
-    python scripts/leaderboard.py                         # full sweep -> docs/RESULTS.md (+ results JSON, plot)
+    python scripts/leaderboard.py                         # full sweep (configs/sweeps/leaderboard.yaml) -> docs/RESULTS.md
     python scripts/leaderboard.py --quick --output /tmp/lb    # a minute or two (CI)
-    python scripts/leaderboard.py --methods pi,yarn       # a subset
+    python scripts/leaderboard.py --methods pi,yarn       # a subset of the config's rows
 
-For each method (baseline = no extension): patch the reference model x8 (256 -> 2048), evaluate without
-fine-tuning, fine-tune with the demo's recipe (ctxext.demo.finetune_config: LoRA r16 + embeddings/norms,
-progressive 512 -> 1024 -> 2048, identical steps and data for every method) and evaluate again. Columns:
-held-out perplexity at 256/512/1024/2048, passkey at 1024 and 2048 (worst depth), change at 256 against the
-original model, fine-tuning seconds and tokens.
+For each row of the sweep config (baseline = no extension): patch the model x factor (256 -> 2048), evaluate
+without fine-tuning, fine-tune with the demo's recipe (ctxext.demo.finetune_config: LoRA r16 + embeddings/norms,
+progressive 512 -> 1024 -> 2048, identical steps and data for every method) and evaluate again. Columns: held-out
+perplexity at 256/512/1024/2048, passkey (worst depth) at every length, change at 256 against the original model,
+fine-tuning seconds and tokens; then the targets of the issue, checked for the best fine-tuned method. Text below
+the line "<!-- notes -->" in an existing RESULTS.md is kept when the table is rewritten.
 """
 
 from __future__ import annotations
@@ -20,104 +21,179 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+from pydantic import BaseModel, ConfigDict
+
 from ctxext.config import load_config
 from ctxext.demo import _quick_or_full, build_finetune_data, finetune_config
-from ctxext.evals.report import evaluate_passkey, evaluate_perplexity
+from ctxext.evals.report import evaluate_passkey, evaluate_perplexity, write_markdown_keeping_notes
 from ctxext.hub import patch_checkpoint
-from ctxext.plots import plot_perplexity
+from ctxext.plots import plot_sweep
 from ctxext.reference import resolve_model
 from ctxext.train import finetune
 
-METHODS = {  # name -> (chain, extra parameters)
-    "baseline": (None, {}),
-    "pi": ("pi", {}),
-    "ntk": ("ntk", {}),
-    "dynamic": ("dynamic", {}),
-    "yarn": ("yarn", {}),
-    "prope+pi": ("prope+pi", {"keep": 0.75}),
-    "xpos": ("xpos", {"scale_base": 512.0}),
-    "pi+xpos": ("pi+xpos", {"scale_base": 512.0}),
-}
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: list[int]
+    tokens_per_step: int
+
+
+class Row(BaseModel):
+    model_config = ConfigDict(extra="allow")  # method parameters (keep, scale_base, ...) go to ctxext patch
+    method: str | None
+
+
+class Sweep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = "reference"
+    factor: float = 8.0
+    finetune: Budget
+    methods: dict[str, Row]
+
+
+def check_targets(rows: dict, context: int, target: int) -> list[tuple[str, bool, str]]:
+    """The issue's success targets, for the best fine-tuned row (lowest perplexity at the target length)."""
+    tuned = {k: r for k, r in rows.items() if k.endswith("+ LoRA")}
+    if "baseline" not in rows or not tuned:
+        return []
+    original = rows["baseline"]["ppl"][str(context)]
+    best = min(tuned, key=lambda k: tuned[k]["ppl"][str(target)])
+    r = tuned[best]
+    at_target, at_context = r["ppl"][str(target)], r["ppl"][str(context)]
+    worst = min(r["passkey_worst_depth"].values())
+    change = at_context / original - 1
+    base = rows["baseline"]["ppl"]
+    return [
+        (f"{best}: ppl@{target} below its own ppl@{context}", at_target < at_context,
+         f"{at_target:.2f} vs {at_context:.2f}"),
+        (f"{best}: ppl@{target} no higher than the original's ppl@{context}", at_target <= original,
+         f"{at_target:.2f} vs {original:.2f}"),
+        (f"{best}: passkey >= 95% at every depth up to {target}", worst >= 0.95,
+         f"worst cell {worst:.0%} (lengths {', '.join(r['passkey_worst_depth'])})"),
+        (f"{best}: ppl@{context} within 3% of the original", abs(change) <= 0.03, f"{change:+.1%}"),
+        (f"baseline fails beyond {context} (ppl@{target} > 1.5x its ppl@{context})",
+         base[str(target)] > 1.5 * base[str(context)], f"{base[str(target)]:.1f} vs {base[str(context)]:.2f}"),
+    ]
+
+
+def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
+    """RESULTS.md (table, targets) and results.png from the measured rows (also: ``--report-from results.json``)."""
+    context, target, lengths = meta["context"], meta["target"], meta["lengths"]
+    curves = {k: {int(L): v for L, v in r["ppl"].items()} for k, r in rows.items()}
+    plot_sweep({k: c for k, c in curves.items() if k != "baseline" and not k.endswith("+ LoRA")},
+               {k.removesuffix(" + LoRA"): c for k, c in curves.items() if k.endswith("+ LoRA")},
+               out / "results.png", baseline=curves.get("baseline"), trained_context=context,
+               title=f"held-out perplexity, {meta['model']} x{meta['factor']:g} (trained at {context})")
+    original = rows["baseline"]["ppl"][str(context)] if "baseline" in rows else None
+    lines = ["# Leaderboard: every method on the reference model", "",
+             (f"Command: `{meta['command']}` ({meta['date']}, CPU; sweep: `configs/sweeps/leaderboard.yaml`). "
+              f"Model: {meta['model']} (trained at {context}), extended x{meta['factor']:g} to {target}. Fine-tuning: "
+              f"identical for every method ({' -> '.join(map(str, meta['stage_lengths']))}, {sum(plan['steps'])} "
+              f"steps x {plan['tokens_per_step']:,} tokens, LoRA r16 + embeddings/norms, code + passkey documents). "
+              f"Perplexity: the first {target} tokens of {plan['ppl_docs']} held-out stdlib files at least that "
+              "long, non-overlapping windows of each length. "
+              f"Passkey: worst of {len(plan['depths'])} depths, {plan['passkey_trials']} keys per cell. "
+              "Raw numbers, per-depth passkey included: `results.json`."), "",
+             "| method | " + " | ".join(f"ppl@{L}" for L in lengths) + " | " + " | ".join(
+                 f"passkey@{L}" for L in lengths) + f" | change @{context} | fine-tune s | fine-tune tokens |",
+             "|---|" + "---|" * (2 * len(lengths) + 3)]
+    for label, r in rows.items():
+        change = f"{r['ppl'][str(context)] / original - 1:+.1%}" if original else "n/a"
+        lines.append(f"| {label} | " + " | ".join(f"{r['ppl'][str(L)]:.2f}" for L in lengths) + " | "
+                     + " | ".join(f"{r['passkey_worst_depth'][str(L)]:.0%}" for L in lengths)
+                     + f" | {change} | {r['finetune_seconds']:.0f} | {r['finetune_tokens']:,} |")
+    lines += ["", "![perplexity vs length, without and with fine-tuning](results.png)", ""]
+    targets = check_targets(rows, context, target)
+    if targets:
+        lines += ["## Targets", "", "| target | met | measured |", "|---|---|---|"]
+        lines += [f"| {t} | {'yes' if ok else '**no**'} | {m} |" for t, ok, m in targets]
+        lines.append("")
+    write_markdown_keeping_notes(out / "RESULTS.md", "\n".join(lines))
+    print("\n".join(lines))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs" / "sweeps" / "leaderboard.yaml"))
     p.add_argument("--output", default="docs")
     p.add_argument("--work-dir", default="runs/leaderboard")
-    p.add_argument("--model", default="reference")
-    p.add_argument("--factor", type=float, default=8.0)
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--model", help="override the config's model")
+    p.add_argument("--factor", type=float, help="override the config's factor")
+    p.add_argument("--methods", help="comma-separated subset of the config's rows")
+    p.add_argument("--quick", action="store_true", help="tiny budget and evaluation (CI)")
+    p.add_argument("--report-from", metavar="JSON", help="rewrite RESULTS.md and the plot from a saved results.json "
+                   "(no training)")
     args = p.parse_args(argv)
+    if args.report_from:
+        saved = json.loads(Path(args.report_from).read_text())
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        write_report(saved["rows"], saved["meta"], saved["plan"], Path(args.output))
+        return 0
+    sweep = Sweep.model_validate(yaml.safe_load(Path(args.config).read_text()))
+    names = args.methods.split(",") if args.methods else list(sweep.methods)
+    unknown = [n for n in names if n not in sweep.methods]
+    if unknown:
+        p.error(f"--methods: {unknown} not in {args.config} (rows: {', '.join(sweep.methods)})")
+    model_name, factor = args.model or sweep.model, args.factor or sweep.factor
     plan = _quick_or_full(args.quick)
+    if not args.quick:
+        plan.update(steps=sweep.finetune.steps, tokens_per_step=sweep.finetune.tokens_per_step)
     work, out = Path(args.work_dir), Path(args.output)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    base = resolve_model(args.model)
+    base = resolve_model(model_name)
     from transformers import AutoConfig, AutoTokenizer
 
     context = AutoConfig.from_pretrained(base).max_position_embeddings
-    target = int(context * args.factor)
+    target = int(context * factor)
     lengths = sorted({context, 2 * context, 4 * context, target})
-    pk_lengths = sorted({4 * context, target})
     stage_lengths = sorted({2 * context, 4 * context, target})
     data = build_finetune_data(AutoTokenizer.from_pretrained(base), work / "finetune.jsonl", stage_lengths,
                                plan["passkey_docs"], plan["train_docs"])
+    ft_tokens = sum(plan["steps"]) * plan["tokens_per_step"]
     rows = {}
-    for name in args.methods.split(","):
-        chain, params = METHODS[name]
+    for name in names:
+        row = sweep.methods[name]
+        chain, params = row.method, dict(row.model_extra or {})
         for tuned in (False, True):
+            if chain is None and tuned:
+                continue
             label = f"{name} + LoRA" if tuned else name
-            started = time.perf_counter()
+            started, ft_seconds = time.perf_counter(), 0.0
             if chain is None:
-                model_dir, ft_seconds, ft_tokens = str(base), 0.0, 0
-                if tuned:  # fine-tune at the original length budget too: the baseline's best effort
-                    continue
+                model_dir = str(base)
             elif not tuned:
                 model_dir = str(patch_checkpoint(base, work / name, chain, force=True, target_length=target, **params))
-                ft_seconds, ft_tokens = 0.0, 0
             else:
                 run = work / f"{name}-ft"
                 shutil.rmtree(run, ignore_errors=True)
                 raw = finetune_config(str(base), chain, target, stage_lengths, plan, data, params)
-                t0 = time.perf_counter()
                 model_dir = finetune(load_config(raw=raw), output_dir=str(run), progress=False)["merged"]
-                ft_seconds, ft_tokens = time.perf_counter() - t0, sum(plan["steps"]) * plan["tokens_per_step"]
-            ppl = evaluate_perplexity([model_dir], lengths=lengths, output=work / "eval" / label.replace(" ", ""),
+                ft_seconds = time.perf_counter() - started
+            tag = label.replace(" ", "")
+            ppl = evaluate_perplexity([model_dir], lengths=lengths, output=work / "eval" / tag,
                                       max_documents=plan["ppl_docs"], batch_size=4)
-            pk = evaluate_passkey([model_dir], lengths=pk_lengths, depths=plan["depths"], trials=plan["passkey_trials"],
-                                  output=work / "eval" / label.replace(" ", ""))
+            pk = evaluate_passkey([model_dir], lengths=lengths, depths=plan["depths"], trials=plan["passkey_trials"],
+                                  output=work / "eval" / tag)
             per = next(iter(ppl["models"].values()))["per_length"]
             acc = next(iter(pk["models"].values()))["accuracy"]
             rows[label] = {"ppl": {str(L): per[str(L)]["perplexity"] for L in lengths},
-                           "passkey_worst_depth": {str(L): min(acc[str(L)].values()) for L in pk_lengths},
-                           "finetune_seconds": round(ft_seconds, 1), "finetune_tokens": ft_tokens,
+                           "passkey_worst_depth": {str(L): min(acc[str(L)].values()) for L in lengths},
+                           "passkey": acc, "finetune_seconds": round(ft_seconds, 1),
+                           "finetune_tokens": ft_tokens if tuned else 0,
                            "seconds": round(time.perf_counter() - started, 1)}
-            print(label, json.dumps(rows[label]), flush=True)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "plan": plan, "rows": rows}, indent=2))
-    plot_perplexity({k: {int(L): v for L, v in r["ppl"].items()} for k, r in rows.items()}, out / "results.png",
-                    title=f"held-out perplexity, {args.model} x{args.factor:g}", trained_context=context)
-    original = rows["baseline"]["ppl"][str(context)] if "baseline" in rows else None
-    cmd = "python scripts/leaderboard.py" + (" --quick" if args.quick else "") + (
-        f" --methods {args.methods}" if args.methods != ",".join(METHODS) else "")
-    lines = ["# Leaderboard: every method on the reference model", "",
-             f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')}, CPU). Model: {args.model} (trained at {context}), "
-             f"extended x{args.factor:g} to {target}. Fine-tuning: identical for every method "
-             f"({' -> '.join(map(str, stage_lengths))}, {sum(plan['steps'])} steps x {plan['tokens_per_step']:,} "
-             f"tokens, LoRA r16 + embeddings/norms, code + passkey documents). Perplexity: held-out stdlib files, "
-             f"{plan['ppl_docs']} documents per length, non-overlapping windows. Passkey: worst depth of "
-             f"{len(plan['depths'])} depths, {plan['passkey_trials']} keys per cell.", "",
-             "| method | " + " | ".join(f"ppl@{L}" for L in lengths) + " | " + " | ".join(
-                 f"passkey@{L}" for L in pk_lengths) + f" | change @{context} | fine-tune s | fine-tune tokens |",
-             "|---|" + "---|" * (len(lengths) + len(pk_lengths) + 3)]
-    for label, r in rows.items():
-        change = f"{r['ppl'][str(context)] / original - 1:+.1%}" if original else "n/a"
-        lines.append(f"| {label} | " + " | ".join(f"{r['ppl'][str(L)]:.2f}" for L in lengths) + " | "
-                     + " | ".join(f"{r['passkey_worst_depth'][str(L)]:.0%}" for L in pk_lengths)
-                     + f" | {change} | {r['finetune_seconds']:.0f} | {r['finetune_tokens']:,} |")
-    lines += ["", "![perplexity vs length](results.png)", ""]
-    (out / "RESULTS.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+            print(label, json.dumps({k: v for k, v in rows[label].items() if k != "passkey"}), flush=True)
+
+    meta = {"model": model_name, "factor": factor, "context": context, "target": target, "lengths": lengths,
+            "stage_lengths": stage_lengths, "date": time.strftime("%Y-%m-%d"),
+            "command": "python scripts/leaderboard.py" + (" --quick" if args.quick else "")
+            + (f" --methods {args.methods}" if args.methods else "")}
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "sweep": sweep.model_dump(), "plan": plan,
+                                                  "meta": meta, "rows": rows}, indent=2))
+    write_report(rows, meta, plan, out)
     return 0
 
 

@@ -47,21 +47,48 @@ def test_shortened_demo_writes_the_report(small_model, tmp_path):
     stdout = run(["-m", "ctxext.cli", "demo", "--quick", "--model", small_model, "--output-dir", str(out),
                   "--factor", "4"])
     assert f"report: {out / 'report.md'}" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["headline"].startswith("original -> pi x4 + LoRA: at 1024 tokens perplexity ")
+    assert summary["headline"] in stdout
     report = (out / "report.md").read_text()
     assert "| original |" in report and "| pi x4 + LoRA |" in report and "ppl@1024" in report
     for name in ("ppl.png", "ppl.json", "passkey.json", "commands.sh", "finetune.yaml", "summary.json"):
         assert (out / name).is_file(), name
     assert list(out.glob("passkey_*.png")) and (out / "finetune" / "merged" / "config.json").is_file()
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["lengths"] == [256, 512, 1024]
     assert "ctxext finetune" in (out / "commands.sh").read_text()
 
 
 @pytest.mark.slow
 def test_leaderboard_quick_mode_runs(small_model, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "RESULTS.md").write_text("old table\n<!-- notes -->\nWhy PI missed: ...\n")
     run(["scripts/leaderboard.py", "--quick", "--model", small_model, "--factor", "4", "--methods",
          "baseline,pi,pi+xpos", "--output", str(tmp_path / "docs"), "--work-dir", str(tmp_path / "work")])
     table = (tmp_path / "docs" / "RESULTS.md").read_text()
     for row in ("| baseline |", "| pi |", "| pi + LoRA |", "| pi+xpos |", "| pi+xpos + LoRA |"):
         assert row in table
     assert (tmp_path / "docs" / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Targets" in table and "| baseline fails beyond 256" in table
+    assert "old table" not in table and table.endswith("<!-- notes -->\nWhy PI missed: ...\n")
+    run(["scripts/leaderboard.py", "--report-from", str(tmp_path / "docs" / "results.json"), "--output",
+         str(tmp_path / "again")])  # re-rendered from the saved numbers alone: the same page (notes aside)
+    assert (tmp_path / "again" / "RESULTS.md").read_text() == table.split("<!-- notes -->")[0] + "<!-- notes -->\n"
+
+
+def test_leaderboard_targets_pick_the_best_tuned_row_and_can_fail():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("leaderboard", REPO / "scripts" / "leaderboard.py")
+    lb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lb)
+
+    def row(p256, p2048, pk):
+        return {"ppl": {"256": p256, "2048": p2048}, "passkey_worst_depth": {"256": 1.0, "2048": pk}}
+
+    rows = {"baseline": row(12.0, 400.0, 0.0), "pi + LoRA": row(14.0, 13.0, 0.5), "yarn + LoRA": row(12.2, 11.5, 1.0)}
+    met = lb.check_targets(rows, 256, 2048)
+    assert all(ok for _, ok, _ in met) and all(t.startswith(("yarn + LoRA", "baseline")) for t, _, _ in met)
+    rows["yarn + LoRA"] = row(12.5, 12.1, 0.9)  # 4.2% worse at 256, ppl@2048 above the original's, passkey 90%
+    missed = [t for t, ok, _ in lb.check_targets(rows, 256, 2048) if not ok]
+    assert len(missed) == 3 and all("yarn + LoRA" in t for t in missed)

@@ -98,7 +98,8 @@ def passkey_accuracy(
     """Exact-match accuracy grid ``accuracy[length][depth]`` of greedy answers, ``trials`` keys per cell.
 
     Each trial draws a key and a filler offset from ``random.Random(seed)`` (same prompts for every model).
-    Prompts of one cell have the same length, so they are batched without padding.
+    Prompts of one cell have the same length, so they are batched without padding. ``examples`` keeps up to three
+    answers per cell, wrong ones first.
     """
     rng = random.Random(seed)
     device = next(model.parameters()).device
@@ -110,7 +111,7 @@ def passkey_accuracy(
         for _ in range(trials):
             offset = rng.randrange(0, max(1, len(filler_ids) - 2 * length))
             prompts.append(build_prompt(tokenizer, filler_ids[offset:], length, depth, random_key(rng)))
-        correct = 0
+        correct, answers = 0, []
         for start in range(0, trials, batch_size):
             chunk = prompts[start : start + batch_size]
             ids = torch.tensor([p.input_ids for p in chunk], device=device)
@@ -120,8 +121,8 @@ def passkey_accuracy(
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 ok = score(text, p.key)
                 correct += ok
-                if len(examples) < 3 * len(cells) and start == 0:
-                    examples.append({"length": length, "depth": depth, "key": p.key, "answer": text, "correct": ok})
+                answers.append({"length": length, "depth": depth, "key": p.key, "answer": text, "correct": ok})
+        examples += sorted(answers, key=lambda a: a["correct"])[:3]  # per cell, wrong answers first
         grid.append((length, depth, correct / trials))
     accuracy = {str(length): {str(depth): acc for l2, depth, acc in grid if l2 == length} for length in lengths}
     return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed, "accuracy": accuracy,
