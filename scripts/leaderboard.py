@@ -33,12 +33,14 @@ from ctxext.reference import resolve_model
 from ctxext.train import finetune
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "configs/sweeps/leaderboard.yaml"
 
 
 class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
     steps: list[int]
     tokens_per_step: int
+    passkey_docs: int | None = None  # passkey documents mixed into the stdlib code (default: the demo's)
 
 
 class Row(BaseModel):
@@ -89,10 +91,11 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
                title=f"held-out perplexity, {meta['model']} x{meta['factor']:g} (trained at {context})")
     original = rows["baseline"]["ppl"][str(context)] if "baseline" in rows else None
     lines = ["# Leaderboard: every method on the reference model", "",
-             (f"Command: `{meta['command']}` ({meta['date']}, CPU; sweep: `configs/sweeps/leaderboard.yaml`). "
+             (f"Command: `{meta['command']}` ({meta['date']}, CPU; sweep: `{meta.get('config', DEFAULT_CONFIG)}`). "
               f"Model: {meta['model']} (trained at {context}), extended x{meta['factor']:g} to {target}. Fine-tuning: "
               f"identical for every method ({' -> '.join(map(str, meta['stage_lengths']))}, {sum(plan['steps'])} "
-              f"steps x {plan['tokens_per_step']:,} tokens, LoRA r16 + embeddings/norms, code + passkey documents). "
+              f"steps x {plan['tokens_per_step']:,} tokens, LoRA r16 + embeddings/norms, stdlib code + "
+              f"{plan['passkey_docs']:,} passkey documents). "
               f"Perplexity: the first {target} tokens of {plan['ppl_docs']} held-out stdlib files at least that "
               "long, non-overlapping windows of each length. "
               f"Passkey: worst of {len(plan['depths'])} depths, {plan['passkey_trials']} keys per cell. "
@@ -117,7 +120,7 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "configs" / "sweeps" / "leaderboard.yaml"))
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"the sweep (default {DEFAULT_CONFIG})")
     p.add_argument("--output", default="docs")
     p.add_argument("--work-dir", default="runs/leaderboard")
     p.add_argument("--model", help="override the config's model")
@@ -132,7 +135,9 @@ def main(argv=None) -> int:
         Path(args.output).mkdir(parents=True, exist_ok=True)
         write_report(saved["rows"], saved["meta"], saved["plan"], Path(args.output))
         return 0
-    sweep = Sweep.model_validate(yaml.safe_load(Path(args.config).read_text()))
+    config_path = Path(args.config) if Path(args.config).is_absolute() else REPO / args.config
+    sweep = Sweep.model_validate(yaml.safe_load(config_path.read_text()))
+    config_name = config_path.relative_to(REPO).as_posix() if config_path.is_relative_to(REPO) else str(config_path)
     names = args.methods.split(",") if args.methods else list(sweep.methods)
     unknown = [n for n in names if n not in sweep.methods]
     if unknown:
@@ -141,6 +146,7 @@ def main(argv=None) -> int:
     plan = _quick_or_full(args.quick)
     if not args.quick:
         plan.update(steps=sweep.finetune.steps, tokens_per_step=sweep.finetune.tokens_per_step)
+        plan["passkey_docs"] = sweep.finetune.passkey_docs or plan["passkey_docs"]
     work, out = Path(args.work_dir), Path(args.output)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +195,8 @@ def main(argv=None) -> int:
 
     meta = {"model": model_name, "factor": factor, "context": context, "target": target, "lengths": lengths,
             "stage_lengths": stage_lengths, "date": time.strftime("%Y-%m-%d"),
-            "command": "python scripts/leaderboard.py" + (" --quick" if args.quick else "")
+            "config": config_name, "command": "python scripts/leaderboard.py" + (" --quick" if args.quick else "")
+            + (f" --config {config_name}" if config_name != DEFAULT_CONFIG else "")
             + (f" --methods {args.methods}" if args.methods else "")}
     (out / "results.json").write_text(json.dumps({"args": vars(args), "sweep": sweep.model_dump(), "plan": plan,
                                                   "meta": meta, "rows": rows}, indent=2))
