@@ -92,3 +92,5 @@ def test_leaderboard_targets_pick_the_best_tuned_row_and_can_fail():
     rows["yarn + LoRA"] = row(12.5, 12.1, 0.9)  # 4.2% worse at 256, ppl@2048 above the original's, passkey 90%
     missed = [t for t, ok, _ in lb.check_targets(rows, 256, 2048) if not ok]
     assert len(missed) == 3 and all("yarn + LoRA" in t for t in missed)
+    rows["yarn + LoRA"] = row(11.0, 10.5, 1.0)  # 8% better than the original at 256: not a miss
+    assert all(ok for _, ok, _ in lb.check_targets(rows, 256, 2048))
