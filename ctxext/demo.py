@@ -20,7 +20,8 @@ from pathlib import Path
 import yaml
 
 
-def _quick_or_full(quick: bool) -> dict:
+def demo_plan(quick: bool) -> dict:
+    """The demo's budget (also the leaderboard's): evaluation sizes, fine-tuning steps per stage, data mix."""
     if quick:
         return {"ppl_docs": 3, "passkey_trials": 2, "depths": [0.0, 1.0], "steps": [2, 2, 2],
                 "tokens_per_step": 2048, "passkey_docs": 20, "train_docs": 60}
@@ -49,9 +50,12 @@ def build_finetune_data(tokenizer, path: Path, lengths: list[int], n_passkey: in
         doc = passkey.training_document(tokenizer, filler[start : start + 2 * length], rng, rng.randint(length // 4, length - 16),
                                        edge_depth_share)
         rows.append({"text": tokenizer.decode(doc)})
+    share = 1 - sum(map(len, texts)) / sum(len(r["text"]) for r in rows)
     rng.shuffle(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"fine-tuning data: {len(texts)} stdlib files + {n_passkey} passkey documents ({share:.1%} of the text) "
+          f"-> {path}", flush=True)
     return path
 
 
@@ -82,7 +86,7 @@ def run_demo(output_dir: str = "ctxext-demo", factor: float = 8.0, method: str =
     from .train import finetune
 
     started = time.perf_counter()
-    plan = _quick_or_full(quick)
+    plan = demo_plan(quick)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model == "reference" and not has_reference_model():

@@ -11,23 +11,30 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_perplexity(curves: dict[str, dict[int, float]], path: Path, *, title: str, trained_context: int | None = None) -> Path:
-    """One line per model: perplexity against context length (log2 x axis)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _perplexity_panel(ax, curves: dict[str, dict[int, float]], *, trained_context: int | None,
+                      styles: dict[str, dict] | None = None, context_label: bool = True) -> None:
+    """Perplexity against context length on one axes: log2 x axis at the measured lengths, log y axis."""
     for name, points in curves.items():
         lengths = sorted(points)
-        ax.plot(lengths, [points[L] for L in lengths], marker="o", label=name)
+        ax.plot(lengths, [points[L] for L in lengths], marker="o", label=name, **(styles or {}).get(name, {}))
     if trained_context:
-        ax.axvline(trained_context, color="grey", linestyle=":", label=f"trained context ({trained_context})")
+        ax.axvline(trained_context, color="grey", linestyle=":",
+                   label=f"trained context ({trained_context})" if context_label else None)
     ax.set_xscale("log", base=2)
     ticks = sorted({L for points in curves.values() for L in points})
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def plot_perplexity(curves: dict[str, dict[int, float]], path: Path, *, title: str, trained_context: int | None = None) -> Path:
+    """One line per model: perplexity against context length (log2 x axis)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _perplexity_panel(ax, curves, trained_context=trained_context)
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -36,26 +43,16 @@ def plot_perplexity(curves: dict[str, dict[int, float]], path: Path, *, title: s
 
 def plot_sweep(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], path: Path, *, title: str,
                baseline: dict[int, float] | None = None, trained_context: int | None = None) -> Path:
-    """Two panels sharing the y axis, without and with fine-tuning; one colour per method in both."""
+    """Two panels sharing the y axis, without and with fine-tuning; one colour per method in both, the original
+    model dashed black in both."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     names = list(dict.fromkeys([*before, *after]))
-    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
-    ticks = sorted({L for curves in (before, after) for points in curves.values() for L in points})
+    styles = {n: {"color": plt.get_cmap("tab10")(i % 10)} for i, n in enumerate(names)}
+    styles["original"] = {"color": "k", "linestyle": "--"}
     for ax, curves, label in ((axes[0], before, "no fine-tuning"), (axes[1], after, "same fine-tuning budget")):
-        if baseline:
-            ax.plot(sorted(baseline), [baseline[L] for L in sorted(baseline)], "k--", marker="o", label="original")
-        for name, points in curves.items():
-            lengths = sorted(points)
-            ax.plot(lengths, [points[L] for L in lengths], marker="o", color=colours[name], label=name)
-        if trained_context:
-            ax.axvline(trained_context, color="grey", linestyle=":")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens)")
+        _perplexity_panel(ax, ({"original": baseline} if baseline else {}) | curves, trained_context=trained_context,
+                          styles=styles, context_label=False)
         ax.set_title(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
     axes[0].set_ylabel("perplexity (log scale)")
     fig.suptitle(title)
     fig.tight_layout()

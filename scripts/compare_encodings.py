@@ -73,7 +73,7 @@ def write_report(results: dict, args: dict, n_held: int, out: Path) -> None:
     cmd = "python scripts/compare_encodings.py" + (" --quick" if args["quick"] else "")
     lines = [
         "# Position encodings: parameters, length extrapolation, compute cost (measured)", "",
-        (f"Command: `{cmd}` ({args.get('date') or time.strftime('%Y-%m-%d')}, CPU, {args['threads']} threads). "
+        (f"Command: `{cmd}` ({args['date']}, CPU, {args['threads']} threads). "
         f"Same model (`ctxext.encodings.TinyLM`: dim {args['dim']}, {args['layers']} layers, {args['heads']} heads), "
         f"data (Python stdlib train split), tokenizer, seed and budget ({args['steps']} steps x {args['batch_size']} "
         f"x {args['length']} tokens) for every encoding; held-out perplexity (stdlib held-out split, {n_held} "
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         saved = json.loads(Path(args.report_from).read_text())
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        write_report(saved["results"], saved["args"], saved.get("held_out_documents", saved["args"]["eval_documents"]), out)
+        write_report(saved["results"], saved["args"], saved["held_out_documents"], out)
         return 0
     args.date = time.strftime("%Y-%m-%d")
     if args.quick:

@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from ctxext.config import load_config
-from ctxext.demo import _quick_or_full, build_finetune_data, finetune_config
+from ctxext.demo import demo_plan, build_finetune_data, finetune_config
 from ctxext.evals.report import evaluate_passkey, evaluate_perplexity, write_markdown_keeping_notes
 from ctxext.hub import patch_checkpoint
 from ctxext.plots import plot_sweep
@@ -92,7 +92,7 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
                title=f"held-out perplexity, {meta['model']} x{meta['factor']:g} (trained at {context})")
     original = rows["baseline"]["ppl"][str(context)] if "baseline" in rows else None
     lines = ["# Leaderboard: every method on the reference model", "",
-             (f"Command: `{meta['command']}` ({meta['date']}, CPU; sweep: `{meta.get('config', DEFAULT_CONFIG)}`). "
+             (f"Command: `{meta['command']}` ({meta['date']}, CPU; sweep: `{meta['config']}`). "
               f"Model: {meta['model']} (trained at {context}), extended x{meta['factor']:g} to {target}. Fine-tuning: "
               f"identical for every method ({' -> '.join(map(str, meta['stage_lengths']))}, {sum(plan['steps'])} "
               f"steps x {plan['tokens_per_step']:,} tokens, LoRA r16 + embeddings/norms, stdlib code + "
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--methods: {unknown} not in {args.config} (rows: {', '.join(sweep.methods)})")
     model_name, factor = args.model or sweep.model, args.factor or sweep.factor
-    plan = _quick_or_full(args.quick)
+    plan = demo_plan(args.quick)
     if not args.quick:
         plan.update(steps=sweep.finetune.steps, tokens_per_step=sweep.finetune.tokens_per_step)
         plan["passkey_docs"] = sweep.finetune.passkey_docs or plan["passkey_docs"]
