@@ -5,7 +5,7 @@
 
 Model: a SmolLM-135M-shaped Llama with random weights (vocab 49,152, 30 layers, hidden 576, 9 heads, 3 kv heads),
 LoRA r=16 on q/k/v/o, SDPA, gradient checkpointing on in both. Baseline = what a user writes: transformers model
-+ peft + the model's own loss (``labels=input_ids``). ctxext = ``ctxext.train.ChunkedLMLoss`` (LM head and
++ peft + the model's own loss (``labels=input_ids``). ctxext = ``ctxext.loss.ChunkedLMLoss`` (LM head and
 cross-entropy 1,024 tokens at a time, gradients computed in the forward pass: ``ctxext.loss``). Every (implementation, length) runs in its own process; each process times
 one step (after a warm-up step on GPU). Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size
 (ru_maxrss) minus the resident size after the model is built, i.e. what the step itself needs, with glibc's mmap
@@ -51,7 +51,7 @@ def worker(impl: str, seq_len: int, shape: str, checkpointing: bool = True) -> d
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ctxext.train import ChunkedLMLoss
+    from ctxext.loss import ChunkedLMLoss
 
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=max(seq_len, 2048), **SHAPES[shape])

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .models.base import attention_modules, head_dim_of, layer_inv_freq
+from .errors import DataError
+from .models.base import attention_modules, head_dim_of, layer_inv_freq, qkv_modules
 
 
 @dataclass
@@ -56,7 +57,7 @@ def frequency_usage(model, documents: list[list[int]], *, seq_len: int = 256, ma
     stream = [t for doc in documents for t in doc]
     n_windows = min(len(stream) // seq_len, max(1, max_tokens // seq_len))
     if n_windows == 0:
-        raise ValueError(f"need at least {seq_len} tokens of data, got {len(stream)}")
+        raise DataError(f"need at least {seq_len} tokens of data, got {len(stream)}")
     windows = torch.tensor(stream[: n_windows * seq_len]).view(n_windows, seq_len)
     attns = attention_modules(model)
     sums: dict[tuple[str, int], torch.Tensor] = {}
@@ -71,10 +72,9 @@ def frequency_usage(model, documents: list[list[int]], *, seq_len: int = 256, ma
 
     handles = []
     for i, attn in enumerate(attns):
-        q_mod = getattr(attn, "q_norm", None) or attn.q_proj
-        k_mod = getattr(attn, "k_norm", None) or attn.k_proj
+        q_mod, k_mod, v_mod = qkv_modules(attn)
         handles += [q_mod.register_forward_hook(hook("q", i)), k_mod.register_forward_hook(hook("k", i)),
-                    attn.v_proj.register_forward_hook(hook("v", i))]
+                    v_mod.register_forward_hook(hook("v", i))]
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, n_windows, batch_size), desc="frequency usage", disable=not progress, leave=False):

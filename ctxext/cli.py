@@ -18,35 +18,46 @@ import json
 import logging
 import sys
 
-EXIT_BAD_INPUT = 2
 
-CHAIN_HELP = """\
-Method chains: join methods with '+', e.g. --method prope+pi --keep 0.5 --factor 4. A flag goes to the method of
-the chain that has that parameter. Parameters can also be written inline: --method "prope:keep=0.5+pi:factor=4".
-Rules: at most one rescaling method (pi, ntk, dynamic, yarn, llama3); prope combines with it in any order; xpos
-comes last; dynamic stands alone. Patching a checkpoint that ctxext already patched applies the new chain on top
-of its current frequencies and appends a step to the record in config.json (`ctxext info` shows all steps)."""
+
+
+def chain_help() -> str:
+    from .rope import METHODS, ROLES
+
+    by_role = {role: [n for n, c in METHODS.items() if c.role == role] for role in ROLES}
+    per_forward = [n for n, c in METHODS.items() if c.per_forward]
+    return (
+        "Method chains: join methods with '+', e.g. --method prope+pi --keep 0.5 --factor 4. A flag goes to the "
+        "method of the chain that has that parameter. Parameters can also be written inline: "
+        "--method \"prope:keep=0.5+pi:factor=4\".\n"
+        "Rules: " + "; ".join(f"{', '.join(names)}: {ROLES[role]}" for role, names in by_role.items() if names)
+        + (f"; {', '.join(per_forward)} recomputes frequencies at every forward and stands alone" if per_forward else "")
+        + ".\nPatching a checkpoint that ctxext already patched applies the new chain on top of its current "
+        "frequencies and appends a step to the record in config.json (`ctxext info` shows all steps)."
+    )
 
 
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per parameter name in the method registry (``ctxext.rope.registry.all_parameters``)."""
+    from .rope.registry import all_parameters
+
     g = p.add_argument_group("method parameters (see `ctxext methods`)")
-    g.add_argument("--factor", type=float, help="extension factor s (pi, ntk, yarn, llama3; dynamic: its alpha slope)")
-    g.add_argument("--target-length", type=int, help="new context; sets factor = target / the checkpoint's context")
-    g.add_argument("--keep", type=float, help="prope: fraction of rotation pairs kept, highest frequencies first")
-    g.add_argument("--scale-base", type=float, help="xpos: decay scale gamma (default 512)")
-    g.add_argument("--beta-fast", type=float, help="yarn: rotations above which pairs are kept (default 32)")
-    g.add_argument("--beta-slow", type=float, help="yarn: rotations below which pairs are interpolated (default 1)")
-    g.add_argument("--attention-factor", type=float, help="yarn: cos/sin multiplier (default 0.1 ln s + 1)")
-    g.add_argument("--low-freq-factor", type=float, help="llama3: low-frequency boundary L / this (default 1)")
-    g.add_argument("--high-freq-factor", type=float, help="llama3: high-frequency boundary L / this (default 4)")
+    for name, entry in all_parameters().items():
+        helps: dict[str, list[str]] = {}
+        for method, text in entry["methods"].items():
+            helps.setdefault(text, []).append(method)
+        text = "; ".join(f"{', '.join(methods)}: {h}" for h, methods in helps.items())
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=entry["type"], help=text.replace("%", "%%"))
+    g.add_argument("--target-length", type=int, help="new context; sets factor = target / the checkpoint's context "
+                   "for the method that takes a factor")
     g.add_argument("--scope", choices=["all", "global", "sliding"],
                    help="layer types to patch; default: all (Gemma 3: global)")
 
 
 def _method_params(args) -> dict:
-    names = ["factor", "keep", "scale_base", "beta_fast", "beta_slow", "attention_factor", "low_freq_factor",
-             "high_freq_factor"]
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    from .rope.registry import all_parameters
+
+    return {n: getattr(args, n) for n in all_parameters() if getattr(args, n, None) is not None}
 
 
 def cmd_patch(args) -> int:
@@ -93,16 +104,16 @@ def cmd_info(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .rope import METHODS
+    from .rope.registry import METHODS, ROLES, method_fields, range_text
 
-    for name, cls in sorted(METHODS.items()):
-        print(f"{name}  [{cls.kind}]  {cls.paper}")
-        doc = (cls.__doc__ or "").split("Args:")[-1]
-        described = {line.strip().split(":")[0]: line.strip().split(":", 1)[1].strip()
-                     for line in doc.splitlines() if ":" in line and not line.startswith("      ")}
-        for f in dataclasses.fields(cls):
+    for name, cls in METHODS.items():
+        flags = [flag for flag, on in (("takes a factor", cls.takes_factor), ("per forward", cls.per_forward)) if on]
+        print(f"{name}  [{cls.role}{', ' + ', '.join(flags) if flags else ''}]  {cls.paper}")
+        print(f"    {ROLES[cls.role]}")
+        for f in method_fields(cls):
             default = "required" if f.default is dataclasses.MISSING else f"default {f.default}"
-            print(f"    {f.name:<17} {default:<14} {described.get(f.name, '')}")
+            bounds = range_text(f)
+            print(f"    {f.name:<17} {default:<14} {f.metadata['help']}" + (f" ({bounds})" if bounds else ""))
         print()
     return 0
 
@@ -193,8 +204,12 @@ def cmd_finetune(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(output_dir=args.output_dir, factor=args.factor, method=args.method, quick=args.quick,
-                    model=args.model)
+    summary = run_demo(output_dir=args.output_dir, recipe=args.recipe, factor=args.factor, method=args.method,
+                       quick=args.quick, model=args.model)
+    print("\n".join(summary["table"]))
+    print(f"\n{summary['headline']}")
+    print(f"report: {summary['report']} ({summary['minutes']:.1f} min)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,11 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors checkpoint whose config.json carries the new rope parameters (native transformers types "
         "where possible) and a record of what ctxext did. OUT is written to a temporary folder and renamed when "
         "complete. xPos checkpoints need `import ctxext` before from_pretrained; without it loading raises.",
-        epilog=CHAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=chain_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", help="checkpoint folder (or an org/name hub id when online)")
     p.add_argument("out", help="output folder (must not exist unless --force)")
-    p.add_argument("--method", required=True, help="method or chain: pi, ntk, dynamic, yarn, llama3, prope, xpos, e.g. prope+pi")
+    p.add_argument("--method", required=True, help="method or chain (`ctxext methods` lists them), e.g. yarn, prope+pi")
     _add_method_flags(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype of OUT (default: as stored)")
@@ -282,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Patch the reference model (trained at 256 tokens) x factor, fine-tune it progressively with "
         "LoRA, evaluate perplexity and passkey before and after, and write a report folder.")
     p.add_argument("--output-dir", default="ctxext-demo", help="where the report and checkpoints go")
-    p.add_argument("--factor", type=float, default=8.0, help="extension factor (default 8: 256 -> 2048)")
-    p.add_argument("--method", default="pi", help="method or chain (default pi), e.g. yarn, prope+pi")
+    p.add_argument("--recipe", help="recipe YAML (default configs/recipes/demo.yaml: its method, factor, data, "
+                   "fine-tuning and evaluation budget)")
+    p.add_argument("--factor", type=float, help="extension factor (default: the recipe's, 8: 256 -> 2048)")
+    p.add_argument("--method", help="method or chain (default: the recipe's), e.g. yarn, prope+pi")
     p.add_argument("--model", default="reference", help="base model (default: the shipped reference model)")
     p.add_argument("--quick", action="store_true", help="a few steps and trials: checks the pipeline in a minute")
     p.set_defaults(func=cmd_demo)
@@ -294,18 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from .data import DataError
-    from .hub import CheckpointError
-    from .train import TrainingError
-    from .models import UnsupportedModelError
-    from .rope import MethodError
+    if args.command == "demo":  # the demo's progress lines are its output
+        logging.getLogger("ctxext").setLevel(logging.INFO)
+    from .errors import CtxextError
 
     try:
         return args.func(args)
-    except (CheckpointError, UnsupportedModelError, MethodError, DataError, FileNotFoundError, ValueError) as err:
-        print(f"ctxext {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except TrainingError as err:
+    except CtxextError as err:  # a user mistake: the message says what to do; anything else keeps its traceback
         print(f"ctxext {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

@@ -14,9 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """An invalid fine-tuning configuration; the message names every bad field."""
+from .errors import ConfigError
+from .rope.registry import all_parameters
 
 
 class _Strict(BaseModel):
@@ -29,20 +28,34 @@ class ModelSection(_Strict):
     attn_implementation: str = Field("sdpa", description="transformers attention implementation (xpos sets its own)")
 
 
-class MethodParams(_Strict):
-    """Method parameters (the same names as `ctxext patch` flags); unset ones keep the method's default."""
+class MethodParams(BaseModel):
+    """Method parameters, the same names as `ctxext patch` flags, checked against the method registry when the
+    config is read (so a newly registered method's parameters are valid keys); unset ones keep the method's
+    default, and the method checks the values."""
 
-    factor: float | None = None
-    keep: float | None = None
-    scale_base: float | None = None
-    beta_fast: float | None = None
-    beta_slow: float | None = None
-    attention_factor: float | None = None
-    low_freq_factor: float | None = None
-    high_freq_factor: float | None = None
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_parameters(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = all_parameters()
+        own = set(cls.model_fields)
+        out = {}
+        for key, value in data.items():
+            if key in own:
+                out[key] = value
+            elif key not in known:
+                raise ValueError(f"unknown method parameter {key!r}{_closest(str(key), sorted({*known, *own}))}")
+            elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"method parameter {key}={value!r} is not a number")
+            else:
+                out[key] = known[key]["type"](value) if value is not None else None
+        return out
 
     def given(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in MethodParams.model_fields if getattr(self, k) is not None}
+        return {k: v for k, v in (self.model_extra or {}).items() if v is not None}
 
 
 class PatchSection(MethodParams):
@@ -139,8 +152,8 @@ def _closest(name: str, options: list[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else f" (valid: {', '.join(options)})"
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: Any = FinetuneConfig
+def _model_at(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
+    model: Any = root
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -158,14 +171,16 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _format(err: ValidationError) -> str:
+def _format(err: ValidationError, root: type[BaseModel] | None = None) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            parent = _model_at(e["loc"])
+            parent = _model_at(e["loc"], root or FinetuneConfig)
             hint = _closest(str(e["loc"][-1]), list(parent.model_fields)) if parent else ""
             lines.append(f"unknown key {loc}{hint}")
+        elif e["type"] == "value_error":  # our own validators: the message names the value
+            lines.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
     return "invalid fine-tuning config:\n  " + "\n  ".join(lines)
@@ -179,17 +194,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. optimization.lr=1e-4")
         node: Any = raw
         parts = key.split(".")
-        for part in parts[:-1]:
+        try:
+            for part in parts[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            parsed = yaml.safe_load(value)
             if isinstance(node, list):
-                node = node[int(part)]
+                node[int(parts[-1])] = parsed
             else:
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        parsed = yaml.safe_load(value)
-        if isinstance(node, list):
-            node[int(last)] = parsed
-        else:
-            node[last] = parsed
+                node[parts[-1]] = parsed
+        except (IndexError, ValueError, TypeError, AttributeError, yaml.YAMLError) as err:
+            raise ConfigError(f"override {item!r}: {key} is not a settable key of this config ({err})") from None
     return raw
 
 

@@ -1,4 +1,4 @@
-"""Text sources for evaluation and fine-tuning, through ``datasets`` where a format needs parsing.
+"""Text sources, tokenization and packing for evaluation and fine-tuning, through ``datasets``.
 
 A SOURCE is one of
   * ``stdlib:train`` / ``stdlib:held_out``: the Python standard library's source split by file (``ctxext.corpus``),
@@ -6,21 +6,29 @@ A SOURCE is one of
   * a local file or folder: ``.txt``/``.md``/``.py`` files are one document each; ``.jsonl``/``.json`` and
     ``.parquet`` rows are documents (their ``text_field``);
   * otherwise a hub dataset name for ``datasets.load_dataset`` (needs a network connection).
+
+Fine-tuning tokenizes a source once (``datasets`` map, batched, on disk) into a flat token file of uint32 ids
+(documents joined with EOS) that is memory-mapped, so corpora larger than RAM work; ``PackedBlocks`` cuts it into
+blocks of a stage's length in a seeded order that a resumed run reproduces.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from . import corpus
+from .atomic import atomic_write
+from .errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst"}
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DEFAULT_EVAL_SOURCE = "stdlib:held_out"
-
-
-class DataError(ValueError):
-    """A data source that cannot be read; the message says why and what to give instead."""
 
 
 def load_texts(source: str, *, text_field: str = "text", split: str = "train", max_documents: int | None = None) -> list[str]:
@@ -67,3 +75,121 @@ def _column(dataset, field: str, source: str) -> list[str]:
 def tokenize_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids per document, without special tokens."""
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def eos_id(tokenizer) -> int:
+    """The id that separates joined documents (0 when the tokenizer has no EOS)."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def join_documents(tokenizer, texts: list[str]) -> np.ndarray:
+    """In memory: every document's ids followed by EOS, as one int64 array."""
+    eos = eos_id(tokenizer)
+    return np.asarray([t for doc in tokenize_documents(tokenizer, texts) for t in (*doc, eos)], dtype=np.int64)
+
+
+# ---------------------------------------------------------------- token files (fine-tuning)
+
+TOKEN_DTYPE = np.uint32
+
+
+def _text_dataset(source: str, text_field: str, max_documents: int | None):
+    """The source's documents as a ``datasets.Dataset`` with one ``text`` column. Table files (.jsonl, .parquet)
+    and hub datasets stay on disk (Arrow), so they may be larger than RAM; text files are one document each."""
+    import datasets
+
+    path = Path(source)
+    if source.startswith("stdlib:") or not (path.exists() or ("/" in source and not source.startswith((".", "/")))):
+        return datasets.Dataset.from_dict({"text": load_texts(source, text_field=text_field, max_documents=max_documents)})
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        builders = {TABLE_BUILDERS[p.suffix] for p in files if p.suffix in TABLE_BUILDERS}
+        if len(builders) != 1 or any(p.suffix in TEXT_SUFFIXES for p in files):  # text files or a mixed folder
+            docs = load_texts(source, text_field=text_field, max_documents=max_documents)
+            return datasets.Dataset.from_dict({"text": docs})
+        ds = _load_dataset(builders.pop(), data_files=[str(p) for p in files if p.suffix in TABLE_BUILDERS],
+                           split="train")
+    else:
+        ds = _load_dataset(source, split="train")
+    if text_field not in ds.column_names:
+        raise DataError(f"{source}: no field {text_field!r}; its fields are {', '.join(ds.column_names)}")
+    ds = ds.select_columns([text_field]).filter(lambda b: [isinstance(t, str) and bool(t) for t in b[text_field]],
+                                                batched=True)
+    if max_documents:
+        ds = ds.select(range(min(max_documents, len(ds))))
+    return ds.rename_column(text_field, "text") if text_field != "text" else ds
+
+
+def write_token_file(tokenizer, source: str, path: str | Path, *, text_field: str = "text",
+                     max_documents: int | None = None, progress: bool = True) -> Path:
+    """Tokenize ``source`` once into ``path`` (uint32 ids, documents joined with EOS) plus ``path.json`` (counts).
+
+    Written atomically: an interrupted run leaves no half file, and an existing file is reused as it is."""
+    path = Path(path)
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return path
+    dataset = _text_dataset(source, text_field, max_documents)
+    if len(dataset) == 0:
+        raise DataError(f"data source {source!r} has no documents")
+    eos = eos_id(tokenizer)
+    if len(tokenizer) > np.iinfo(TOKEN_DTYPE).max:
+        raise DataError(f"vocabulary of {len(tokenizer)} tokens does not fit the uint32 token file")
+    ids = dataset.map(lambda batch: {"ids": tokenize_documents(tokenizer, batch["text"])}, batched=True,
+                      remove_columns=dataset.column_names, desc="tokenizing", keep_in_memory=len(dataset) < 100_000)
+    counts = {"documents": len(ids), "tokens": 0}
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            for batch in ids.iter(batch_size=1000):
+                joined = [t for doc in batch["ids"] for t in (*doc, eos)]
+                np.asarray(joined, dtype=TOKEN_DTYPE).tofile(f)
+                counts["tokens"] += len(joined)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
+    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps({"source": source, **counts})))
+    return path
+
+
+def open_token_file(path: str | Path) -> np.ndarray:
+    """The token file as a read-only memory map (no copy in RAM)."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+@dataclass
+class Cursor:
+    """Where a stage is in its blocks: blocks consumed and the epoch over its blocks (saved in checkpoints)."""
+
+    stage: int = 0
+    cursor: int = 0
+    epoch: int = 0
+
+
+def block_order(n_blocks: int, seed: int, stage: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, stage, epoch]).permutation(n_blocks)
+
+
+def next_blocks(stream: np.ndarray, seq_len: int, count: int, where: Cursor, seed: int) -> torch.Tensor:
+    """The next ``count`` packed blocks ``[count, seq_len]`` (int64) of the stage; advances ``where`` (wraps into
+    a new epoch with a new order)."""
+    n_blocks = len(stream) // seq_len
+    rows: list[np.ndarray] = []
+    order = None
+    for _ in range(count):
+        if where.cursor >= n_blocks:
+            where.cursor, where.epoch, order = 0, where.epoch + 1, None
+        if order is None:
+            order = block_order(n_blocks, seed, where.stage, where.epoch)
+        b = int(order[where.cursor])
+        rows.append(np.asarray(stream[b * seq_len : (b + 1) * seq_len], dtype=np.int64))
+        where.cursor += 1
+    return torch.from_numpy(np.stack(rows))
+
+
+def first_blocks(stream: np.ndarray, seq_len: int, count: int) -> Iterable[torch.Tensor]:
+    """The first ``count`` consecutive blocks (held-out evaluation), one ``[1, seq_len]`` tensor at a time."""
+    for i in range(min(count, len(stream) // seq_len)):
+        yield torch.from_numpy(np.asarray(stream[i * seq_len : (i + 1) * seq_len], dtype=np.int64))[None]

@@ -12,21 +12,18 @@ Every step is a library call that a CLI command also makes; ``commands.sh`` in t
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shlex
+import shutil
 import time
 from pathlib import Path
 
 import yaml
 
+from .atomic import atomic_write_text
 
-def demo_plan(quick: bool) -> dict:
-    """The demo's budget (also the leaderboard's): evaluation sizes, fine-tuning steps per stage, data mix."""
-    if quick:
-        return {"ppl_docs": 3, "passkey_trials": 2, "depths": [0.0, 1.0], "steps": [2, 2, 2],
-                "tokens_per_step": 2048, "passkey_docs": 20, "train_docs": 60}
-    return {"ppl_docs": 24, "passkey_trials": 10, "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "steps": [30, 30, 60],
-            "tokens_per_step": 8192, "passkey_docs": 2000, "train_docs": None}
+log = logging.getLogger(__name__)
 
 
 def build_finetune_data(tokenizer, path: Path, lengths: list[int], n_passkey: int, train_docs: int | None,
@@ -36,13 +33,14 @@ def build_finetune_data(tokenizer, path: Path, lengths: list[int], n_passkey: in
     Passkey documents are 1/4 to 1 of a stage length long; ``edge_depth_share`` of them put the key exactly at the
     start or the end (the depths 0 and 1 that evaluation asks for and a uniform depth almost never gives)."""
     from .corpus import read_texts, stdlib_files
+    from .data import join_documents
     from .evals import passkey
 
     rng = random.Random(seed)
     texts = read_texts(stdlib_files("train"))
     if train_docs:
         texts = texts[:train_docs]
-    filler = [t for doc in tokenizer(texts[:400], add_special_tokens=False, verbose=False)["input_ids"] for t in (*doc, tokenizer.eos_token_id)]
+    filler = join_documents(tokenizer, texts[:400]).tolist()
     rows = [{"text": t} for t in texts]
     for _ in range(n_passkey):
         length = rng.choice(lengths)
@@ -54,82 +52,65 @@ def build_finetune_data(tokenizer, path: Path, lengths: list[int], n_passkey: in
     rng.shuffle(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"fine-tuning data: {len(texts)} stdlib files + {n_passkey} passkey documents ({share:.1%} of the text) "
-          f"-> {path}", flush=True)
+    log.info("fine-tuning data: %d stdlib files + %d passkey documents (%.1f%% of the text) -> %s", len(texts),
+             n_passkey, 100 * share, path)
     return path
 
 
-def finetune_config(base: str, spec: str, target: int, stage_lengths: list[int], plan: dict, data: Path,
-                    params: dict | None = None) -> dict:
-    """The demo's fine-tuning recipe as a raw config dict (LoRA r16 + embeddings and norms)."""
-    return {
-        "model": {"path": base, "dtype": "float32"},
-        "patch": {"method": spec, "target_length": target, **(params or {})},
-        "stages": [{"seq_len": L, "steps": s} for L, s in zip(stage_lengths, plan["steps"])],
-        "lora": {"r": 16, "alpha": 32, "train_embeddings": True, "train_norms": True},
-        "data": {"source": str(data), "held_out": "stdlib:held_out"},
-        "optimization": {"lr": 2e-3, "warmup_steps": 3, "tokens_per_step": plan["tokens_per_step"],
-                         "micro_batch_size": 2, "loss_chunk_tokens": 1024},
-        "logging": {"eval_every": 10, "eval_blocks": 2, "save_every": 20},
-        "seed": 0,
-    }
+def run_demo(output_dir: str = "ctxext-demo", *, recipe: str | None = None, factor: float | None = None,
+             method: str | None = None, quick: bool = False, model: str = "reference") -> dict:
+    """Run the recipe (default ``configs/recipes/demo.yaml``) on ``model``; returns the summary (table, headline,
+    report path) that ``ctxext demo`` prints. ``factor`` and ``method`` replace the recipe's."""
+    from transformers import AutoConfig, AutoTokenizer
 
-
-def run_demo(output_dir: str = "ctxext-demo", factor: float = 8.0, method: str = "pi", quick: bool = False,
-             model: str = "reference") -> int:
-    from transformers import AutoTokenizer
-
-    from .config import load_config
     from .evals.report import evaluate_passkey, evaluate_perplexity
     from .hub import patch_checkpoint
+    from .recipe import load_recipe, stage_lengths
     from .reference import build_stand_in, has_reference_model, resolve_model
     from .train import finetune
 
     started = time.perf_counter()
-    plan = demo_plan(quick)
+    rec = load_recipe(recipe, quick=quick)
+    plan = rec.plan()
+    factor = factor or rec.factor
+    spec = method or rec.method
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+
+    def say(msg: str) -> None:
+        log.info("[%6.0fs] %s", time.perf_counter() - started, msg)
+
     if model == "reference" and not has_reference_model():
         base = str(build_stand_in(out / "stand-in-model"))
-        print("note: this installation ships no trained reference model yet; the demo runs on a tiny random Llama "
-              "(context 256) built from a config, so it shows the pipeline, not the quality of the methods.")
+        log.warning("note: this installation ships no trained reference model; the demo runs on a tiny random Llama "
+                    "(context 256) built from a config, so it shows the pipeline, not the quality of the methods.")
         model = "tiny random stand-in"
     else:
         base = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    from transformers import AutoConfig
-
     context = AutoConfig.from_pretrained(base).max_position_embeddings
     target = int(context * factor)
     lengths = sorted({context, 2 * context, 4 * context, target})
-    stage_lengths = [L for L in (2 * context, 4 * context, target) if L <= target][-3:]
+    stages = stage_lengths(context, target)
     commands = []
-
-    def say(msg: str) -> None:
-        print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)
 
     # 1-2: patch
     patched = out / "patched"
-    spec = method
-    params = {"target_length": target}
     say(f"patching {model} ({context} tokens) x{factor:g} with {spec}")
-    patch_checkpoint(base, patched, spec, force=True, **params)
+    patch_checkpoint(base, patched, spec, force=True, target_length=target)
     commands.append(f"ctxext patch {shlex.quote(str(base))} {patched} --method {spec} --target-length {target} --force")
 
     # 3: progressive fine-tune
-    data = build_finetune_data(tokenizer, out / "data" / "finetune.jsonl", stage_lengths, plan["passkey_docs"],
-                               plan["train_docs"])
-    raw = finetune_config(str(base), spec, target, stage_lengths, plan, data)
+    data = build_finetune_data(tokenizer, out / "data" / "finetune.jsonl", stages, rec.data.passkey_documents,
+                               rec.data.train_documents, edge_depth_share=rec.data.edge_depth_share)
+    cfg = rec.finetune_config(str(base), spec, target, stages, data)
     config_path = out / "finetune.yaml"
     config_path.write_text(f"# written by ctxext demo; rerun: ctxext finetune {config_path} --output-dir {out / 'finetune'}\n"
-                           + yaml.safe_dump(raw, sort_keys=False))
+                           + yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
     commands.append(f"ctxext finetune {config_path} --output-dir {out / 'finetune'}")
-    say(f"fine-tuning at {' -> '.join(map(str, stage_lengths))} tokens ({sum(plan['steps'])} steps)")
-    import shutil
-
+    say(f"fine-tuning at {' -> '.join(map(str, stages))} tokens ({sum(plan['steps'])} steps)")
     shutil.rmtree(out / "finetune", ignore_errors=True)
-    result = finetune(load_config(raw=raw), output_dir=str(out / "finetune"))
-    tuned = result["merged"]
+    tuned = finetune(cfg, output_dir=str(out / "finetune"))["merged"]
 
     # 1, 2, 4: evaluate all three
     models = [str(base), str(patched), tuned]
@@ -147,9 +128,8 @@ def run_demo(output_dir: str = "ctxext-demo", factor: float = 8.0, method: str =
                     f"--depths {','.join(map(str, plan['depths']))} --trials {plan['passkey_trials']} --output {out}")
 
     # report
-    labels = list(ppl["models"])
     rows = []
-    for label, path in zip(labels, models):
+    for label, path in zip(ppl["models"], models):
         per = ppl["models"][label]["per_length"]
         acc = pk["models"][label]["accuracy"]
         rows.append((names[path], [per[str(L)]["perplexity"] for L in lengths],
@@ -168,7 +148,7 @@ def run_demo(output_dir: str = "ctxext-demo", factor: float = 8.0, method: str =
     report = [
         f"# ctxext demo: {model} x{factor:g} with {spec}", "",
         (f"Reference model trained at {context} tokens; extended to {target}; fine-tuned "
-         f"{' -> '.join(map(str, stage_lengths))} for {sum(plan['steps'])} steps "
+         f"{' -> '.join(map(str, stages))} for {sum(plan['steps'])} steps "
          f"({sum(plan['steps']) * plan['tokens_per_step']:,} tokens). Total time {minutes:.1f} minutes."), "",
         *table, "", f"**{headline}**", "",
         (f"Perplexity: the first {target} tokens of {plan['ppl_docs']} held-out stdlib files at least that long, "
@@ -179,11 +159,9 @@ def run_demo(output_dir: str = "ctxext-demo", factor: float = 8.0, method: str =
          "(`python scripts/leaderboard.py`)."), "",
         "![perplexity](ppl.png)", "", "Commands (`commands.sh`):", "", "```", *commands, "```", "",
     ]
-    (out / "report.md").write_text("\n".join(report))
-    (out / "commands.sh").write_text("#!/usr/bin/env bash\nset -e\n" + "\n".join(commands) + "\n")
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "lengths": lengths, "passkey_lengths": pk_lengths,
-                                                  "headline": headline, "minutes": minutes}, indent=2))
-    print("\n".join(table))
-    print(f"\n{headline}")
-    print(f"report: {out / 'report.md'} ({minutes:.1f} min)")
-    return 0
+    summary = {"rows": rows, "lengths": lengths, "passkey_lengths": pk_lengths, "headline": headline,
+               "minutes": minutes, "table": table, "report": str(out / "report.md")}
+    atomic_write_text(out / "report.md", "\n".join(report))
+    atomic_write_text(out / "commands.sh", "#!/usr/bin/env bash\nset -e\n" + "\n".join(commands) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from .models import family_of
-from .models.base import head_dim_of
-from .native import XPOS_ROPE_TYPE
+from .atomic import TMP_MARK, atomic_folder
+from .errors import CheckpointError
+from .models import family_of, head_dim_of, stock_rope_types
+from .native import attention_method_of
 from .patch import RECORD_KEY, apply_plan, plan_patch
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,6 @@ TOKENIZER_FILES = re.compile(
     r"^(tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|tokenizer\.model|vocab\.(json|txt)|"
     r"merges\.txt|chat_template\.(json|jinja)|spiece\.model)$"
 )
-TMP_MARK = ".ctxext-tmp-"
-
-
-class CheckpointError(ValueError):
-    """A source or output path that cannot be used; the message says why and what to do."""
-
-
 def _looks_like_hub_id(src: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", src) is not None
 
@@ -109,34 +103,20 @@ def load_model(src: str, *, dtype: str = "auto", allow_pickle: bool = False):
     ).eval()
 
 
-def _clean_stale_temporaries(out: Path) -> None:
-    for stale in out.absolute().parent.glob(f".{out.name}{TMP_MARK}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def save_checkpoint(model, out: str | os.PathLike, *, source: str | None = None, force: bool = False) -> Path:
-    """Write ``model`` as a complete safetensors checkpoint (plus SRC's tokenizer files) atomically."""
+def save_checkpoint(model, out: str | os.PathLike, *, source: str | None = None, tokenizer=None,
+                    force: bool = False) -> Path:
+    """Write ``model`` as a complete safetensors checkpoint atomically, with ``tokenizer`` or SRC's tokenizer files."""
     out = check_output(out, force)
-    _clean_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=out.absolute().parent))
-    try:
+    with atomic_folder(out, replace=force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
             model.generation_config.save_pretrained(tmp)
-        if source is not None and Path(source).is_dir():
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif source is not None and Path(source).is_dir():
             for f in Path(source).iterdir():
                 if TOKENIZER_FILES.match(f.name) and f.is_file():
                     shutil.copy2(f, tmp / f.name)
-        if out.exists():  # --force: swap, then delete the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}old-", dir=out.absolute().parent))
-            os.replace(out, old / "previous")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -167,8 +147,6 @@ def patch_checkpoint(
 
 def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """What ``ctxext info`` shows, read from config.json alone (no weights are loaded)."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     src = check_source(path)
     config = load_config(src)
     config_path = Path(src) / "config.json"
@@ -177,13 +155,14 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     per_type = rope if all(isinstance(v, dict) for v in rope.values()) and rope else {"all": rope}
     types = {k: (v or {}).get("rope_type", "default") for k, v in per_type.items()}
-    stock = {t for t in ROPE_INIT_FUNCTIONS if not t.startswith("ctxext")} | {"default"}
     record = raw.get(RECORD_KEY)
-    needs = sorted(set(types.values()) - stock)
+    needs = sorted(set(types.values()) - stock_rope_types())
+    ours = [t for t in needs if attention_method_of({"rope_type": t})]
     if not needs:
         loads = "yes: stock transformers AutoModelForCausalLM.from_pretrained reproduces it"
-    elif needs == [XPOS_ROPE_TYPE]:
-        loads = "only after `import ctxext` (xPos attention); without it transformers raises KeyError: 'ctxext_xpos'"
+    elif ours == needs:
+        loads = (f"only after `import ctxext` ({', '.join(t.removeprefix('ctxext_') for t in ours)} attention); "
+                 f"without it transformers raises KeyError: {ours[0]!r}")
     else:
         loads = f"no: unknown rope type(s) {', '.join(needs)}"
     weights = sorted(p.name for p in Path(src).glob("*.safetensors")) if Path(src).is_dir() else []

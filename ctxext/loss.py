@@ -55,3 +55,43 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          softcap: float | None = None) -> torch.Tensor:
     """Summed cross-entropy of ``hidden [N, H] @ weight[V, H].T`` against ``targets [N]`` (see the module doc)."""
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, softcap)
+
+
+class ChunkedLMLoss(torch.nn.Module):
+    """Wraps a (PEFT) causal LM; ``forward(input_ids)`` returns the summed next-token NLL of the block.
+
+    The decoder runs once; the LM head and cross-entropy run ``chunk`` positions at a time
+    (``linear_cross_entropy``: gradients computed chunk by chunk in the forward pass), so at most ``[chunk, vocab]``
+    fp32 logits exist at any moment and nothing is recomputed.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk: int):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from torch.nn import functional as F
+        from torch.utils.checkpoint import checkpoint
+
+        from .models import causal_lm, decoder_body, lm_head, logit_softcap
+
+        hidden = decoder_body(self.model)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        targets = input_ids[:, 1:]
+        head = lm_head(self.model)
+        softcap = logit_softcap(causal_lm(self.model).config)
+        if type(head) is torch.nn.Linear and head.bias is None:
+            return linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten(), chunk=self.chunk,
+                                        softcap=softcap)
+
+        # an adapted or biased head (e.g. LoRA on lm_head): chunks under activation checkpointing instead
+        def chunk_nll(h, t):
+            logits = head(h).float()
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
+            return F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="sum")
+
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, targets.shape[1], self.chunk):
+            total = total + checkpoint(chunk_nll, hidden[:, s : s + self.chunk], targets[:, s : s + self.chunk],
+                                       use_reentrant=False)
+        return total

@@ -1,14 +1,15 @@
 """Express a method chain as transformers ``rope_parameters`` (what config.json carries).
 
 Preference order:
-  1. the specific native type when the checkpoint has plain RoPE and the chain maps onto one
-     (pi -> ``linear``, ntk -> ``default`` with a new ``rope_theta``, dynamic -> ``dynamic``, yarn -> ``yarn``,
-     llama3 -> ``llama3``, prope -> ``proportional``);
+  1. the method's own native form (``MethodConfig.native``) when the chain is that one frequency method and the
+     checkpoint has plain RoPE (pi -> ``linear``, ntk -> ``default`` with a new ``rope_theta``, dynamic ->
+     ``dynamic``, yarn -> ``yarn``, llama3 -> ``llama3``, prope -> ``proportional``);
   2. otherwise the universal static form: ``longrope`` with ``short_factor == long_factor`` = old / new
      frequency per pair, ``factor: 1.0`` and an explicit ``attention_factor`` (1e39 stands for a removed pair:
      it overflows to inf in fp32 and gives exactly zero frequency);
-  3. xPos wraps either form as ``rope_type: ctxext_xpos`` (registered by ``import ctxext``), which stock
-     transformers refuses with a KeyError instead of silently running plain RoPE.
+  3. an attention-side method (xpos) wraps either form as ``rope_type: ctxext_<method>`` with the base type in
+     ``ctxext_base_rope_type`` and its parameters as ``<method>_<parameter>``. ``import ctxext`` registers these
+     types; stock transformers refuses them with a KeyError instead of silently running plain RoPE.
 
 Every result is checked against the chain's float64 frequencies through transformers' own code.
 """
@@ -20,73 +21,60 @@ from typing import Any
 
 import torch
 
+from .errors import MethodError
 from .models.base import compute_inv_freq
-from .rope.spec import MethodError, RopeContext, RopeState
+from .rope.registry import METHODS, MethodConfig, RopeContext, RopeState, field_type_of_field, method_fields
 
-XPOS_ROPE_TYPE = "ctxext_xpos"
+ATTENTION_PREFIX = "ctxext_"
+BASE_TYPE_KEY = "ctxext_base_rope_type"
 REMOVED_PAIR_FACTOR = 1e39  # float32(1e39) == inf -> inv_freq exactly 0
 
 
-def unwrap_xpos(params: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
-    """``(frequency params, xpos scale_base or None)`` of a possibly xPos-wrapped rope-parameter dict."""
-    if params.get("rope_type") != XPOS_ROPE_TYPE:
+def attention_rope_type(method: str) -> str:
+    """The rope type (and attention implementation) name of an attention-side method: ``ctxext_xpos``."""
+    return ATTENTION_PREFIX + method
+
+
+def attention_method_of(params: dict[str, Any]) -> str | None:
+    """The attention-side method a rope-parameter dict is wrapped in, or None."""
+    rope_type = params.get("rope_type", "")
+    name = rope_type[len(ATTENTION_PREFIX):] if rope_type.startswith(ATTENTION_PREFIX) else None
+    return name if name in METHODS and METHODS[name].role == "attention" else None
+
+
+def wrap_attention(params: dict[str, Any], method: MethodConfig) -> dict[str, Any]:
+    fields = {f"{method.name}_{f.name}": field_type_of_field(f)(getattr(method, f.name))
+              for f in method_fields(type(method)) if getattr(method, f.name) is not None}
+    return {**params, "rope_type": attention_rope_type(method.name), BASE_TYPE_KEY: params.get("rope_type", "default"),
+            **fields}
+
+
+def unwrap_attention(params: dict[str, Any]) -> tuple[dict[str, Any], MethodConfig | None]:
+    """``(frequency params, attention-side method or None)`` of a possibly wrapped rope-parameter dict."""
+    name = attention_method_of(params)
+    if name is None:
         return dict(params), None
-    base = {k: v for k, v in params.items() if k not in ("ctxext_base_rope_type", "xpos_scale_base")}
-    base["rope_type"] = params["ctxext_base_rope_type"]
-    return base, float(params["xpos_scale_base"])
+    fields = {f.name for f in method_fields(METHODS[name])}
+    prefix = f"{name}_"
+    method = METHODS[name](**{k[len(prefix):]: v for k, v in params.items()
+                              if k.startswith(prefix) and k[len(prefix):] in fields})
+    base = {k: v for k, v in params.items() if k != BASE_TYPE_KEY and not (k.startswith(prefix) and k[len(prefix):] in fields)}
+    base["rope_type"] = params[BASE_TYPE_KEY]
+    return base, method
 
 
-def wrap_xpos(params: dict[str, Any], scale_base: float) -> dict[str, Any]:
-    return {
-        **params,
-        "rope_type": XPOS_ROPE_TYPE,
-        "ctxext_base_rope_type": params.get("rope_type", "default"),
-        "xpos_scale_base": float(scale_base),
-    }
+def uses_attention_method(rope_parameters: Any) -> str | None:
+    """The attention-side method of a config's rope parameters (flat or per layer type), or None."""
+    if not isinstance(rope_parameters, dict):
+        return None
+    flat = attention_method_of(rope_parameters)
+    if flat:
+        return flat
+    return next((n for v in rope_parameters.values() if isinstance(v, dict) and (n := attention_method_of(v))), None)
 
 
 def _is_plain(params: dict[str, Any]) -> bool:
     return params.get("rope_type", "default") == "default" and params.get("partial_rotary_factor", 1.0) == 1.0
-
-
-def _specific_form(source: dict[str, Any], chain: Sequence, ctx: RopeContext) -> dict[str, Any] | None:
-    by_name = {m.name: m for m in chain}
-    names = sorted(by_name)
-    theta = {"rope_theta": float(source["rope_theta"])}
-    L = int(ctx.context_length)
-    if names == ["pi"]:
-        return {"rope_type": "linear", **theta, "factor": float(by_name["pi"].factor)}
-    if names == ["ntk"]:
-        return {"rope_type": "default", "rope_theta": by_name["ntk"].theta(ctx)}
-    if names == ["dynamic"]:
-        return {"rope_type": "dynamic", **theta, "factor": float(by_name["dynamic"].factor)}
-    if names == ["yarn"]:
-        y = by_name["yarn"]
-        return {
-            "rope_type": "yarn",
-            **theta,
-            "factor": float(y.factor),
-            "beta_fast": float(y.beta_fast),
-            "beta_slow": float(y.beta_slow),
-            "attention_factor": y.resolved_attention_factor(),
-            "original_max_position_embeddings": L,
-        }
-    if names == ["llama3"]:
-        m = by_name["llama3"]
-        return {
-            "rope_type": "llama3",
-            **theta,
-            "factor": float(m.factor),
-            "low_freq_factor": float(m.low_freq_factor),
-            "high_freq_factor": float(m.high_freq_factor),
-            "original_max_position_embeddings": L,
-        }
-    if names == ["prope"]:
-        # int(p * d // 2) must give exactly k: (2k + 1) / d is safe where 2k / d can round down.
-        # (prope+pi goes to the universal form: transformers warns about `factor` on proportional at every load.)
-        k = by_name["prope"].kept_pairs(ctx)
-        return {"rope_type": "proportional", **theta, "partial_rotary_factor": (2 * k + 1) / ctx.head_dim}
-    return None
 
 
 def universal_form(source: dict[str, Any], result: RopeState, ctx: RopeContext) -> dict[str, Any]:
@@ -106,34 +94,41 @@ def universal_form(source: dict[str, Any], result: RopeState, ctx: RopeContext) 
     }
 
 
+def _own_form(method: MethodConfig, source: dict[str, Any], ctx: RopeContext) -> dict[str, Any] | None:
+    form = method.native(ctx)
+    if form is None:
+        return None
+    return {"rope_type": form["rope_type"], "rope_theta": float(source["rope_theta"]), **form}
+
+
 def native_rope_parameters(
-    source: dict[str, Any], chain: Sequence, ctx: RopeContext, result: RopeState, *, check: bool = True
+    source: dict[str, Any], chain: Sequence[MethodConfig], ctx: RopeContext, result: RopeState, *, check: bool = True
 ) -> dict[str, Any]:
     """Rope parameters that make transformers compute ``result`` (see the module docstring).
 
-    ``source`` is the checkpoint's flat rope-parameter dict for one scope, possibly xPos-wrapped.
+    ``source`` is the checkpoint's flat rope-parameter dict for one scope, possibly wrapped by an attention method.
     """
-    base, source_xpos = unwrap_xpos(source)
-    freq_chain = [m for m in chain if m.kind != "attention"]
-    xpos = [m for m in chain if m.name == "xpos"]
-    if xpos and source_xpos is not None:
-        raise MethodError("this checkpoint already uses xpos; patch without xpos (or start from the original checkpoint)")
-    if any(m.name == "dynamic" for m in freq_chain) and not _is_plain(base):
-        raise MethodError(
-            f"dynamic needs a checkpoint with plain RoPE (rope_type 'default'); this one has "
-            f"{base.get('rope_type')!r}. Use ntk, which applies on top of any frequencies"
-        )
+    base, source_attention = unwrap_attention(source)
+    freq_chain = [m for m in chain if m.role != "attention"]
+    attention = [m for m in chain if m.role == "attention"]
+    if attention and source_attention is not None:
+        raise MethodError(f"this checkpoint already uses {source_attention.name}; patch without "
+                          f"{attention[0].name} (or start from the original checkpoint)")
+    for m in freq_chain:
+        if m.plain_source_only and not _is_plain(base):
+            alternative = f". Use {m.static_alternative}, which applies on top of any frequencies" if m.static_alternative else ""
+            raise MethodError(f"{m.name} needs a checkpoint with plain RoPE (rope_type 'default'); this one has "
+                              f"{base.get('rope_type')!r}{alternative}")
     source_freq, source_af = compute_inv_freq(base, ctx.head_dim, ctx.context_length)
-    per_forward = any(m.name == "dynamic" for m in freq_chain)  # its static view equals the source
+    per_forward = any(m.per_forward for m in freq_chain)  # its static view equals the source
     unchanged = not per_forward and torch.allclose(result.inv_freq, source_freq.double(), rtol=1e-12, atol=0.0) and (
         abs(result.attention_factor - source_af) < 1e-12
     )
     if not freq_chain or unchanged:
         params = dict(base)
     else:
-        params = (_specific_form(base, freq_chain, ctx) if _is_plain(base) else None) or universal_form(
-            base, result, ctx
-        )
+        own = _own_form(freq_chain[0], base, ctx) if len(freq_chain) == 1 and _is_plain(base) else None
+        params = own or universal_form(base, result, ctx)
     if check:
         got, got_af = compute_inv_freq(params, ctx.head_dim, ctx.context_length)
         if not torch.allclose(got.double(), result.inv_freq, rtol=1e-5, atol=0.0) or abs(got_af - result.attention_factor) > 1e-6:
@@ -141,5 +136,5 @@ def native_rope_parameters(
                 f"internal error: rope parameters {params['rope_type']} do not reproduce the chain's frequencies; "
                 "please report this with the checkpoint's config.json"
             )
-    scale_base = xpos[0].scale_base if xpos else source_xpos
-    return wrap_xpos(params, scale_base) if scale_base is not None else params
+    wrapper = attention[0] if attention else source_attention
+    return wrap_attention(params, wrapper) if wrapper is not None else params

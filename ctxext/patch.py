@@ -22,11 +22,12 @@ from typing import Any
 from torch import nn
 
 from . import __version__
-from .models import family_of
-from .models.base import compute_inv_freq, find_rotary, get_rope_parameters, head_dim_of
-from .native import XPOS_ROPE_TYPE, native_rope_parameters, unwrap_xpos
+from .errors import MethodError
+from .models import compute_inv_freq, family_of, head_dim_of, rebuild_rotary, set_attention_implementation
+from .models.base import attention_implementation, get_rope_parameters
+from .native import attention_rope_type, native_rope_parameters, unwrap_attention, uses_attention_method
 from .rope.chain import apply_chain, chain_to_records, format_chain, parse_chain, rescale_factor, validate_chain
-from .rope.spec import MethodError, RopeContext, RopeState
+from .rope.registry import RopeContext, RopeState
 
 RECORD_KEY = "ctxext"  # config.json key holding what ctxext did
 log = logging.getLogger(__name__)
@@ -45,21 +46,14 @@ class PatchPlan:
     states: dict[str | None, RopeState] = field(repr=False)
 
     @property
-    def uses_xpos(self) -> bool:
-        return _uses_xpos(self.rope_parameters)
+    def attention_method(self) -> str | None:
+        """The attention-side method the patched config uses (xpos, ...), or None."""
+        return uses_attention_method(self.rope_parameters)
 
     def apply_to_config(self, config) -> None:
         config.rope_parameters = copy.deepcopy(self.rope_parameters)
         config.max_position_embeddings = self.max_position_embeddings
         setattr(config, RECORD_KEY, copy.deepcopy(self.record))
-
-
-def _uses_xpos(rope_parameters: Any) -> bool:
-    if not isinstance(rope_parameters, dict):
-        return False
-    if rope_parameters.get("rope_type") == XPOS_ROPE_TYPE:
-        return True
-    return any(isinstance(v, dict) and v.get("rope_type") == XPOS_ROPE_TYPE for v in rope_parameters.values())
 
 
 def _check_target_length(target_length: Any, context: int) -> int:
@@ -91,13 +85,8 @@ def plan_patch(
     if target_length is not None:
         target_length = _check_target_length(target_length, context)
     if isinstance(chain, str) or all(isinstance(c, str) for c in chain):
-        names = chain.split("+") if isinstance(chain, str) else list(chain)
-        takes_factor = {"pi", "ntk", "yarn", "llama3"} & {n.split(":")[0].strip() for n in names}
-        if target_length is not None and takes_factor and params.get("factor") is not None:
-            raise MethodError("give either factor or target_length, not both")
-        if target_length is not None and takes_factor and ":factor=" not in str(chain):
-            params["factor"] = target_length / context
-        methods = parse_chain(chain, **params)
+        default_factor = target_length / context if target_length is not None else None
+        methods = parse_chain(chain, default_factor=default_factor, **params)
     else:
         if any(v is not None for v in params.values()):
             raise MethodError("pass parameters inside the method configs when the chain is given as configs")
@@ -109,7 +98,7 @@ def plan_patch(
     states: dict[str | None, RopeState] = {}
     for key in keys:
         source = get_rope_parameters(config, key)
-        base, _ = unwrap_xpos(source)
+        base, _ = unwrap_attention(source)
         ctx = RopeContext(head_dim=head_dim, rope_theta=float(base["rope_theta"]), context_length=context)
         inv_freq, attention_factor = compute_inv_freq(base, head_dim, context)
         state = apply_chain(methods, RopeState(inv_freq.double(), attention_factor), ctx)
@@ -120,10 +109,9 @@ def plan_patch(
         else:
             new_rope[key] = params_for_key
 
-    is_dynamic = any(m.name == "dynamic" for m in methods)
     extended = target_length or round(context * rescale_factor(methods))
-    # transformers' dynamic type reads max_position_embeddings as the trained length: it must not move.
-    max_positions = context if is_dynamic else extended
+    # transformers' per-forward types (dynamic) read max_position_embeddings as the trained length: it must not move.
+    max_positions = context if any(m.per_forward for m in methods) else extended
     previous = copy.deepcopy(getattr(config, RECORD_KEY, None)) or {}
     step = {
         "chain": chain_to_records(methods),
@@ -159,9 +147,9 @@ class PatchHandle:
             copy.deepcopy(config.rope_parameters),
             config.max_position_embeddings,
             copy.deepcopy(getattr(config, RECORD_KEY, None)),
-            config._attn_implementation,
+            attention_implementation(model),
         )
-        self._parent, self._attr, self._rotary = find_rotary(model)
+        self._rotary_slot = None  # (parent, attribute, original rotary module) once applied
         self._removed = False
 
     def remove(self) -> None:
@@ -177,9 +165,10 @@ class PatchHandle:
                 delattr(config, RECORD_KEY)
         else:
             setattr(config, RECORD_KEY, record)
-        setattr(self._parent, self._attr, self._rotary)
-        if config._attn_implementation != attn:
-            self.model.set_attn_implementation(attn)
+        if self._rotary_slot is not None:
+            parent, attr, rotary = self._rotary_slot
+            setattr(parent, attr, rotary)
+        set_attention_implementation(self.model, attn)
         self._removed = True
 
     def __enter__(self) -> PatchHandle:
@@ -191,15 +180,14 @@ class PatchHandle:
 
 def apply_plan(model: nn.Module, plan: PatchPlan) -> PatchHandle:
     handle = PatchHandle(model, plan)
-    old = handle._rotary
+    if plan.attention_method is not None:
+        from .models.attention import register_with_transformers
+
+        register_with_transformers()  # methods registered after `import ctxext` too
     plan.apply_to_config(model.config)
-    device = next(iter(old.buffers()), None)
-    rebuilt = type(old)(model.config)  # the same construction from_pretrained performs
-    if device is not None:
-        rebuilt.to(device.device)
-    setattr(handle._parent, handle._attr, rebuilt)
-    if plan.uses_xpos and model.config._attn_implementation != XPOS_ROPE_TYPE:
-        model.set_attn_implementation(XPOS_ROPE_TYPE)
+    handle._rotary_slot = rebuild_rotary(model)  # the same construction from_pretrained performs
+    if plan.attention_method is not None:
+        set_attention_implementation(model, attention_rope_type(plan.attention_method))
     return handle
 
 
@@ -213,7 +201,8 @@ def patch_model(
 ) -> PatchHandle:
     """Patch a loaded model in place (see ``plan_patch`` for the arguments); returns the undo handle."""
     plan = plan_patch(model.config, chain, scope=scope, target_length=target_length, **params)
-    if any(m.name == "dynamic" for m in plan.chain):
-        log.warning("dynamic NTK recomputes frequencies from the sequence length: a KV-cached decode differs "
-                    "slightly from a full forward over the same tokens (about 1e-2 in the logits)")
+    for m in plan.chain:
+        if m.per_forward:
+            log.warning("%s recomputes frequencies from the sequence length: a KV-cached decode differs slightly "
+                        "from a full forward over the same tokens (about 1e-2 in the logits)", m.name)
     return apply_plan(model, plan)

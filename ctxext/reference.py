@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import CheckpointError
+
 REFERENCE_DIR = Path(__file__).parent / "assets" / "reference"
 REFERENCE_NAME = "reference"  # what users type for MODEL
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
@@ -11,7 +13,7 @@ SPECIALS = ["<|endoftext|>", "<|pad|>"]
 
 def reference_model_path() -> Path:
     if not (REFERENCE_DIR / "config.json").is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"the reference model is not in this installation ({REFERENCE_DIR}); train it with "
             "`python scripts/train_reference.py --output ctxext/assets/reference`"
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -26,11 +25,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ctxext import corpus
+from ctxext.atomic import atomic_write_text
+from ctxext.data import join_documents
 from ctxext.encodings import ENCODINGS, TinyLM
 from ctxext.evals.perplexity import perplexity
 from ctxext.evals.report import write_markdown_keeping_notes
 from ctxext.plots import plot_perplexity
 from ctxext.reference import REFERENCE_DIR, train_tokenizer
+from ctxext.schedule import lr_multiplier
 
 
 class _HFStyle(torch.nn.Module):
@@ -135,8 +137,7 @@ def main(argv=None) -> int:
     else:
         tokenizer = train_tokenizer(corpus.read_texts(corpus.stdlib_files("train")[:80]), 512)
     train_files = corpus.stdlib_files("train")[: 80 if args.quick else None]
-    ids = tokenizer(corpus.read_texts(train_files), add_special_tokens=False)["input_ids"]
-    stream = np.asarray([t for doc in ids for t in (*doc, tokenizer.eos_token_id)], dtype=np.int64)
+    stream = join_documents(tokenizer, corpus.read_texts(train_files))
     held = tokenizer(corpus.read_texts(corpus.stdlib_files("held_out")), add_special_tokens=False)["input_ids"]
     held = [d for d in held if len(d) >= 8 * args.length][: args.eval_documents]
     lengths = [args.length * m for m in (1, 2, 4, 8)]
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
         times = []
         for step in tqdm(range(args.steps), desc=encoding, unit="step"):
-            lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+            lr = args.lr * lr_multiplier(step, args.steps, warmup=50, min_ratio=0.1, decay_from_start=True)
             for g in opt.param_groups:
                 g["lr"] = lr
             starts = [rng.randrange(0, len(stream) - args.length - 1) for _ in range(args.batch_size)]
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
                              "final_train_loss": loss.item(), "perplexity": {str(k): v for k, v in ppl.items()}}
         print(encoding, json.dumps(results[encoding]), flush=True)
 
-    (out / "encodings.json").write_text(json.dumps({"args": vars(args), "held_out_documents": len(held),
+    atomic_write_text(out / "encodings.json", json.dumps({"args": vars(args), "held_out_documents": len(held),
                                                      "results": results}, indent=2))
     write_report(results, vars(args), len(held), out)
     return 0

@@ -5,8 +5,8 @@
     python scripts/leaderboard.py --methods pi,yarn       # a subset of the config's rows
 
 For each row of the sweep config (baseline = no extension): patch the model x factor (256 -> 2048), evaluate
-without fine-tuning, fine-tune with the demo's recipe (ctxext.demo.finetune_config: LoRA r16 + embeddings/norms,
-progressive 512 -> 1024 -> 2048, identical steps and data for every method) and evaluate again. Columns: held-out
+without fine-tuning, fine-tune with the sweep's recipe (default configs/recipes/demo.yaml, the demo's: LoRA r16 +
+embeddings/norms, progressive 512 -> 1024 -> 2048, identical steps and data for every method) and evaluate again. Columns: held-out
 perplexity at 256/512/1024/2048, passkey (worst depth) at every length, change at 256 against the original model,
 fine-tuning seconds and tokens; then the targets of the issue, checked for the best fine-tuned method. Text below
 the line "<!-- notes -->" in an existing RESULTS.md is kept when the table is rewritten.
@@ -24,23 +24,17 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from ctxext.config import load_config
-from ctxext.demo import demo_plan, build_finetune_data, finetune_config
+from ctxext.demo import build_finetune_data
+from ctxext.atomic import atomic_write_text
 from ctxext.evals.report import evaluate_passkey, evaluate_perplexity, write_markdown_keeping_notes
 from ctxext.hub import patch_checkpoint
 from ctxext.plots import plot_sweep
+from ctxext.recipe import DEFAULT_RECIPE, load_recipe, stage_lengths
 from ctxext.reference import resolve_model
 from ctxext.train import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/sweeps/leaderboard.yaml"
-
-
-class Budget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    steps: list[int]
-    tokens_per_step: int
-    passkey_docs: int | None = None  # passkey documents mixed into the stdlib code (default: the demo's)
 
 
 class Row(BaseModel):
@@ -52,7 +46,8 @@ class Sweep(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = "reference"
     factor: float = 8.0
-    finetune: Budget
+    recipe: str = DEFAULT_RECIPE  # fine-tuning and evaluation budget, relative to the repository
+    overrides: list[str] = []  # key=value changes to the recipe, e.g. data.passkey_documents=8000
     methods: dict[str, Row]
 
 
@@ -144,10 +139,8 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--methods: {unknown} not in {args.config} (rows: {', '.join(sweep.methods)})")
     model_name, factor = args.model or sweep.model, args.factor or sweep.factor
-    plan = demo_plan(args.quick)
-    if not args.quick:
-        plan.update(steps=sweep.finetune.steps, tokens_per_step=sweep.finetune.tokens_per_step)
-        plan["passkey_docs"] = sweep.finetune.passkey_docs or plan["passkey_docs"]
+    recipe = load_recipe(REPO / sweep.recipe, quick=args.quick, overrides=sweep.overrides)
+    plan = recipe.plan()
     work, out = Path(args.work_dir), Path(args.output)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,9 +150,10 @@ def main(argv=None) -> int:
     context = AutoConfig.from_pretrained(base).max_position_embeddings
     target = int(context * factor)
     lengths = sorted({context, 2 * context, 4 * context, target})
-    stage_lengths = sorted({2 * context, 4 * context, target})
-    data = build_finetune_data(AutoTokenizer.from_pretrained(base), work / "finetune.jsonl", stage_lengths,
-                               plan["passkey_docs"], plan["train_docs"])
+    stages = stage_lengths(context, target)
+    data = build_finetune_data(AutoTokenizer.from_pretrained(base), work / "finetune.jsonl", stages,
+                               recipe.data.passkey_documents, recipe.data.train_documents,
+                               edge_depth_share=recipe.data.edge_depth_share)
     ft_tokens = sum(plan["steps"]) * plan["tokens_per_step"]
     rows = {}
     for name in names:
@@ -177,8 +171,8 @@ def main(argv=None) -> int:
             else:
                 run = work / f"{name}-ft"
                 shutil.rmtree(run, ignore_errors=True)
-                raw = finetune_config(str(base), chain, target, stage_lengths, plan, data, params)
-                model_dir = finetune(load_config(raw=raw), output_dir=str(run), progress=False)["merged"]
+                cfg = recipe.finetune_config(str(base), chain, target, stages, data, params)
+                model_dir = finetune(cfg, output_dir=str(run), progress=False)["merged"]
                 ft_seconds = time.perf_counter() - started
             tag = label.replace(" ", "")
             ppl = evaluate_perplexity([model_dir], lengths=lengths, output=work / "eval" / tag,
@@ -195,11 +189,11 @@ def main(argv=None) -> int:
             print(label, json.dumps({k: v for k, v in rows[label].items() if k != "passkey"}), flush=True)
 
     meta = {"model": model_name, "factor": factor, "context": context, "target": target, "lengths": lengths,
-            "stage_lengths": stage_lengths, "date": time.strftime("%Y-%m-%d"),
+            "stage_lengths": stages, "date": time.strftime("%Y-%m-%d"),
             "config": config_name, "command": "python scripts/leaderboard.py" + (" --quick" if args.quick else "")
             + (f" --config {config_name}" if config_name != DEFAULT_CONFIG else "")
             + (f" --methods {args.methods}" if args.methods else "")}
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "sweep": sweep.model_dump(), "plan": plan,
+    atomic_write_text(out / "results.json", json.dumps({"args": vars(args), "sweep": sweep.model_dump(), "plan": plan,
                                                   "meta": meta, "rows": rows}, indent=2))
     write_report(rows, meta, plan, out)
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import random
 import sys
@@ -34,18 +33,16 @@ from tqdm.auto import tqdm
 from ctxext import corpus
 from ctxext.evals import passkey
 from ctxext.evals.perplexity import perplexity
+from ctxext.atomic import atomic_folder, atomic_write
+from ctxext.data import join_documents
 from ctxext.reference import SPECIALS, train_tokenizer
+from ctxext.schedule import lr_multiplier
 
 SEQ_LEN = 256
 
 
 def tokenize_stream(tokenizer, texts: list[str]) -> np.ndarray:
-    eos = tokenizer.eos_token_id
-    out = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        out.extend(ids)
-        out.append(eos)
-    return np.asarray(out, dtype=np.int32)
+    return join_documents(tokenizer, texts).astype(np.int32)
 
 
 def tokenize_docs(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -160,10 +157,7 @@ def build_model(tokenizer, quick: bool):
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    return peak * lr_multiplier(step, total, warmup=warmup, schedule="cosine", min_ratio=0.1)
 
 
 def main(argv=None) -> int:
@@ -225,10 +219,8 @@ def main(argv=None) -> int:
         print(f"resumed at step {step}", flush=True)
 
     def save_state():
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "trained_seconds": trained_seconds}, tmp)
-        tmp.replace(ckpt)
+        atomic_write(ckpt, lambda tmp: torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                   "step": step, "trained_seconds": trained_seconds}, tmp))
 
     phases_path = work / "phases.json"
     phases = json.loads(phases_path.read_text()) if args.resume and phases_path.is_file() else []
@@ -284,10 +276,10 @@ def main(argv=None) -> int:
     passed = gates(result)
     # ship only what passes: a failing model goes to the work folder as a candidate (resume to improve it)
     out = Path(args.output) if all(passed.values()) else work / "candidate"
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
     tokenizer.model_max_length = 1_000_000  # documents are tokenized whole; the context is in config.json
-    tokenizer.save_pretrained(out)
+    with atomic_folder(out, replace=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     summary = {
         "parameters": n_params,
         "steps": step,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ctxext.loss import linear_cross_entropy
-from ctxext.train import ChunkedLMLoss
+from ctxext.loss import ChunkedLMLoss
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])

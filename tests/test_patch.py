@@ -9,7 +9,7 @@ from transformers import AutoConfig
 import reference as ref
 from conftest import CONTEXT, tiny_model
 from ctxext import MethodError, patch_model, plan_patch
-from ctxext.models import UnsupportedModelError
+from ctxext.errors import UnsupportedModelError
 from ctxext.models.base import find_rotary
 from ctxext.rope.xpos import xpos_attention
 

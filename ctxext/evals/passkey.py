@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import DataError, EvalError
+
 KEY_LINE = "# The pass key is {key}. Remember it.\n"
 QUESTION = "\n# What is the pass key? The pass key is"
 ANSWER = " {key}"
@@ -38,14 +40,14 @@ def build_prompt(tokenizer, filler_ids: list[int], length: int, depth: float, ke
     of the filler nearest the requested depth, so the key sits within one filler line of it.
     """
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth={depth!r} is invalid; valid range: 0 <= depth <= 1")
+        raise EvalError(f"depth={depth!r} is invalid; valid range: 0 <= depth <= 1")
     key_ids = tokenizer.encode(KEY_LINE.format(key=key), add_special_tokens=False, verbose=False)
     question_ids = tokenizer.encode(QUESTION, add_special_tokens=False)
     n_filler = length - len(key_ids) - len(question_ids)
     if n_filler < 0:
-        raise ValueError(f"length={length} is too short for the key and question ({length - n_filler} tokens)")
+        raise EvalError(f"length={length} is too short for the key and question ({length - n_filler} tokens)")
     if len(filler_ids) < n_filler:
-        raise ValueError(f"not enough filler: {len(filler_ids)} tokens for a prompt of {length}")
+        raise DataError(f"not enough filler: {len(filler_ids)} tokens for a prompt of {length}")
     filler = filler_ids[:n_filler]
     cut = _nearest_line_start(tokenizer, filler, round(depth * n_filler))
     ids = filler[:cut] + key_ids + filler[cut:] + question_ids

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import DataError, EvalError
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -56,7 +58,7 @@ def perplexity(
     """Perplexity of ``model`` on token-id ``documents`` at context ``length`` (see the module docstring)."""
     stride = stride or length
     if not 0 < stride <= length:
-        raise ValueError(f"stride={stride!r} is invalid; valid range: 0 < stride <= length ({length})")
+        raise EvalError(f"stride={stride!r} is invalid; valid range: 0 < stride <= length ({length})")
     device = next(model.parameters()).device
     usable = [d for d in documents if len(d) >= length]
     skipped = len(documents) - len(usable)
@@ -77,5 +79,5 @@ def perplexity(
                                reduction="sum").item()
         count += int((targets != -100).sum())
     if count == 0:
-        raise ValueError(f"no document has at least {length} tokens ({skipped} skipped); use longer documents")
+        raise DataError(f"no document has at least {length} tokens ({skipped} skipped); use longer documents")
     return PerplexityResult(length, stride, math.exp(nll / count), nll, count, len(usable), skipped)

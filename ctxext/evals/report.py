@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..data import DEFAULT_EVAL_SOURCE, load_texts, tokenize_documents
+from ..data import DEFAULT_EVAL_SOURCE, join_documents, load_texts, tokenize_documents
+from ..errors import EvalError
 from ..reference import resolve_model
 from .passkey import passkey_accuracy
 from .perplexity import perplexity
@@ -78,7 +79,7 @@ def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DE
     each length scores every document long enough for it, whole.
     """
     if not lengths or any(L < 2 for L in lengths):
-        raise ValueError(f"lengths={lengths!r} is invalid; give context lengths >= 2, e.g. 256,512,1024")
+        raise EvalError(f"lengths={lengths!r} is invalid; give context lengths >= 2, e.g. 256,512,1024")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     texts = load_texts(data, text_field=text_field)
@@ -122,7 +123,7 @@ def evaluate_passkey(models: list[str], *, lengths: list[int], depths: list[floa
                      labels: list[str] | None = None) -> dict:
     """Passkey accuracy grid per model; writes ``passkey.json`` and ``passkey_<model>.png`` under ``output``."""
     if trials < 1:
-        raise ValueError(f"trials={trials!r} is invalid; give at least 1")
+        raise EvalError(f"trials={trials!r} is invalid; give at least 1")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     texts = load_texts(filler, text_field=text_field)
@@ -132,7 +133,7 @@ def evaluate_passkey(models: list[str], *, lengths: list[int], depths: list[floa
 
     for i, name in enumerate(models):
         model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
-        stream = [t for ids in tokenize_documents(tokenizer, texts) for t in ids + [tokenizer.eos_token_id or 0]]
+        stream = join_documents(tokenizer, texts).tolist()
         grid = passkey_accuracy(model, tokenizer, stream, lengths, depths, trials, seed=seed, batch_size=batch_size)
         label = _label(labels[i] if labels else name, used)
         grid["path"] = path

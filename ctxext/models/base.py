@@ -3,6 +3,11 @@
 A ``Family`` says where a family keeps its rope parameters (one flat dict, or one per layer type), which
 *scopes* a user may patch (``all``; ``global`` / ``sliding`` where layer types have separate rotary
 frequencies) and why a scope is missing. Families register themselves in ``FAMILIES`` by ``model_type``.
+
+The functions below are the rest of ctxext's contact with model internals: the rotary module (find, rebuild
+from the config), the attention implementation switch, the decoder body / LM head / logit softcap used by the
+chunked loss, the names of embeddings and norms (trainable extras in fine-tuning), activation checkpointing, and
+the q/k/v modules whose outputs the frequency analysis measures.
 """
 
 from __future__ import annotations
@@ -14,13 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..rope.spec import MethodError
+from ..errors import MethodError, UnsupportedModelError
 
 SCOPE_LAYER_TYPES = {"global": "full_attention", "sliding": "sliding_attention"}
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint is not a RoPE model of a supported family."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ FAMILIES: dict[str, Family] = {}
 def register_family(family: Family) -> Family:
     for model_type in family.model_types:
         if model_type in FAMILIES:
-            raise ValueError(f"model_type {model_type!r} already handled by family {FAMILIES[model_type].name!r}")
+            raise RuntimeError(f"model_type {model_type!r} already handled by family {FAMILIES[model_type].name!r}")
         FAMILIES[model_type] = family
     return family
 
@@ -159,3 +160,81 @@ def layer_inv_freq(model: nn.Module) -> list[torch.Tensor]:
     if per_type:
         return [getattr(rotary, f"{layer_types[i]}_inv_freq").float().cpu() for i in range(n)]
     return [rotary.inv_freq.float().cpu()] * n
+
+
+def rebuild_rotary(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """Replace the rotary module by one built from ``model.config`` exactly as ``from_pretrained`` builds it
+    (on the same device; buffers in fp32). Returns ``(parent, attribute, old module)`` for undoing."""
+    parent, attr, old = find_rotary(model)
+    buffer = next(iter(old.buffers()), None)
+    rebuilt = type(old)(model.config)
+    if buffer is not None:
+        rebuilt.to(buffer.device)
+    setattr(parent, attr, rebuilt)
+    return parent, attr, old
+
+
+def attention_implementation(model: nn.Module) -> str:
+    return model.config._attn_implementation
+
+
+def set_attention_implementation(model: nn.Module, name: str) -> None:
+    """Switch every layer's attention function (a transformers name or one ctxext registered)."""
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(name)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers ``*ForCausalLM`` inside a PEFT (or plain) model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, layers, final norm) that returns ``last_hidden_state``."""
+    return causal_lm(model).model
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    return causal_lm(model).lm_head
+
+
+def logit_softcap(config) -> float | None:
+    """Gemma 2's final logit soft-capping (None for the other families)."""
+    return getattr(config, "final_logit_softcapping", None)
+
+
+def is_embedding_parameter(name: str) -> bool:
+    """The input embedding (tied to the LM head where the family ties them)."""
+    return "embed_tokens" in name
+
+
+def is_norm_parameter(name: str) -> bool:
+    """Every RMSNorm weight: layer norms, the final norm and Qwen3 / Gemma 3 q_norm / k_norm."""
+    parts = name.split(".")
+    return len(parts) >= 2 and "norm" in parts[-2]
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()  # no-op when off
+
+
+def qkv_modules(attention: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The modules whose outputs are q and k as attention sees them before rotation (after q_norm / k_norm where
+    the family has them) and v. Their outputs are ``[B, S, H * D]`` (projections) or ``[B, S, H, D]`` (norms)."""
+    q = getattr(attention, "q_norm", None) or attention.q_proj
+    k = getattr(attention, "k_norm", None) or attention.k_proj
+    return q, k, attention.v_proj
+
+
+def stock_rope_types() -> set[str]:
+    """rope types stock transformers knows (ctxext's own excluded)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return {t for t in ROPE_INIT_FUNCTIONS if not t.startswith("ctxext")} | {"default"}

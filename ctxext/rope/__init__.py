@@ -1,21 +1,27 @@
 """RoPE extension methods: pure tensor math on per-pair inverse frequencies (only torch needed).
 
-Importing this package registers every method in ``METHODS``.
+Importing this package registers every built-in method in ``METHODS`` (a new method is one file here plus its
+line below; see ``registry.py``).
 """
 
-from . import dynamic, llama3, ntk, pi, prope, xpos, yarn  # noqa: F401  (registration)
-from .chain import apply_chain, format_chain, parse_chain, rescale_factor, validate_chain
-from .spec import METHODS, MethodError, RopeContext, RopeState, make_method
+from ..errors import MethodError
+from .registry import METHODS, ROLES, MethodConfig, RopeContext, RopeState, make_method, param, register_method
+from . import pi, ntk, dynamic, yarn, llama3, prope, xpos  # noqa: E402,F401,I001  (registration, in display order)
+from .chain import apply_chain, format_chain, parse_chain, rescale_factor, validate_chain  # noqa: E402
 
 __all__ = [
     "METHODS",
+    "ROLES",
+    "MethodConfig",
     "MethodError",
     "RopeContext",
     "RopeState",
     "apply_chain",
     "format_chain",
     "make_method",
+    "param",
     "parse_chain",
+    "register_method",
     "rescale_factor",
     "validate_chain",
 ]

@@ -1,11 +1,11 @@
 """Method chains: parse ``"prope+pi"``-style specs, refuse chains that make no sense, apply them.
 
-Rules (each refusal says why):
-  * at most one *rescale* method (pi, ntk, dynamic, yarn, llama3): two rescalers fight over the same frequencies;
-    fold them into one factor instead;
-  * ``prope`` may go with one rescaler, in either order (removing pairs and rescaling the rest commute);
-  * ``xpos`` acts inside attention and must come last;
-  * ``dynamic`` recomputes the frequencies at every forward and stands alone (``ntk`` is its static form);
+The rules follow from each method's declared role (``registry.ROLES``); each refusal says why:
+  * at most one ``rescale`` method (pi, ntk, dynamic, yarn, llama3, ...): two rescalers fight over the same
+    frequencies; fold them into one factor instead;
+  * ``filter`` methods (prope) go with one rescaler, in either order (removing pairs and rescaling the rest commute);
+  * ``attention`` methods (xpos) act inside attention and must come last;
+  * a ``per_forward`` method (dynamic) recomputes the frequencies at every forward and stands alone;
   * no method twice.
 """
 
@@ -15,7 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .spec import METHODS, MethodError, RopeContext, RopeState, make_method, method_fields
+from ..errors import MethodError
+from .registry import METHODS, RopeContext, RopeState, make_method, method_fields, names_with_role
 
 
 def _parse_value(text: str) -> Any:
@@ -26,15 +27,18 @@ def _parse_value(text: str) -> Any:
     return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
 
 
-def parse_chain(spec: str | Sequence[str], **params: Any) -> tuple:
+def parse_chain(spec: str | Sequence[str], *, default_factor: float | None = None, **params: Any) -> tuple:
     """Build a validated chain from ``"prope+pi"`` (or ``["prope", "pi"]``) plus shared parameters.
 
     A parameter given by keyword goes to every method of the chain that has a field of that name; a parameter
     no method takes is an error. Parameters can also be written inline: ``"prope:keep=0.25+pi:factor=4"``.
-    Keyword values that are None are ignored (convenient for CLI flags left unset).
+    Keyword values that are None are ignored (convenient for CLI flags left unset). ``default_factor`` (from a
+    target length) goes to the methods that take a factor and got none; together with ``factor`` it is an error.
     """
     names = spec.split("+") if isinstance(spec, str) else list(spec)
     params = {k: v for k, v in params.items() if v is not None}
+    if default_factor is not None and "factor" in params:
+        raise MethodError("give either factor or target_length, not both")
     used: set[str] = set()
     methods = []
     for item in names:
@@ -50,6 +54,8 @@ def parse_chain(spec: str | Sequence[str], **params: Any) -> tuple:
             if not eq:
                 raise MethodError(f"{name}: inline parameter {pair!r} must look like key=value, e.g. pi:factor=4")
             kwargs[key.strip()] = _parse_value(value.strip())
+        if default_factor is not None and METHODS[name].takes_factor and "factor" not in kwargs:
+            kwargs["factor"] = default_factor
         methods.append(make_method(name, **kwargs))
     unused = sorted(set(params) - used)
     if unused:
@@ -69,32 +75,37 @@ def validate_chain(methods: Sequence) -> None:
     for name in set(names):
         if names.count(name) > 1:
             raise MethodError(f"chain {chain}: method {name!r} appears twice; give it once with the combined parameters")
-    rescalers = [m.name for m in methods if m.kind == "rescale"]
+    rescalers = [m.name for m in methods if m.role == "rescale"]
     if len(rescalers) > 1:
+        others = names_with_role("filter") + names_with_role("attention")
         raise MethodError(
             f"chain {chain}: {' and '.join(rescalers)} both rescale every frequency; use one rescaling method "
-            f"(prope and xpos combine with any one of pi, ntk, dynamic, yarn, llama3)"
+            f"({' and '.join(others)} combine with any one of {', '.join(names_with_role('rescale'))})"
         )
     for i, m in enumerate(methods):
-        if m.kind == "attention" and i != len(methods) - 1:
+        if m.role == "attention" and i != len(methods) - 1:
             raise MethodError(f"chain {chain}: {m.name} acts inside attention and must come last, e.g. pi+{m.name}")
-    if "dynamic" in names and len(names) > 1:
-        raise MethodError(
-            f"chain {chain}: dynamic recomputes the frequencies at every forward and cannot be chained; "
-            f"use ntk (its static form) in a chain"
-        )
+    for m in methods:
+        if m.per_forward and len(methods) > 1:
+            alternative = f"; use {m.static_alternative} (its static form) in a chain" if m.static_alternative else ""
+            raise MethodError(
+                f"chain {chain}: {m.name} recomputes the frequencies at every forward and cannot be chained{alternative}"
+            )
 
 
 def apply_chain(methods: Sequence, state: RopeState, ctx: RopeContext) -> RopeState:
     """Run the frequency part of a chain on ``state`` (float64)."""
     for method in methods:
-        state = method.apply(state, ctx)
+        state = method.transform(state, ctx)
     return state
 
 
 def rescale_factor(methods: Sequence) -> float:
-    """How much the chain extends the context (1 when it has no rescaling method)."""
-    return math.prod(float(getattr(m, "factor", 1.0)) for m in methods if m.kind == "rescale" and m.name != "dynamic")
+    """How much the chain extends the context (1 when no method of it takes a factor)."""
+    return math.prod(m.extension for m in methods)
+
+
+
 
 
 def chain_to_records(methods: Sequence) -> list[dict[str, Any]]:

@@ -11,40 +11,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from .spec import MethodError, RopeContext, RopeState, check_positive, register_method
+from ..errors import MethodError
+from .registry import MethodConfig, RopeContext, RopeState, param, register_method
 
 
 @register_method
 @dataclass(frozen=True)
-class Llama3Config:
-    """Args:
-    factor: extension factor applied to the low frequencies (8 in Llama 3.1).
-    low_freq_factor: wavelengths above L / low_freq_factor are fully interpolated (default 1).
-    high_freq_factor: wavelengths below L / high_freq_factor are kept (default 4).
-    """
-
-    factor: float
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
+class Llama3Config(MethodConfig):
+    factor: float = param(help="extension factor applied to the low frequencies (8 in Llama 3.1)", gt=0)
+    low_freq_factor: float = param(1.0, help="wavelengths above L / low_freq_factor are fully interpolated", gt=0)
+    high_freq_factor: float = param(4.0, help="wavelengths below L / high_freq_factor are kept", gt=0)
     name: ClassVar[str] = "llama3"
-    kind: ClassVar[str] = "rescale"
+    role: ClassVar[str] = "rescale"
+    takes_factor: ClassVar[bool] = True
     paper: ClassVar[str] = "Meta 2024, The Llama 3 Herd of Models (arXiv:2407.21783), rope_scaling 'llama3'"
 
-    def __post_init__(self) -> None:
-        check_positive(self.name, "factor", self.factor)
-        check_positive(self.name, "low_freq_factor", self.low_freq_factor)
-        check_positive(self.name, "high_freq_factor", self.high_freq_factor)
+    def check(self) -> None:
         if self.high_freq_factor <= self.low_freq_factor:
             raise MethodError(
                 f"llama3: high_freq_factor={self.high_freq_factor!r} must be greater than "
                 f"low_freq_factor={self.low_freq_factor!r} (defaults 4 and 1)"
             )
 
-    def apply(self, state: RopeState, ctx: RopeContext) -> RopeState:
+    def transform(self, state: RopeState, ctx: RopeContext) -> RopeState:
         inv_freq, L = state.inv_freq, ctx.context_length
         wavelen = 2 * math.pi / inv_freq  # inf for removed pairs: they stay 0 below
         smooth = (L / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
@@ -52,3 +45,13 @@ class Llama3Config:
         out = torch.where(wavelen > L / self.low_freq_factor, inv_freq / self.factor, mixed)
         out = torch.where(wavelen < L / self.high_freq_factor, inv_freq, out)
         return RopeState(out, state.attention_factor)
+
+    def native(self, ctx: RopeContext) -> dict[str, Any]:
+        return {
+            "rope_type": "llama3",
+            "rope_theta": float(ctx.rope_theta),
+            "factor": float(self.factor),
+            "low_freq_factor": float(self.low_freq_factor),
+            "high_freq_factor": float(self.high_freq_factor),
+            "original_max_position_embeddings": int(ctx.context_length),
+        }

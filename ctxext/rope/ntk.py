@@ -9,33 +9,30 @@ new ``rope_theta``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from .spec import RopeContext, RopeState, check_positive, register_method
+from .registry import MethodConfig, RopeContext, RopeState, param, register_method
 
 
 @register_method
 @dataclass(frozen=True)
-class NTKConfig:
-    """Args:
-    factor: extension factor s; the base becomes theta * s ** (d / (d - 2)).
-    """
-
-    factor: float
+class NTKConfig(MethodConfig):
+    factor: float = param(help="extension factor s; the base becomes theta * s ** (d / (d - 2))", gt=0)
     name: ClassVar[str] = "ntk"
-    kind: ClassVar[str] = "rescale"
+    role: ClassVar[str] = "rescale"
+    takes_factor: ClassVar[bool] = True
     paper: ClassVar[str] = "bloc97 2023, NTK-Aware Scaled RoPE (as formalised in Peng et al. 2023, arXiv:2309.00071)"
-
-    def __post_init__(self) -> None:
-        check_positive(self.name, "factor", self.factor)
 
     def theta(self, ctx: RopeContext) -> float:
         d = ctx.head_dim
         return ctx.rope_theta * self.factor ** (d / (d - 2))
 
-    def apply(self, state: RopeState, ctx: RopeContext) -> RopeState:
+    def transform(self, state: RopeState, ctx: RopeContext) -> RopeState:
         i = torch.arange(ctx.num_pairs, dtype=torch.float64)
         multiplier = torch.tensor(float(self.factor), dtype=torch.float64) ** (-2.0 * i / (ctx.head_dim - 2))
         return RopeState(state.inv_freq * multiplier, state.attention_factor)
+
+    def native(self, ctx: RopeContext) -> dict[str, Any]:
+        return {"rope_type": "default", "rope_theta": self.theta(ctx)}

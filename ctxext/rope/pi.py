@@ -7,25 +7,23 @@ the original. transformers' native form: ``rope_type: linear``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from .spec import RopeContext, RopeState, check_positive, register_method
+from .registry import MethodConfig, RopeContext, RopeState, param, register_method
 
 
 @register_method
 @dataclass(frozen=True)
-class PIConfig:
-    """Args:
-    factor: extension factor s = new context / old context; every frequency is divided by it.
-    """
-
-    factor: float
+class PIConfig(MethodConfig):
+    factor: float = param(help="extension factor s = new context / old context; every frequency is divided by it",
+                          gt=0)
     name: ClassVar[str] = "pi"
-    kind: ClassVar[str] = "rescale"
+    role: ClassVar[str] = "rescale"
+    takes_factor: ClassVar[bool] = True
     paper: ClassVar[str] = "Chen et al. 2023, Extending Context Window of LLMs via Positional Interpolation (arXiv:2306.15595)"
 
-    def __post_init__(self) -> None:
-        check_positive(self.name, "factor", self.factor)
-
-    def apply(self, state: RopeState, ctx: RopeContext) -> RopeState:
+    def transform(self, state: RopeState, ctx: RopeContext) -> RopeState:
         return RopeState(state.inv_freq / self.factor, state.attention_factor)
+
+    def native(self, ctx: RopeContext) -> dict[str, Any]:
+        return {"rope_type": "linear", "factor": float(self.factor)}

@@ -9,25 +9,19 @@ distribution by longer contexts. transformers' native form: ``rope_type: proport
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from .spec import MethodError, RopeContext, RopeState, check_fraction, register_method
+from ..errors import MethodError
+from .registry import MethodConfig, RopeContext, RopeState, param, register_method
 
 
 @register_method
 @dataclass(frozen=True)
-class PRopeConfig:
-    """Args:
-    keep: fraction of rotation pairs to keep, highest frequencies first; 0 < keep <= 1.
-    """
-
-    keep: float
+class PRopeConfig(MethodConfig):
+    keep: float = param(help="fraction of rotation pairs kept, highest frequencies first", gt=0, le=1)
     name: ClassVar[str] = "prope"
-    kind: ClassVar[str] = "mask"
+    role: ClassVar[str] = "filter"
     paper: ClassVar[str] = "Barbero et al. 2024, Round and Round We Go! What makes Rotary Positional Encodings useful? (arXiv:2410.06205)"
-
-    def __post_init__(self) -> None:
-        check_fraction(self.name, "keep", self.keep)
 
     def kept_pairs(self, ctx: RopeContext) -> int:
         k = round(self.keep * ctx.num_pairs)
@@ -38,7 +32,12 @@ class PRopeConfig:
             )
         return k
 
-    def apply(self, state: RopeState, ctx: RopeContext) -> RopeState:
+    def transform(self, state: RopeState, ctx: RopeContext) -> RopeState:
         inv_freq = state.inv_freq.clone()
         inv_freq[self.kept_pairs(ctx):] = 0.0
         return RopeState(inv_freq, state.attention_factor)
+
+    def native(self, ctx: RopeContext) -> dict[str, Any]:
+        # int(p * d // 2) must give exactly k: (2k + 1) / d is safe where 2k / d can round down.
+        # (prope+pi goes to the universal form: transformers warns about `factor` on proportional at every load.)
+        return {"rope_type": "proportional", "partial_rotary_factor": (2 * self.kept_pairs(ctx) + 1) / ctx.head_dim}

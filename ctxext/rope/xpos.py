@@ -22,29 +22,24 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .spec import RopeContext, RopeState, check_positive, register_method
+from .registry import MethodConfig, param, register_method
 
 BLOCK = 256  # queries per block; bounds every scale factor by zeta ** (-BLOCK / scale_base)
 
 
 @register_method
 @dataclass(frozen=True)
-class XPosConfig:
-    """Args:
-    scale_base: gamma, the distance over which the decay acts: pair i is damped by zeta_i ** (distance / gamma)
-      (default 512, the paper's value).
-    """
-
-    scale_base: float = 512.0
+class XPosConfig(MethodConfig):
+    scale_base: float = param(512.0, help="decay scale gamma: pair i is damped by zeta_i ** (distance / gamma) "
+                              "(512 in the paper)", gt=0)
     name: ClassVar[str] = "xpos"
-    kind: ClassVar[str] = "attention"
+    role: ClassVar[str] = "attention"
     paper: ClassVar[str] = "Sun et al. 2022, A Length-Extrapolatable Transformer (arXiv:2212.10554)"
 
-    def __post_init__(self) -> None:
-        check_positive(self.name, "scale_base", self.scale_base)
-
-    def apply(self, state: RopeState, ctx: RopeContext) -> RopeState:
-        return state  # frequencies unchanged; the decay lives in attention (xpos_attention)
+    # frequencies unchanged (transform is the identity); the decay lives in attention
+    def attention(self, query, key, value, attention_mask, *, scaling, dropout, softcap):
+        return xpos_attention(query, key, value, attention_mask, scale_base=float(self.scale_base), scaling=scaling,
+                              dropout=dropout, softcap=softcap)
 
 
 def xpos_zeta(head_dim: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:

@@ -12,41 +12,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from .spec import MethodError, RopeContext, RopeState, check_positive, register_method
+from ..errors import MethodError
+from .registry import MethodConfig, RopeContext, RopeState, param, register_method
 
 
 @register_method
 @dataclass(frozen=True)
-class YaRNConfig:
-    """Args:
-    factor: extension factor s.
-    beta_fast: pairs with more than this many rotations over the trained context are kept (default 32).
-    beta_slow: pairs with fewer rotations are fully interpolated (default 1).
-    attention_factor: multiplier of cos/sin; default 0.1 * ln(s) + 1 (the paper's sqrt(1/t)).
-    """
-
-    factor: float
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    attention_factor: float | None = None
+class YaRNConfig(MethodConfig):
+    factor: float = param(help="extension factor s", gt=0)
+    beta_fast: float = param(32.0, help="pairs with more than this many rotations over the trained context are kept",
+                             gt=0)
+    beta_slow: float = param(1.0, help="pairs with fewer rotations over the trained context are fully interpolated",
+                             gt=0)
+    attention_factor: float | None = param(None, help="cos/sin multiplier (None: 0.1 ln s + 1, the paper's "
+                                           "sqrt(1/t))", gt=0)
     name: ClassVar[str] = "yarn"
-    kind: ClassVar[str] = "rescale"
+    role: ClassVar[str] = "rescale"
+    takes_factor: ClassVar[bool] = True
     paper: ClassVar[str] = "Peng et al. 2023, YaRN: Efficient Context Window Extension of LLMs (arXiv:2309.00071)"
 
-    def __post_init__(self) -> None:
-        check_positive(self.name, "factor", self.factor)
-        check_positive(self.name, "beta_fast", self.beta_fast)
-        check_positive(self.name, "beta_slow", self.beta_slow)
+    def check(self) -> None:
         if self.beta_fast <= self.beta_slow:
             raise MethodError(
                 f"yarn: beta_fast={self.beta_fast!r} must be greater than beta_slow={self.beta_slow!r} (defaults 32 and 1)"
             )
-        if self.attention_factor is not None:
-            check_positive(self.name, "attention_factor", self.attention_factor)
 
     def resolved_attention_factor(self) -> float:
         if self.attention_factor is not None:
@@ -67,7 +60,18 @@ class YaRNConfig:
         i = torch.arange(ctx.num_pairs, dtype=torch.float64)
         return 1.0 - ((i - low) / (high - low)).clamp(0.0, 1.0)
 
-    def apply(self, state: RopeState, ctx: RopeContext) -> RopeState:
+    def transform(self, state: RopeState, ctx: RopeContext) -> RopeState:
         keep = self.ramp(ctx)
         inv_freq = state.inv_freq / self.factor * (1 - keep) + state.inv_freq * keep
         return RopeState(inv_freq, state.attention_factor * self.resolved_attention_factor())
+
+    def native(self, ctx: RopeContext) -> dict[str, Any]:
+        return {
+            "rope_type": "yarn",
+            "rope_theta": float(ctx.rope_theta),
+            "factor": float(self.factor),
+            "beta_fast": float(self.beta_fast),
+            "beta_slow": float(self.beta_slow),
+            "attention_factor": self.resolved_attention_factor(),
+            "original_max_position_embeddings": int(ctx.context_length),
+        }

@@ -1,0 +1,107 @@
+"""Recipes: a whole experiment (extend, fine-tune, evaluate) as one YAML file, e.g. ``configs/recipes/demo.yaml``.
+
+``ctxext demo`` and ``scripts/leaderboard.py`` read a recipe; its ``finetune`` section becomes a fine-tuning config
+(``ctxext.config.FinetuneConfig``) once the model, the method and the data are known.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import FinetuneConfig, LoggingSection, LoraSection, OptimizationSection, _format, load_config
+from .errors import ConfigError
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_RECIPE = "configs/recipes/demo.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RecipeData(_Strict):
+    passkey_documents: int = Field(2000, ge=0, description="passkey documents mixed into the stdlib train files")
+    edge_depth_share: float = Field(0.2, ge=0, le=1, description="share of passkey documents with the key at an edge")
+    train_documents: int | None = Field(None, gt=0, description="stdlib train files used (None: all)")
+
+
+class RecipeEvaluation(_Strict):
+    ppl_documents: int = Field(24, gt=0)
+    passkey_trials: int = Field(10, gt=0)
+    depths: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+
+
+class RecipeFinetune(_Strict):
+    stage_steps: list[int] = Field(..., min_length=1, description="optimizer steps at 2x, 4x and the target length")
+    lora: LoraSection = LoraSection()
+    optimization: OptimizationSection = OptimizationSection()
+    logging: LoggingSection = LoggingSection()
+    seed: int = 0
+
+
+class Recipe(_Strict):
+    method: str = "pi"
+    factor: float = Field(8.0, gt=1)
+    data: RecipeData = RecipeData()
+    evaluation: RecipeEvaluation = RecipeEvaluation()
+    finetune: RecipeFinetune
+    quick: dict[str, Any] = Field(default_factory=dict, description="values that --quick replaces")
+
+    def plan(self) -> dict:
+        """The budget in the flat form the reports print (and results.json keeps)."""
+        return {"ppl_docs": self.evaluation.ppl_documents, "passkey_trials": self.evaluation.passkey_trials,
+                "depths": list(self.evaluation.depths), "steps": list(self.finetune.stage_steps),
+                "tokens_per_step": self.finetune.optimization.tokens_per_step,
+                "passkey_docs": self.data.passkey_documents, "train_docs": self.data.train_documents}
+
+    def finetune_config(self, base: str, method: str, target: int, stage_lengths: list[int], data: Path,
+                        params: dict | None = None) -> FinetuneConfig:
+        """The fine-tuning config for ``base`` patched with ``method`` to ``target`` tokens on ``data``."""
+        raw = {
+            "model": {"path": base, "dtype": "float32"},
+            "patch": {"method": method, "target_length": target, **(params or {})},
+            "stages": [{"seq_len": L, "steps": s} for L, s in zip(stage_lengths, self.finetune.stage_steps)],
+            "data": {"source": str(data), "held_out": "stdlib:held_out"},
+            **self.finetune.model_dump(mode="json", exclude={"stage_steps"}),
+        }
+        return load_config(raw=raw)
+
+
+def stage_lengths(context: int, target: int) -> list[int]:
+    """Fine-tuning lengths: 2x and 4x the trained context, then the target (at most three, none beyond it)."""
+    return [L for L in (2 * context, 4 * context, target) if L <= target][-3:]
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_recipe(path: str | Path | None = None, *, quick: bool = False, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe (default ``configs/recipes/demo.yaml``); ``quick`` applies its ``quick`` section,
+    ``overrides`` are ``key=value`` pairs as for fine-tuning configs (``data.passkey_documents=8000``)."""
+    from .config import apply_overrides
+
+    path = Path(path) if path else REPO_CONFIGS / "recipes" / "demo.yaml"
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist; give a YAML file such as {DEFAULT_RECIPE}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping (method, factor, data, evaluation, finetune, quick)")
+    raw = apply_overrides(raw, overrides or [])
+    if quick:
+        raw = _merge(raw, raw.get("quick") or {})
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, root=Recipe).replace("fine-tuning config", f"recipe {path}")) from None
