@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,7 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# the edit loop: everything but subprocess and training tests (`-m slow` is the rest); under 2 minutes on 2 cores
+test-fast: install
+	$(PY) -m pytest -m "not slow" -q

@@ -12,7 +12,12 @@ from .models.attention import register_with_transformers  # noqa: E402
 from .patch import PatchHandle, PatchPlan, patch_model, plan_patch  # noqa: E402
 from .rope import METHODS, make_method, parse_chain, register_method  # noqa: E402
 
-register_with_transformers()
+try:
+    import transformers  # noqa: F401
+except ImportError:  # ctxext.rope (pure torch) still works; patching and loading need transformers
+    pass
+else:
+    register_with_transformers()
 
 __all__ = [
     "METHODS",

@@ -166,6 +166,27 @@ def cmd_eval_passkey(args) -> int:
     return 0
 
 
+def cmd_eval_retrieval(args) -> int:
+    from .evals.report import evaluate_retrieval
+
+    res = evaluate_retrieval(args.models, tasks=args.tasks.split(","), lengths=args.lengths, depths=args.depths,
+                             trials=args.trials, seed=args.seed, filler=args.filler, output=args.output,
+                             text_field=args.text_field, batch_size=args.batch_size, device=args.device,
+                             dtype=args.dtype)
+    for label, r in res["models"].items():
+        for task, grid in r["tasks"].items():
+            print(f"{label} / {task}: accuracy [Wilson 95%] ({args.trials} trials per cell), rows = length, "
+                  "columns = depth")
+            print("".ljust(8) + "".join(f"{d:>17}" for d in args.depths))
+            for L, row in grid["accuracy"].items():
+                cells = [f"{row[str(d)]:.0%} [{grid['wilson95'][L][str(d)][0]:.0%},{grid['wilson95'][L][str(d)][1]:.0%}]"
+                         for d in args.depths]
+                print(str(L).ljust(8) + "".join(f"{c:>17}" for c in cells))
+            print(f"heatmap: {grid['plot']}")
+    print(f"results: {args.output}/retrieval.json")
+    return 0
+
+
 def cmd_analyze_freq(args) -> int:
     from .evals.report import analyze_frequencies
 
@@ -270,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     _add_eval_common(p)
     p.set_defaults(func=cmd_eval_passkey)
+
+    p = ev.add_parser("retrieval", help="RULER-style tasks in code (multi-key, multi-value, variable tracking): "
+                      "length x depth grids with Wilson intervals (JSON, heatmaps)")
+    p.add_argument("models", nargs="+", help="checkpoint folders, or 'reference' for the shipped model")
+    p.add_argument("--tasks", default="multikey,multivalue,vartrack", help="comma-separated tasks (default: all)")
+    p.add_argument("--lengths", type=_ints, required=True, help="comma-separated prompt lengths in tokens")
+    p.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
+    p.add_argument("--trials", type=int, default=40, help="prompts per (length, depth) cell (40: +-15 points at 50%%)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--filler", default="stdlib:held_out", help="filler text source (" + data_help + ")")
+    p.add_argument("--batch-size", type=int, default=8)
+    _add_eval_common(p)
+    p.set_defaults(func=cmd_eval_retrieval)
 
     an = sub.add_parser("analyze", help="analyses of RoPE usage").add_subparsers(dest="analyze_command", required=True)
     p = an.add_parser("freq", help="per-layer/head/pair q and k norms (Barbero et al. 2024), heatmap, prope keep hint")

@@ -72,6 +72,34 @@ class Recipe(_Strict):
         return load_config(raw=raw)
 
 
+class SweepRow(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)  # method parameters (keep, scale_base, ...) go to the patch
+    method: str | None = Field(..., description="method chain; null: the unextended model")
+
+
+class Sweep(_Strict):
+    """A leaderboard sweep (``configs/sweeps/*.yaml``): rows of methods on one recipe."""
+
+    model: str = "reference"
+    factor: float = Field(8.0, gt=1)
+    recipe: str = Field(DEFAULT_RECIPE, description="the fine-tuning and evaluation budget, relative to the repository")
+    overrides: list[str] = Field(default_factory=list, description="key=value changes to the recipe")
+    methods: dict[str, SweepRow] = Field(..., min_length=1)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return Sweep.model_validate(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    except ValidationError as err:
+        raise ConfigError(_format(err, root=Sweep).replace("fine-tuning config", f"sweep {path}")) from None
+
+
 def stage_lengths(context: int, target: int) -> list[int]:
     """Fine-tuning lengths: 2x and 4x the trained context, then the target (at most three, none beyond it)."""
     return [L for L in (2 * context, 4 * context, target) if L <= target][-3:]

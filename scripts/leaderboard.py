@@ -21,34 +21,18 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict
 
 from ctxext.demo import build_finetune_data
 from ctxext.atomic import atomic_write_text
 from ctxext.evals.report import evaluate_passkey, evaluate_perplexity, write_markdown_keeping_notes
 from ctxext.hub import patch_checkpoint
 from ctxext.plots import plot_sweep
-from ctxext.recipe import DEFAULT_RECIPE, load_recipe, stage_lengths
+from ctxext.recipe import load_sweep, load_recipe, stage_lengths
 from ctxext.reference import resolve_model
 from ctxext.train import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/sweeps/leaderboard.yaml"
-
-
-class Row(BaseModel):
-    model_config = ConfigDict(extra="allow")  # method parameters (keep, scale_base, ...) go to ctxext patch
-    method: str | None
-
-
-class Sweep(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str = "reference"
-    factor: float = 8.0
-    recipe: str = DEFAULT_RECIPE  # fine-tuning and evaluation budget, relative to the repository
-    overrides: list[str] = []  # key=value changes to the recipe, e.g. data.passkey_documents=8000
-    methods: dict[str, Row]
 
 
 def check_targets(rows: dict, context: int, target: int) -> list[tuple[str, bool, str]]:
@@ -132,7 +116,7 @@ def main(argv=None) -> int:
         write_report(saved["rows"], saved["meta"], saved["plan"], Path(args.output))
         return 0
     config_path = Path(args.config) if Path(args.config).is_absolute() else REPO / args.config
-    sweep = Sweep.model_validate(yaml.safe_load(config_path.read_text()))
+    sweep = load_sweep(config_path)
     config_name = config_path.relative_to(REPO).as_posix() if config_path.is_relative_to(REPO) else str(config_path)
     names = args.methods.split(",") if args.methods else list(sweep.methods)
     unknown = [n for n in names if n not in sweep.methods]

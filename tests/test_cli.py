@@ -20,6 +20,8 @@ from conftest import FAMILIES, tiny_model
 from ctxext import patch_model
 from ctxext.cli import main
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 IDS = torch.randint(1, 97, (1, 150), generator=torch.Generator().manual_seed(7))
 

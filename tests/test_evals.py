@@ -125,7 +125,8 @@ def test_passkey_grid_counts_correct_answers(lm, tokenizer):
     filler = [t for d in corpus.read_texts(corpus.stdlib_files("held_out")[:10]) for t in tokenizer.encode(d)]
 
     class Oracle(torch.nn.Module):
-        """Answers with the key read back from the prompt: accuracy must be 100%."""
+        """Answers with the key read back from the prompt when the key line opens it (depth 0), with a wrong last
+        digit otherwise (depth 1): the grid must count exactly that."""
 
         def __init__(self):
             super().__init__()
@@ -136,13 +137,13 @@ def test_passkey_grid_counts_correct_answers(lm, tokenizer):
             for row in ids.tolist():
                 text = tokenizer.decode(row)
                 key = text.split("The pass key is ")[1][:5]
-                rows.append(row + tokenizer.encode(" " + key))
+                early = text.startswith("# The pass key is ")  # depth 0: the key line opens the prompt
+                answer = key if early else key[:4] + str((int(key[4]) + 1) % 10)
+                rows.append(row + tokenizer.encode(" " + answer))
             return torch.tensor(rows)
 
     grid = passkey.passkey_accuracy(Oracle(), tokenizer, filler, [100, 200], [0.0, 1.0], 3, progress=False)
-    assert all(v == 1.0 for row in grid["accuracy"].values() for v in row.values())
-    grid = passkey.passkey_accuracy(lm, tokenizer, filler, [100], [0.5], 2, progress=False)
-    assert grid["accuracy"]["100"]["0.5"] in (0.0, 0.5, 1.0)
+    assert grid["accuracy"] == {"100": {"0.0": 1.0, "1.0": 0.0}, "200": {"0.0": 1.0, "1.0": 0.0}}
 
 
 # ---------------------------------------------------------------- frequency analysis
@@ -224,6 +225,8 @@ def test_eval_and_analyze_commands_write_json_and_plots(lm_dir, tmp_path):
                "--output", out)
     res = json.loads((out / "passkey.json").read_text())
     assert set(res["models"]["lm0"]["accuracy"]) == {"96", "128"} and _is_png(out / "passkey_lm0.png")
+    printed = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.split()[:1] in (["96"], ["128"])}
+    assert printed == {L: [f"{row[d]:.0%}" for d in ("0.0", "1.0")] for L, row in res["models"]["lm0"]["accuracy"].items()}
 
     text = run("analyze", "freq", lm_dir, "--data", data, "--compare", lm_dir, "--output", out, "--max-tokens", 512)
     assert "Suggested: --method prope --keep" in text and _is_png(out / "freq.png")
@@ -247,3 +250,74 @@ def test_training_documents_can_put_the_key_exactly_at_the_start(tokenizer):
     rng = random.Random(0)
     docs = [passkey.training_document(tokenizer, filler, rng, 200) for _ in range(40)]
     assert sum(d[: len(key_start)] == key_start for d in docs) <= 2  # uniform depths rarely hit position 0
+
+
+# ---------------------------------------------------------------- RULER-style retrieval tasks
+
+
+@pytest.mark.parametrize("task", ["multikey", "multivalue", "vartrack"])
+def test_retrieval_prompt_plus_answer_fits_the_length_and_holds_the_needles(tokenizer, task):
+    import random
+
+    from ctxext.evals import retrieval
+
+    filler = [t for d in corpus.read_texts(corpus.stdlib_files("held_out")[:10]) for t in tokenizer.encode(d)]
+    needles = retrieval.TASKS[task](random.Random(5), 0.0)
+    ids = retrieval.build_prompt(tokenizer, filler, 300, needles)
+    answer = tokenizer.encode(needles.answer_text, add_special_tokens=False)
+    assert len(ids) + len(answer) == 300
+    text = tokenizer.decode(ids)
+    assert text.endswith(needles.question)
+    positions = [text.index(line.strip()) for _, line in needles.lines]
+    assert min(positions) == positions[0] and positions[0] < 40  # the target needle at depth 0 comes first
+    if task == "vartrack":  # the chain is in order, so it can be followed from its value to the asked variable
+        assert positions[: len(needles.lines)] == sorted(positions[: len(needles.lines)])
+
+
+@pytest.mark.parametrize("completion,answer,ok", [
+    (" 48213", ["48213"], True), (" 48213\n", ["48213"], True), (" 48214", ["48213"], False),
+    (" 482130", ["48213"], False), ("\n48213", ["48213"], True), (" x 48213", ["48213"], False),
+    (" 1, 2, 3", ["1", "2", "3"], True), (" 1, 3, 2", ["1", "2", "3"], False), (" 1, 2", ["1", "2", "3"], False),
+])
+def test_retrieval_scoring_is_exact_match_in_order(completion, answer, ok):
+    from ctxext.evals.retrieval import score
+
+    assert score(completion, answer) is ok
+
+
+def test_wilson_interval_matches_known_values():
+    from ctxext.evals.retrieval import wilson
+
+    lo, hi = wilson(38, 40)  # 95%: the textbook interval for 38/40
+    assert (round(lo, 3), round(hi, 3)) == (0.835, 0.986)
+    assert wilson(0, 40)[0] == 0.0 and round(wilson(0, 40)[1], 3) == 0.088 and wilson(40, 40)[1] == 1.0
+
+
+def test_retrieval_grid_counts_what_an_oracle_answers(tokenizer):
+    import re as regex
+
+    from ctxext.evals import retrieval
+
+    filler = [t for d in corpus.read_texts(corpus.stdlib_files("held_out")[:10]) for t in tokenizer.encode(d)]
+
+    class Oracle(torch.nn.Module):
+        """Solves multi-key by reading the prompt, but only when the asked key sits in the first half."""
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, ids, max_new_tokens, **kwargs):
+            rows = []
+            for row in ids.tolist():
+                text = tokenizer.decode(row)
+                key = regex.search(r"What is the value of (KEY_\w+)\?", text).group(1)
+                at = text.index(f"{key} = ")
+                value = text[at + len(key) + 3 : at + len(key) + 8]
+                answer = value if at < len(text) // 2 else "00000"
+                rows.append((row + tokenizer.encode(" " + answer))[: len(row) + max_new_tokens])
+            return torch.tensor(rows)
+
+    grid = retrieval.task_accuracy(Oracle(), tokenizer, filler, "multikey", [200], [0.0, 1.0], 5, progress=False)
+    assert grid["accuracy"] == {"200": {"0.0": 1.0, "1.0": 0.0}}
+    assert grid["wilson95"]["200"]["0.0"][1] == 1.0 and grid["wilson95"]["200"]["1.0"][0] == 0.0

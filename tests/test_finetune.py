@@ -108,6 +108,7 @@ def test_two_cpu_processes_give_the_same_loss_curve(base, reference_run, tmp_pat
     assert lrs[0] == pytest.approx(lrs[1])  # the scheduler steps once per optimizer step, not once per process
 
 
+@pytest.mark.slow
 def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
     out = tmp_path / "nan"
     proc = subprocess.run(finetune_cmd(base, out, "optimization.lr=1e30", "optimization.grad_clip=null",
@@ -117,6 +118,7 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
     assert (out / "checkpoints" / "step-000001").is_dir() and not (out / "merged").exists()
 
 
+@pytest.mark.slow
 def test_bad_data_is_refused_before_training(base, tmp_path):
     proc = subprocess.run(finetune_cmd(base, tmp_path / "a", f"data.source={tmp_path}/missing"), capture_output=True,
                           text=True, cwd=REPO, env=ENV)
@@ -131,12 +133,27 @@ def test_bad_data_is_refused_before_training(base, tmp_path):
 # ---------------------------------------------------------------- config validation
 
 
-def test_every_shipped_config_validates():
-    configs = sorted((REPO / "configs").glob("*.yaml"))
-    assert len(configs) >= 4
-    for path in configs:
-        cfg = load_config(path)
-        assert cfg.stages and path.read_text().startswith("#")  # header comment with the command
+def test_every_yaml_under_configs_validates():
+    """Fine-tuning configs, recipes and sweeps (whose recipe and overrides must validate too)."""
+    from ctxext.recipe import load_recipe, load_sweep
+
+    kinds = {}
+    for path in sorted((REPO / "configs").rglob("*.y*ml")):
+        assert path.read_text().startswith("#"), f"{path}: the header comment names the command that runs it"
+        kind = path.relative_to(REPO / "configs").parts[0] if len(path.relative_to(REPO / "configs").parts) > 1 else "finetune"
+        if kind == "finetune":
+            assert load_config(path).stages
+        elif kind == "recipes":
+            for quick in (False, True):
+                recipe = load_recipe(path, quick=quick)
+                recipe.finetune_config("reference", recipe.method, 2048, [512, 1024, 2048], Path("data.jsonl"))
+        elif kind == "sweeps":
+            sweep = load_sweep(path)
+            load_recipe(REPO / sweep.recipe, overrides=sweep.overrides)
+        else:
+            raise AssertionError(f"{path}: no validator for configs/{kind}/")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert kinds["finetune"] >= 4 and kinds["recipes"] >= 1 and kinds["sweeps"] >= 2
 
 
 @pytest.mark.parametrize(
@@ -158,6 +175,7 @@ def test_config_errors_name_the_field(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.slow
 def test_cli_reports_config_errors_with_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ctxext.cli", "finetune", str(REPO / "configs" / "tiny.yaml"),
                            "optimization.lrr=1"], capture_output=True, text=True, cwd=REPO, env=ENV)

@@ -39,6 +39,7 @@ def test_model_card_states_the_measured_numbers():
     assert all(summary["gates"].values()), summary["gates"]
 
 
+@pytest.mark.slow  # evaluates the model over many prompts
 def test_retrieves_passkeys_within_its_window(ref):
     model, tokenizer = ref
     filler = [t for d in corpus.read_texts(corpus.stdlib_files("held_out")[:40]) for t in tokenizer.encode(d, verbose=False)]
@@ -46,6 +47,7 @@ def test_retrieves_passkeys_within_its_window(ref):
     assert min(grid["accuracy"]["256"].values()) >= 0.8, grid["accuracy"]
 
 
+@pytest.mark.slow  # evaluates the model over many prompts
 def test_context_helps_inside_the_window(ref):
     model, tokenizer = ref
     docs = [tokenizer.encode(t, verbose=False) for t in corpus.read_texts(corpus.stdlib_files("held_out")[:60])]

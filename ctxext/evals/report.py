@@ -149,6 +149,44 @@ def evaluate_passkey(models: list[str], *, lengths: list[int], depths: list[floa
     return payload
 
 
+def evaluate_retrieval(models: list[str], *, tasks: list[str], lengths: list[int], depths: list[float],
+                       trials: int = 40, seed: int = 0, filler: str = DEFAULT_EVAL_SOURCE,
+                       output: str | Path = "ctxext-eval", text_field: str = "text", batch_size: int = 8,
+                       device: str = "auto", dtype: str = "auto", labels: list[str] | None = None) -> dict:
+    """RULER-style task grids (``ctxext.evals.retrieval``) per model and task, with Wilson 95% intervals; writes
+    ``retrieval.json`` and ``retrieval_<task>_<model>.png`` under ``output``."""
+    from ..plots import plot_passkey
+    from .retrieval import check_tasks, task_accuracy
+
+    check_tasks(tasks)
+    if trials < 1:
+        raise EvalError(f"trials={trials!r} is invalid; give at least 1")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = load_texts(filler, text_field=text_field)
+    random.Random(seed).shuffle(texts)
+    results, used = {}, set()
+    for i, name in enumerate(models):
+        model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
+        stream = join_documents(tokenizer, texts).tolist()
+        label = _label(labels[i] if labels else name, used)
+        results[label] = {"path": path, "tasks": {}}
+        for task in tasks:
+            grid = task_accuracy(model, tokenizer, stream, task, lengths, depths, trials, seed=seed,
+                                 batch_size=batch_size)
+            grid["plot"] = str(plot_passkey(grid["accuracy"], out / f"retrieval_{task}_{_slug(label)}.png",
+                                            title=f"{task}: {label} ({trials} trials per cell)"))
+            results[label]["tasks"][task] = grid
+        del model
+    payload = {"protocol": {"filler": filler, "tasks": tasks, "trials": trials, "seed": seed, "lengths": lengths,
+                            "depths": depths, "score": "exact match of the greedy completion's digit runs with the "
+                            "answer values; Wilson 95% intervals", "ctxext": __version__,
+                            "date": time.strftime("%Y-%m-%d")},
+               "models": results}
+    _write_json(out / "retrieval.json", payload)
+    return payload
+
+
 def analyze_frequencies(model_name: str, *, data: str = DEFAULT_EVAL_SOURCE, compare: str | None = None,
                         output: str | Path = "ctxext-eval", seq_len: int | None = None, max_tokens: int = 16384,
                         text_field: str = "text", device: str = "auto", dtype: str = "auto") -> dict:
