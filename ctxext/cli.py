@@ -218,7 +218,8 @@ def cmd_finetune(args) -> int:
         last = result["last"]
         print(f"final loss {last.get('loss', float('nan')):.4f}"
               + (f", held-out loss {last['held_out_loss']:.4f}" if last.get("held_out_loss") is not None else ""))
-        print(f"merged checkpoint: {result['merged']}\nadapter: {result['adapter']}\nmetrics: {result['metrics']}")
+        print(f"merged checkpoint: {result['merged']}" + (f"\nadapter: {result['adapter']}" if "adapter" in result else "")
+              + f"\nmetrics: {result['metrics']}")
     return 0
 
 

@@ -65,7 +65,11 @@ class PatchSection(MethodParams):
 
 
 class Stage(_Strict):
-    seq_len: int = Field(..., gt=0, description="packed block length in tokens")
+    seq_len: int = Field(..., gt=0, description="packed block length in tokens (with window: the positions covered)")
+    window: int | None = Field(None, gt=1, description="PoSE (Zhu et al. 2023): train on blocks of this many tokens "
+                               "whose position ids skip ahead to cover seq_len (cheaper steps at the same reach)")
+    source: str | None = Field(None, description="data source of this stage (default data.source), e.g. a "
+                               "retrieval-only phase")
     steps: int | None = Field(None, gt=0, description="optimizer steps in this stage (or give tokens)")
     tokens: int | None = Field(None, gt=0, description="training tokens in this stage (steps = tokens / tokens_per_step)")
     lr: float | None = Field(None, gt=0, description="peak learning rate of this stage (default optimization.lr)")
@@ -75,7 +79,15 @@ class Stage(_Strict):
     def _steps_or_tokens(self):
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("give exactly one of steps or tokens")
+        if self.window is not None and self.window >= self.seq_len:
+            raise ValueError(f"window={self.window} must be shorter than seq_len={self.seq_len} (PoSE trains short "
+                             "windows that cover seq_len positions); drop window for plain training")
         return self
+
+    @property
+    def block_len(self) -> int:
+        """Tokens per training sequence: the PoSE window, or seq_len."""
+        return self.window or self.seq_len
 
 
 class LoraSection(_Strict):
@@ -121,6 +133,8 @@ class FinetuneConfig(_Strict):
     model: ModelSection = ModelSection()
     patch: PatchSection
     stages: list[Stage] = Field(..., min_length=1)
+    tuning: Literal["lora", "full"] = Field("lora", description="lora: adapters (+ optional embeddings/norms), "
+                                            "merged at the end; full: every weight (small models)")
     lora: LoraSection = LoraSection()
     data: DataSection = DataSection()
     optimization: OptimizationSection = OptimizationSection()
@@ -131,8 +145,9 @@ class FinetuneConfig(_Strict):
     @model_validator(mode="after")
     def _fits(self):
         for i, s in enumerate(self.stages):
-            if s.seq_len > self.optimization.tokens_per_step:
-                raise ValueError(f"stages.{i}.seq_len={s.seq_len} exceeds optimization.tokens_per_step="
+            if s.block_len > self.optimization.tokens_per_step:
+                what = "window" if s.window else "seq_len"
+                raise ValueError(f"stages.{i}.{what}={s.block_len} exceeds optimization.tokens_per_step="
                                  f"{self.optimization.tokens_per_step}; raise tokens_per_step")
         return self
 
@@ -141,7 +156,7 @@ class FinetuneConfig(_Strict):
         return s.steps if s.steps is not None else math.ceil(s.tokens / self.optimization.tokens_per_step)
 
     def sequences_per_step(self, index: int) -> int:
-        return self.optimization.tokens_per_step // self.stages[index].seq_len
+        return self.optimization.tokens_per_step // self.stages[index].block_len
 
 
 # ---------------------------------------------------------------- loading, overrides, errors

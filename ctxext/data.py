@@ -189,6 +189,14 @@ def next_blocks(stream: np.ndarray, seq_len: int, count: int, where: Cursor, see
     return torch.from_numpy(np.stack(rows))
 
 
+def pose_position_ids(window: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
+    """PoSE position ids (Zhu et al. 2023, two chunks): a window of ``window`` tokens split at a random point; the
+    second chunk's positions jump ahead by a random skip, so the ids stay increasing and span up to ``seq_len``."""
+    split = int(rng.integers(1, window))
+    skip = int(rng.integers(0, seq_len - window + 1))
+    return torch.cat([torch.arange(split), torch.arange(split, window) + skip])
+
+
 def first_blocks(stream: np.ndarray, seq_len: int, count: int) -> Iterable[torch.Tensor]:
     """The first ``count`` consecutive blocks (held-out evaluation), one ``[1, seq_len]`` tensor at a time."""
     for i in range(min(count, len(stream) // seq_len)):

@@ -69,13 +69,17 @@ class ChunkedLMLoss(torch.nn.Module):
         super().__init__()
         self.model, self.chunk = model, chunk
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         from torch.nn import functional as F
         from torch.utils.checkpoint import checkpoint
 
         from .models import causal_lm, decoder_body, lm_head, logit_softcap
 
-        hidden = decoder_body(self.model)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+        # with position ids that jump (PoSE) and neither a mask nor a cache, transformers reads the block as packed
+        # documents and masks each chunk off from the others: an all-ones mask keeps it one causal sequence
+        mask = torch.ones_like(input_ids) if position_ids is not None else None
+        hidden = decoder_body(self.model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                          use_cache=False).last_hidden_state[:, :-1]
         targets = input_ids[:, 1:]
         head = lm_head(self.model)
         softcap = logit_softcap(causal_lm(self.model).config)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .atomic import TMP_MARK, commit_folder
 from .config import FinetuneConfig
-from .data import Cursor, first_blocks, next_blocks, open_token_file, write_token_file
+from .data import Cursor, first_blocks, next_blocks, open_token_file, pose_position_ids, write_token_file
 from .errors import TrainingError
 from .loss import ChunkedLMLoss
 from .schedule import lr_multiplier
@@ -63,10 +63,10 @@ def finetune(cfg: FinetuneConfig, *, output_dir: str | None = None, resume: bool
     torch.manual_seed(cfg.seed)
 
     # ---- setup: run folder, model, data, optimizer, resume point
-    check_data_sources(cfg)
+    check_config(cfg)
     open_run_folder(run, cfg, resume, accelerator)
     model, tokenizer = build_model(cfg)
-    train, held = build_data(cfg, tokenizer, run, accelerator)
+    streams, held = build_data(cfg, tokenizer, run, accelerator)
     loss_module = ChunkedLMLoss(model, cfg.optimization.loss_chunk_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optimization.lr, betas=cfg.optimization.betas,
@@ -91,7 +91,7 @@ def finetune(cfg: FinetuneConfig, *, output_dir: str | None = None, resume: bool
         handle = patch_for_stage(model, cfg, stage_index, handle)
         stage = cfg.stages[stage_index]
         while pos.step < stage_ends[stage_index]:
-            record = train_step(loss_module, opt, sched, params, train, cfg, pos, accelerator, run)
+            record = train_step(loss_module, opt, sched, params, streams[stage_index], cfg, pos, accelerator, run)
             if pos.step % cfg.logging.eval_every == 0 or pos.step == stage_ends[stage_index]:
                 record["held_out_loss"] = held_out_loss(loss_module, held, stage.seq_len, cfg.logging.eval_blocks,
                                                         accelerator)
@@ -119,8 +119,19 @@ def finetune(cfg: FinetuneConfig, *, output_dir: str | None = None, resume: bool
 # ---------------------------------------------------------------- setup
 
 
-def check_data_sources(cfg: FinetuneConfig) -> None:
-    for source in filter(None, (cfg.data.source, cfg.data.held_out)):
+def check_config(cfg: FinetuneConfig) -> None:
+    """What the schema cannot see: data sources exist, and PoSE stages go with a method that PoSE can train."""
+    from .rope import parse_chain
+
+    windowed = [i for i, s in enumerate(cfg.stages) if s.window]
+    if windowed:
+        odd = [m.name for m in parse_chain(cfg.patch.method, **cfg.patch.given()) if m.role == "attention" or m.per_forward]
+        if odd:
+            raise TrainingError(f"stages {windowed} use PoSE windows, which skip position ids; {', '.join(odd)} "
+                                "depends on the sequence itself (attention slots or its length) and would not see the "
+                                "skips. Drop window from those stages or use a static method (pi, ntk, yarn, ...)")
+    sources = [cfg.data.source, cfg.data.held_out, *(s.source for s in cfg.stages)]
+    for source in filter(None, sources):
         if not source.startswith("stdlib:") and "/" not in source.strip("./") and not Path(source).exists():
             raise TrainingError(f"data source {source!r} does not exist; give a file, a folder, stdlib:train or a hub name")
         if (source.startswith((".", "/")) or os.sep in source) and not Path(source).exists():
@@ -139,19 +150,33 @@ def open_run_folder(run: Path, cfg: FinetuneConfig, resume: bool, accelerator) -
 
 
 def build_model(cfg: FinetuneConfig):
-    """Load the model, add LoRA (+ optional trainable embeddings / norms) and activation checkpointing.
-    Returns ``(peft model, tokenizer)``; the patch comes per stage (``patch_for_stage``)."""
-    from peft import LoraConfig, get_peft_model
+    """Load the model; for ``tuning: lora`` add adapters (+ optional trainable embeddings / norms); activation
+    checkpointing. Returns ``(model, tokenizer)``; the patch comes per stage (``patch_for_stage``)."""
     from transformers import AutoTokenizer
 
     from .hub import check_source, load_model
-    from .models import enable_activation_checkpointing, is_embedding_parameter, is_norm_parameter
-    from .models import set_attention_implementation
+    from .models import enable_activation_checkpointing, set_attention_implementation
     from .reference import resolve_model
 
     path = check_source(resolve_model(cfg.model.path))
     model = load_model(path, dtype=cfg.model.dtype)
     set_attention_implementation(model, cfg.model.attn_implementation)
+    if cfg.tuning == "full":
+        model.requires_grad_(True)
+        tuned = model
+    else:
+        tuned = add_lora(model, cfg)
+    if cfg.optimization.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    model.config.use_cache = False
+    return tuned, AutoTokenizer.from_pretrained(path)
+
+
+def add_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    from .models import is_embedding_parameter, is_norm_parameter
+
     targets = cfg.lora.target_modules
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
@@ -160,33 +185,34 @@ def build_model(cfg: FinetuneConfig):
         # tied embeddings share one Parameter with lm_head: training it trains both, and they stay tied
         if (cfg.lora.train_embeddings and is_embedding_parameter(name)) or (cfg.lora.train_norms and is_norm_parameter(name)):
             p.requires_grad_(True)
-    if cfg.optimization.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    model.config.use_cache = False
-    return peft_model, AutoTokenizer.from_pretrained(path)
+    return peft_model
 
 
-def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[np.ndarray, np.ndarray]:
-    """Training and held-out token streams (memory-mapped token files in the run folder, written once)."""
-    sources = {"train": (cfg.data.source, cfg.data.max_documents)}
+def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[list[np.ndarray], np.ndarray]:
+    """The token stream of every stage and the held-out stream (memory-mapped token files in the run folder,
+    written once per source: ``train.bin``, ``held_out.bin``, ``stage-<i>.bin`` for a stage with its own source)."""
+    files = {"train": (cfg.data.source, cfg.data.max_documents)}
     if cfg.data.held_out is not None:
-        sources["held_out"] = (cfg.data.held_out, None)
+        files["held_out"] = (cfg.data.held_out, None)
+    stage_file = ["train" if s.source in (None, cfg.data.source) else f"stage-{i}" for i, s in enumerate(cfg.stages)]
+    files.update({name: (cfg.stages[i].source, None) for i, name in enumerate(stage_file) if name != "train"})
     if accelerator.is_main_process:
-        for name, (source, max_documents) in sources.items():
+        for name, (source, max_documents) in files.items():
             write_token_file(tokenizer, source, run / "tokens" / f"{name}.bin", text_field=cfg.data.text_field,
                              max_documents=max_documents)
     accelerator.wait_for_everyone()
-    train = open_token_file(run / "tokens" / "train.bin")
+    streams = {name: open_token_file(run / "tokens" / f"{name}.bin") for name in files}
     if cfg.data.held_out is not None:
-        held = open_token_file(run / "tokens" / "held_out.bin")
+        held = streams.pop("held_out")
     else:
-        cut = int(len(train) * (1 - cfg.data.held_out_fraction))
-        train, held = train[:cut], train[cut:]
-    for i, stage in enumerate(cfg.stages):
-        if len(train) < stage.seq_len:
-            raise TrainingError(f"the training data has {len(train):,} tokens, fewer than one block of stage {i} "
-                                f"(seq_len {stage.seq_len}); give more data ({cfg.data.source}) or shorter stages")
-    return train, held
+        cut = int(len(streams["train"]) * (1 - cfg.data.held_out_fraction))
+        streams["train"], held = streams["train"][:cut], streams["train"][cut:]
+    for i, (stage, name) in enumerate(zip(cfg.stages, stage_file)):
+        if len(streams[name]) < stage.block_len:
+            raise TrainingError(f"the training data of stage {i} has {len(streams[name]):,} tokens, fewer than one "
+                                f"block (seq_len {stage.block_len}); give more data ({files[name][0]}) or shorter "
+                                "stages")
+    return [streams[name] for name in stage_file], held
 
 
 def stage_lr(cfg: FinetuneConfig, step: int) -> float:
@@ -233,16 +259,22 @@ def train_step(loss_module, opt, sched, params, train: np.ndarray, cfg: Finetune
     world, rank = accelerator.num_processes, accelerator.process_index
     n_seq = cfg.sequences_per_step(pos.stage)
     t0 = time.perf_counter()
-    blocks = next_blocks(train, stage.seq_len, n_seq, pos, cfg.seed)
+    blocks = next_blocks(train, stage.block_len, n_seq, pos, cfg.seed)
+    positions = None
+    if stage.window:  # PoSE: the same skips on every process, seeded by the step (a resumed run draws them again)
+        rng = np.random.default_rng([cfg.seed, pos.step])
+        positions = torch.stack([pose_position_ids(stage.window, stage.seq_len, rng) for _ in range(n_seq)])
     mine = blocks[rank::world]
-    global_targets = n_seq * (stage.seq_len - 1)
+    mine_positions = positions[rank::world] if positions is not None else None
+    global_targets = n_seq * (stage.block_len - 1)
     size = cfg.optimization.micro_batch_size
     micro = [mine[i : i + size] for i in range(0, len(mine), size)]
     local_sum = torch.zeros((), device=accelerator.device)
     for j, mb in enumerate(micro):
         sync = j == len(micro) - 1
+        mb_positions = mine_positions[j * size : (j + 1) * size].to(accelerator.device) if positions is not None else None
         with accelerator.no_sync(loss_module) if not sync else contextlib.nullcontext():
-            nll = loss_module(mb.to(accelerator.device))
+            nll = loss_module(mb.to(accelerator.device), mb_positions)
             accelerator.backward(nll * world / global_targets)  # DDP averages over processes
         local_sum += nll.detach()
     if not micro:  # more processes than sequences: still join the gradient all-reduce
@@ -263,7 +295,7 @@ def train_step(loss_module, opt, sched, params, train: np.ndarray, cfg: Finetune
     pos.step += 1
     dt = time.perf_counter() - t0
     return {"step": pos.step, "stage": pos.stage, "seq_len": stage.seq_len, "processes": world, "loss": loss,
-            "lr": lr, "tokens": n_seq * stage.seq_len, "tokens_per_s": n_seq * stage.seq_len / dt}
+            "lr": lr, "tokens": n_seq * stage.block_len, "tokens_per_s": n_seq * stage.block_len / dt}
 
 
 @torch.no_grad()
@@ -350,12 +382,17 @@ def resume_position(run: Path, accelerator) -> Position:
 
 
 def save_results(peft_model, tokenizer, run: Path) -> dict:
-    """``adapter/`` (LoRA weights, trainable extras, the patch record) and ``merged/`` (a full checkpoint)."""
+    """``adapter/`` (LoRA weights, trainable extras, the patch record) and ``merged/`` (a full checkpoint); a fully
+    fine-tuned model has no adapter."""
     from safetensors.torch import save_file
 
     from .hub import save_checkpoint
     from .models import disable_activation_checkpointing
 
+    if not hasattr(peft_model, "merge_and_unload"):  # tuning: full
+        peft_model.config.use_cache = True
+        disable_activation_checkpointing(peft_model)
+        return {"merged": str(save_checkpoint(peft_model, run / "merged", tokenizer=tokenizer, force=True))}
     adapter = run / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
     peft_model.save_pretrained(adapter)

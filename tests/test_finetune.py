@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ctxext import corpus
 from ctxext.config import ConfigError, load_config
+from ctxext.errors import TrainingError
 from ctxext.reference import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,3 +181,49 @@ def test_cli_reports_config_errors_with_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ctxext.cli", "finetune", str(REPO / "configs" / "tiny.yaml"),
                            "optimization.lrr=1"], capture_output=True, text=True, cwd=REPO, env=ENV)
     assert proc.returncode == 2 and "did you mean 'lr'" in proc.stderr
+
+
+def test_pose_position_ids_cover_the_target_with_one_skip():
+    import numpy as np
+
+    from ctxext.data import pose_position_ids
+
+    rng = np.random.default_rng(0)
+    reach = []
+    for _ in range(200):
+        ids = pose_position_ids(64, 512, rng)
+        steps = ids[1:] - ids[:-1]
+        assert len(ids) == 64 and ids[0] == 0 and ids[-1] < 512 and (steps >= 1).all() and (steps > 1).sum() <= 1
+        reach.append(int(ids[-1]))
+    assert max(reach) > 480 and min(reach) < 100  # the skips spread the distances over the whole target length
+
+
+def test_pose_windows_are_refused_with_methods_that_cannot_see_skipped_positions(tmp_path):
+    from ctxext.train import finetune
+
+    for method in ("xpos", "dynamic"):
+        cfg = load_config(REPO / "configs" / "tiny.yaml", [f"patch.method={method}", "patch.factor=null",
+                                                            "stages.1.window=64", "stages.1.patch=null"])
+        with pytest.raises(TrainingError, match=f"PoSE windows.*{method}"):
+            finetune(cfg, output_dir=str(tmp_path / method))
+        assert not (tmp_path / method).exists()
+    with pytest.raises(ConfigError, match="window=128 must be shorter than seq_len=128"):
+        load_config(REPO / "configs" / "tiny.yaml", ["stages.1.window=128"])
+
+
+@pytest.mark.slow
+def test_full_tuning_with_a_pose_stage_and_a_stage_source(base, tmp_path):
+    retrieval = tmp_path / "retrieval.jsonl"
+    retrieval.write_text("".join(json.dumps({"text": f"# The pass key is {10000 + i}. Remember it.\n" * 20}) + "\n"
+                                 for i in range(30)))
+    out = tmp_path / "full"
+    proc = subprocess.run(finetune_cmd(base, out, "tuning=full", "stages.1.window=64", f"stages.1.source={retrieval}"),
+                          capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records] == [512] * 12 and [r["seq_len"] for r in records][-1] == 128
+    assert (out / "tokens" / "stage-1.bin").is_file() and not (out / "adapter").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    original = AutoModelForCausalLM.from_pretrained(base)
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, original.get_parameter(n))]
+    assert any("mlp" in n for n in changed)  # every weight trains, not only attention adapters

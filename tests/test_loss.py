@@ -41,3 +41,18 @@ def test_wrapped_model_loss_equals_transformers_own_loss_and_gradients():
     torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-6)
     for a, b in zip(our_grads, own_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_position_ids_reach_the_model_as_in_its_own_loss():
+    """PoSE passes skipped position ids: the chunked loss must see exactly what the model's own forward sees, as one
+    causal sequence (transformers reads jumping position ids without a mask or cache as packed documents)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    ids = torch.randint(0, 101, (2, 40))
+    positions = torch.cat([torch.arange(15), torch.arange(15, 40) + 200]).expand(2, -1)
+    own = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions, labels=ids).loss
+    packed = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss  # chunks isolated
+    assert abs(own.item() - packed.item()) > 1e-4
+    ours = ChunkedLMLoss(model, chunk=16)(ids, positions) / (2 * 39)
+    torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-6)
