@@ -32,6 +32,20 @@ def stdlib_files(split: str, root: Path | None = None) -> list[Path]:
     return sorted(p for p in files if split_of(p.relative_to(root).as_posix()) == split)
 
 
+def package_files(name: str) -> list[Path]:
+    """Sorted ``.py`` files of the installed package ``name`` (its tests included)."""
+    import importlib.util
+
+    from .errors import DataError
+
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package:{name}: no installed package named {name!r}; give an importable package, e.g. "
+                        "package:numpy")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return sorted(root.rglob("*.py"))
+
+
 def read_texts(files: list[Path]) -> list[str]:
     """UTF-8 contents of ``files``; files that are not valid UTF-8 (a few test fixtures) are skipped."""
     texts = []

@@ -3,6 +3,8 @@
 A SOURCE is one of
   * ``stdlib:train`` / ``stdlib:held_out``: the Python standard library's source split by file (``ctxext.corpus``),
     the reference model's in-distribution text; ``stdlib:held_out`` is the default evaluation data;
+  * ``package:<name>``: the ``.py`` files of an installed package (e.g. ``package:numpy``: code outside the
+    stdlib domain that every ctxext installation has), one document each;
   * a local file or folder: ``.txt``/``.md``/``.py`` files are one document each; ``.jsonl``/``.json`` and
     ``.parquet`` rows are documents (their ``text_field``);
   * otherwise a hub dataset name for ``datasets.load_dataset`` (needs a network connection).
@@ -33,6 +35,9 @@ DEFAULT_EVAL_SOURCE = "stdlib:held_out"
 
 def load_texts(source: str, *, text_field: str = "text", split: str = "train", max_documents: int | None = None) -> list[str]:
     """Documents of ``source`` as strings (see the module docstring)."""
+    if source.startswith("package:"):
+        files = corpus.package_files(source.split(":", 1)[1])
+        return corpus.read_texts(files[:max_documents] if max_documents else files)
     if source.startswith("stdlib:"):
         part = source.split(":", 1)[1]
         if part not in ("train", "held_out"):
@@ -99,7 +104,7 @@ def _text_dataset(source: str, text_field: str, max_documents: int | None):
     import datasets
 
     path = Path(source)
-    if source.startswith("stdlib:") or not (path.exists() or ("/" in source and not source.startswith((".", "/")))):
+    if source.startswith(("stdlib:", "package:")) or not (path.exists() or ("/" in source and not source.startswith((".", "/")))):
         return datasets.Dataset.from_dict({"text": load_texts(source, text_field=text_field, max_documents=max_documents)})
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

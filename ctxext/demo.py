@@ -27,33 +27,47 @@ log = logging.getLogger(__name__)
 
 
 def build_finetune_data(tokenizer, path: Path, lengths: list[int], n_passkey: int, train_docs: int | None,
-                        seed: int = 0, edge_depth_share: float = 0.2) -> Path:
-    """stdlib train files plus passkey documents up to the fine-tuning lengths, as JSONL (one document a row).
+                        seed: int = 0, edge_depth_share: float = 0.2, task_documents: dict[str, int] | None = None,
+                        code: bool = True) -> Path:
+    """stdlib train files (``code``) plus retrieval documents up to the fine-tuning lengths, as JSONL (a document a
+    row).
 
     Passkey documents are 1/4 to 1 of a stage length long; ``edge_depth_share`` of them put the key exactly at the
-    start or the end (the depths 0 and 1 that evaluation asks for and a uniform depth almost never gives)."""
+    start or the end (the depths 0 and 1 that evaluation asks for and a uniform depth almost never gives).
+    ``task_documents`` adds RULER-style task documents (``ctxext.evals.retrieval``) with their own seed; the filler
+    is stdlib *train* code, so no training document repeats an evaluation prompt (held-out filler)."""
     from .corpus import read_texts, stdlib_files
     from .data import join_documents
-    from .evals import passkey
+    from .evals import passkey, retrieval
 
     rng = random.Random(seed)
     texts = read_texts(stdlib_files("train"))
     if train_docs:
         texts = texts[:train_docs]
     filler = join_documents(tokenizer, texts[:400]).tolist()
-    rows = [{"text": t} for t in texts]
+    rows = [{"text": t} for t in texts] if code else []
     for _ in range(n_passkey):
         length = rng.choice(lengths)
         start = rng.randrange(0, len(filler) - 2 * length)
         doc = passkey.training_document(tokenizer, filler[start : start + 2 * length], rng, rng.randint(length // 4, length - 16),
                                        edge_depth_share)
         rows.append({"text": tokenizer.decode(doc)})
-    share = 1 - sum(map(len, texts)) / sum(len(r["text"]) for r in rows)
+    task_rng = random.Random(f"training-tasks-{seed}")  # never the evaluation seeds (f"{task}-{seed}")
+    for task, count in (task_documents or {}).items():
+        for _ in range(count):
+            length = task_rng.choice(lengths)
+            start = task_rng.randrange(0, len(filler) - 2 * length)
+            doc = retrieval.training_document(tokenizer, filler[start : start + 2 * length], task_rng, task,
+                                              task_rng.randint(length // 2, length))
+            rows.append({"text": tokenizer.decode(doc)})
+    code_chars = sum(map(len, texts)) if code else 0
+    share = 1 - code_chars / sum(len(r["text"]) for r in rows)
     rng.shuffle(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    log.info("fine-tuning data: %d stdlib files + %d passkey documents (%.1f%% of the text) -> %s", len(texts),
-             n_passkey, 100 * share, path)
+    extra = "".join(f" + {n} {task} documents" for task, n in (task_documents or {}).items())
+    log.info("fine-tuning data: %d stdlib files + %d passkey documents%s (%.1f%% of the text) -> %s",
+             len(texts) if code else 0, n_passkey, extra, 100 * share, path)
     return path
 
 
@@ -101,9 +115,8 @@ def run_demo(output_dir: str = "ctxext-demo", *, recipe: str | None = None, fact
     commands.append(f"ctxext patch {shlex.quote(str(base))} {patched} --method {spec} --target-length {target} --force")
 
     # 3: progressive fine-tune
-    data = build_finetune_data(tokenizer, out / "data" / "finetune.jsonl", stages, rec.data.passkey_documents,
-                               rec.data.train_documents, edge_depth_share=rec.data.edge_depth_share)
-    cfg = rec.finetune_config(str(base), spec, target, stages, data)
+    data, retrieval_data = rec.build_data(tokenizer, out / "data", stages, target)
+    cfg = rec.finetune_config(str(base), spec, target, stages, data, retrieval_data=retrieval_data)
     config_path = out / "finetune.yaml"
     config_path.write_text(f"# written by ctxext demo; rerun: ctxext finetune {config_path} --output-dir {out / 'finetune'}\n"
                            + yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False))

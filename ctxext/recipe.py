@@ -28,16 +28,30 @@ class RecipeData(_Strict):
     passkey_documents: int = Field(2000, ge=0, description="passkey documents mixed into the stdlib train files")
     edge_depth_share: float = Field(0.2, ge=0, le=1, description="share of passkey documents with the key at an edge")
     train_documents: int | None = Field(None, gt=0, description="stdlib train files used (None: all)")
+    task_documents: dict[str, int] = Field(default_factory=dict, description="RULER-style training documents per "
+                                           "task (multikey, multivalue, vartrack), from training seeds")
 
 
 class RecipeEvaluation(_Strict):
     ppl_documents: int = Field(24, gt=0)
     passkey_trials: int = Field(10, gt=0)
     depths: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    ood_data: str | None = Field(None, description="code outside the training domain, perplexity at the trained "
+                                 "context (e.g. package:numpy)")
+    retrieval_tasks: list[str] = Field(default_factory=list, description="RULER-style tasks evaluated too")
+    retrieval_trials: int = Field(20, gt=0)
+
+
+class RetrievalPhase(_Strict):
+    steps: int = Field(..., gt=0, description="optimizer steps of a last stage at the target length")
+    documents: int = Field(..., gt=0, description="retrieval-only documents it trains on (passkey and tasks)")
 
 
 class RecipeFinetune(_Strict):
     stage_steps: list[int] = Field(..., min_length=1, description="optimizer steps at 2x, 4x and the target length")
+    stage_windows: list[int | None] | None = Field(None, description="PoSE windows per stage (null: plain)")
+    tuning: str = Field("lora", description="lora or full")
+    retrieval_phase: RetrievalPhase | None = None
     lora: LoraSection = LoraSection()
     optimization: OptimizationSection = OptimizationSection()
     logging: LoggingSection = LoggingSection()
@@ -60,16 +74,42 @@ class Recipe(_Strict):
                 "passkey_docs": self.data.passkey_documents, "train_docs": self.data.train_documents}
 
     def finetune_config(self, base: str, method: str, target: int, stage_lengths: list[int], data: Path,
-                        params: dict | None = None) -> FinetuneConfig:
-        """The fine-tuning config for ``base`` patched with ``method`` to ``target`` tokens on ``data``."""
+                        params: dict | None = None, retrieval_data: Path | None = None) -> FinetuneConfig:
+        """The fine-tuning config for ``base`` patched with ``method`` to ``target`` tokens on ``data`` (and the
+        retrieval phase on ``retrieval_data``)."""
+        windows = self.finetune.stage_windows or [None] * len(stage_lengths)
+        stages = [{"seq_len": L, "steps": s, **({"window": w} if w else {})}
+                  for L, s, w in zip(stage_lengths, self.finetune.stage_steps, windows)]
+        if self.finetune.retrieval_phase:
+            if retrieval_data is None:
+                raise ValueError("the recipe has a retrieval phase: pass its data")
+            stages.append({"seq_len": target, "steps": self.finetune.retrieval_phase.steps,
+                           "source": str(retrieval_data)})
         raw = {
             "model": {"path": base, "dtype": "float32"},
             "patch": {"method": method, "target_length": target, **(params or {})},
-            "stages": [{"seq_len": L, "steps": s} for L, s in zip(stage_lengths, self.finetune.stage_steps)],
+            "stages": stages,
             "data": {"source": str(data), "held_out": "stdlib:held_out"},
-            **self.finetune.model_dump(mode="json", exclude={"stage_steps"}),
+            **self.finetune.model_dump(mode="json", exclude={"stage_steps", "stage_windows", "retrieval_phase"}),
         }
         return load_config(raw=raw)
+
+    def build_data(self, tokenizer, folder: Path, stage_lengths: list[int], target: int) -> tuple[Path, Path | None]:
+        """The fine-tuning JSONL (and the retrieval phase's) under ``folder``."""
+        from .demo import build_finetune_data
+
+        d = self.data
+        data = build_finetune_data(tokenizer, folder / "finetune.jsonl", stage_lengths, d.passkey_documents,
+                                   d.train_documents, edge_depth_share=d.edge_depth_share,
+                                   task_documents=d.task_documents)
+        phase = self.finetune.retrieval_phase
+        if phase is None:
+            return data, None
+        tasks = {t: phase.documents // (len(d.task_documents) + 1) for t in d.task_documents}
+        retrieval = build_finetune_data(tokenizer, folder / "retrieval.jsonl", [target],
+                                        phase.documents - sum(tasks.values()), d.train_documents, seed=1,
+                                        edge_depth_share=d.edge_depth_share, task_documents=tasks, code=False)
+        return data, retrieval
 
 
 class SweepRow(BaseModel):

@@ -132,7 +132,7 @@ def check_config(cfg: FinetuneConfig) -> None:
                                 "skips. Drop window from those stages or use a static method (pi, ntk, yarn, ...)")
     sources = [cfg.data.source, cfg.data.held_out, *(s.source for s in cfg.stages)]
     for source in filter(None, sources):
-        if not source.startswith("stdlib:") and "/" not in source.strip("./") and not Path(source).exists():
+        if not source.startswith(("stdlib:", "package:")) and "/" not in source.strip("./") and not Path(source).exists():
             raise TrainingError(f"data source {source!r} does not exist; give a file, a folder, stdlib:train or a hub name")
         if (source.startswith((".", "/")) or os.sep in source) and not Path(source).exists():
             raise TrainingError(f"data source {source} does not exist; check data.source / data.held_out")

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 
-from ctxext.demo import build_finetune_data
 from ctxext.atomic import atomic_write_text
-from ctxext.evals.report import evaluate_passkey, evaluate_perplexity, write_markdown_keeping_notes
+from ctxext.evals.report import evaluate_passkey, evaluate_perplexity, evaluate_retrieval, write_markdown_keeping_notes
 from ctxext.hub import patch_checkpoint
 from ctxext.plots import plot_sweep
 from ctxext.recipe import load_sweep, load_recipe, stage_lengths
@@ -88,6 +87,23 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
         lines.append(f"| {label} | " + " | ".join(f"{r['ppl'][str(L)]:.2f}" for L in lengths) + " | "
                      + " | ".join(f"{r['passkey_worst_depth'][str(L)]:.0%}" for L in lengths)
                      + f" | {change} | {r['finetune_seconds']:.0f} | {r['finetune_tokens']:,} |")
+    ood = {k: r["ood_ppl"] for k, r in rows.items() if "ood_ppl" in r}
+    if ood:
+        first = ood.get("baseline")
+        lines += ["", f"Code outside the training domain (`{meta.get('ood_data')}`), perplexity at {context}:", "",
+                  "| method | ppl | change |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.2f} | {f'{v / first - 1:+.1%}' if first else 'n/a'} |" for k, v in ood.items()]
+    tasks = sorted({t for r in rows.values() for t in r.get("retrieval_worst_depth", {})})
+    if tasks:
+        trials = meta.get("retrieval_trials")
+        lines += ["", f"RULER-style tasks in code (worst of {len(plan['depths'])} depths, {trials} prompts per cell; "
+                  "per-depth grids in `results.json`):", "",
+                  "| method | " + " | ".join(f"{t}@{L}" for t in tasks for L in lengths) + " |",
+                  "|---|" + "---|" * (len(tasks) * len(lengths))]
+        for k, r in rows.items():
+            worst = r.get("retrieval_worst_depth", {})
+            lines.append(f"| {k} | " + " | ".join(f"{worst[t][str(L)]:.0%}" if t in worst else "n/a"
+                                                 for t in tasks for L in lengths) + " |")
     lines += ["", "![perplexity vs length, without and with fine-tuning](results.png)", ""]
     targets = check_targets(rows, context, target)
     if targets:
@@ -107,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--factor", type=float, help="override the config's factor")
     p.add_argument("--methods", help="comma-separated subset of the config's rows")
     p.add_argument("--quick", action="store_true", help="tiny budget and evaluation (CI)")
+    p.add_argument("--tuned-only", action="store_true", help="evaluate only the fine-tuned rows (and the baseline): "
+                   "for comparing recipes")
     p.add_argument("--report-from", metavar="JSON", help="rewrite RESULTS.md and the plot from a saved results.json "
                    "(no training)")
     args = p.parse_args(argv)
@@ -135,16 +153,14 @@ def main(argv=None) -> int:
     target = int(context * factor)
     lengths = sorted({context, 2 * context, 4 * context, target})
     stages = stage_lengths(context, target)
-    data = build_finetune_data(AutoTokenizer.from_pretrained(base), work / "finetune.jsonl", stages,
-                               recipe.data.passkey_documents, recipe.data.train_documents,
-                               edge_depth_share=recipe.data.edge_depth_share)
-    ft_tokens = sum(plan["steps"]) * plan["tokens_per_step"]
+    data, retrieval_data = recipe.build_data(AutoTokenizer.from_pretrained(base), work, stages, target)
     rows = {}
+    evaluation = recipe.evaluation
     for name in names:
         row = sweep.methods[name]
         chain, params = row.method, dict(row.model_extra or {})
         for tuned in (False, True):
-            if chain is None and tuned:
+            if (chain is None and tuned) or (args.tuned_only and chain is not None and not tuned):
                 continue
             label = f"{name} + LoRA" if tuned else name
             started, ft_seconds = time.perf_counter(), 0.0
@@ -155,9 +171,10 @@ def main(argv=None) -> int:
             else:
                 run = work / f"{name}-ft"
                 shutil.rmtree(run, ignore_errors=True)
-                cfg = recipe.finetune_config(str(base), chain, target, stages, data, params)
+                cfg = recipe.finetune_config(str(base), chain, target, stages, data, params, retrieval_data)
                 model_dir = finetune(cfg, output_dir=str(run), progress=False)["merged"]
                 ft_seconds = time.perf_counter() - started
+                ft_tokens = sum(cfg.stage_steps(i) for i in range(len(cfg.stages))) * cfg.optimization.tokens_per_step
             tag = label.replace(" ", "")
             ppl = evaluate_perplexity([model_dir], lengths=lengths, output=work / "eval" / tag,
                                       max_documents=plan["ppl_docs"], batch_size=4)
@@ -170,10 +187,24 @@ def main(argv=None) -> int:
                            "passkey": acc, "finetune_seconds": round(ft_seconds, 1),
                            "finetune_tokens": ft_tokens if tuned else 0,
                            "seconds": round(time.perf_counter() - started, 1)}
+            if evaluation.ood_data:
+                ood = evaluate_perplexity([model_dir], lengths=[context], data=evaluation.ood_data,
+                                          output=work / "eval" / tag / "ood", max_documents=plan["ppl_docs"],
+                                          batch_size=4)
+                rows[label]["ood_ppl"] = next(iter(ood["models"].values()))["per_length"][str(context)]["perplexity"]
+            if evaluation.retrieval_tasks:
+                ret = evaluate_retrieval([model_dir], tasks=evaluation.retrieval_tasks, lengths=lengths,
+                                         depths=plan["depths"], trials=evaluation.retrieval_trials,
+                                         output=work / "eval" / tag)
+                grids = next(iter(ret["models"].values()))["tasks"]
+                rows[label]["retrieval_worst_depth"] = {
+                    task: {str(L): min(g["accuracy"][str(L)].values()) for L in lengths} for task, g in grids.items()}
+                rows[label]["retrieval"] = {task: g["accuracy"] for task, g in grids.items()}
             print(label, json.dumps({k: v for k, v in rows[label].items() if k != "passkey"}), flush=True)
 
     meta = {"model": model_name, "factor": factor, "context": context, "target": target, "lengths": lengths,
-            "stage_lengths": stages, "date": time.strftime("%Y-%m-%d"),
+            "stage_lengths": stages, "date": time.strftime("%Y-%m-%d"), "ood_data": evaluation.ood_data,
+            "retrieval_trials": evaluation.retrieval_trials,
             "config": config_name, "command": "python scripts/leaderboard.py" + (" --quick" if args.quick else "")
             + (f" --config {config_name}" if config_name != DEFAULT_CONFIG else "")
             + (f" --methods {args.methods}" if args.methods else "")}

@@ -134,7 +134,8 @@ def test_dynamic_parity_with_transformers_builtin(factor):
         torch.testing.assert_close(method.inv_freq_at(seq_len, ctx), hf.double(), rtol=2e-6, atol=0)
 
 
-@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 80, pytest.param(96, marks=pytest.mark.slow),
+                                      pytest.param(128, marks=pytest.mark.slow), pytest.param(256, marks=pytest.mark.slow)])
 def test_prope_removes_exactly_the_requested_pairs(head_dim):
     """transformers computes int(p * d // 2) in floating point; 2k/d can round to k-1 (the DESIGN.md trap)."""
     pairs = head_dim // 2

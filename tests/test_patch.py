@@ -104,6 +104,7 @@ def test_xpos_changes_the_model_and_decays_with_distance():
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.slow  # float64 reference attention over 64k keys
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("q_len", [1, 300])
 def test_xpos_attention_finite_and_correct_at_64k_positions(dtype, tol, q_len):

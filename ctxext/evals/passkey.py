@@ -100,7 +100,8 @@ def passkey_accuracy(
     """Exact-match accuracy grid ``accuracy[length][depth]`` of greedy answers, ``trials`` keys per cell.
 
     Each trial draws a key and a filler offset from ``random.Random(seed)`` (same prompts for every model).
-    Prompts of one cell have the same length, so they are batched without padding. ``examples`` keeps up to three
+    A cell of ``length`` builds prompts of ``length`` minus the answer's tokens, so prompt plus generated answer
+    fit the length being tested. Prompts of one cell have the same length, so they are batched without padding. ``examples`` keeps up to three
     answers per cell, wrong ones first.
     """
     rng = random.Random(seed)
@@ -112,7 +113,7 @@ def passkey_accuracy(
         prompts = []
         for _ in range(trials):
             offset = rng.randrange(0, max(1, len(filler_ids) - 2 * length))
-            prompts.append(build_prompt(tokenizer, filler_ids[offset:], length, depth, random_key(rng)))
+            prompts.append(build_prompt(tokenizer, filler_ids[offset:], length - answer_tokens, depth, random_key(rng)))
         correct, answers = 0, []
         for start in range(0, trials, batch_size):
             chunk = prompts[start : start + batch_size]
