@@ -77,7 +77,8 @@ def run_demo(output_dir: str = "ctxext-demo", *, recipe: str | None = None, fact
     report path) that ``ctxext demo`` prints. ``factor`` and ``method`` replace the recipe's."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .evals.report import evaluate_passkey, evaluate_perplexity
+    from .evals.report import evaluate_passkey, evaluate_perplexity, evaluate_retrieval
+    from .evals.retrieval import wilson
     from .hub import patch_checkpoint
     from .recipe import load_recipe, stage_lengths
     from .reference import build_stand_in, has_reference_model, resolve_model
@@ -139,6 +140,35 @@ def run_demo(output_dir: str = "ctxext-demo", *, recipe: str | None = None, fact
                           labels=[names[m] for m in models])
     commands.append(f"ctxext eval passkey {' '.join(models)} --lengths {','.join(map(str, pk_lengths))} "
                     f"--depths {','.join(map(str, plan['depths']))} --trials {plan['passkey_trials']} --output {out}")
+    ev = rec.evaluation
+    extra: list[str] = []
+    ood_change = None
+    if ev.ood_data:  # what the extension costs on code outside the training domain, at the trained context
+        say(f"perplexity at {context} on code outside the training domain ({ev.ood_data})")
+        ood = evaluate_perplexity([str(base), tuned], lengths=[context], data=ev.ood_data, output=out / "ood",
+                                  max_documents=plan["ppl_docs"], batch_size=4, labels=["original", names[tuned]])
+        o, t = (r["per_length"][str(context)]["perplexity"] for r in ood["models"].values())
+        ood_change = t / o - 1
+        extra += [f"Code outside the training domain (`{ev.ood_data}`, {plan['ppl_docs']} files), perplexity at "
+                  f"{context}: original {o:.2f}, {names[tuned]} {t:.2f} ({ood_change:+.1%}) (`ood/ppl.json`).", ""]
+        commands.append(f"ctxext eval ppl {base} {tuned} --lengths {context} --data {ev.ood_data} "
+                        f"--max-documents {plan['ppl_docs']} --output {out / 'ood'}")
+    if ev.retrieval_tasks:
+        say(f"RULER-style tasks {ev.retrieval_tasks} at {pk_lengths} ({ev.retrieval_trials} prompts per cell)")
+        ret = evaluate_retrieval([str(base), tuned], tasks=ev.retrieval_tasks, lengths=pk_lengths,
+                                 depths=plan["depths"], trials=ev.retrieval_trials, output=out,
+                                 labels=["original", names[tuned]])
+        extra += [f"RULER-style tasks in code, worst depth ({ev.retrieval_trials} prompts per cell, "
+                  "`retrieval.json`, `retrieval_*.png`):", "",
+                  "| model | " + " | ".join(f"{t}@{L}" for t in ev.retrieval_tasks for L in pk_lengths) + " |",
+                  "|---|" + "---|" * (len(ev.retrieval_tasks) * len(pk_lengths))]
+        for label, r in ret["models"].items():
+            extra.append(f"| {label} | " + " | ".join(
+                f"{min(r['tasks'][t]['accuracy'][str(L)].values()):.0%}" for t in ev.retrieval_tasks for L in pk_lengths)
+                + " |")
+        extra.append("")
+        commands.append(f"ctxext eval retrieval {base} {tuned} --tasks {','.join(ev.retrieval_tasks)} --lengths "
+                        f"{','.join(map(str, pk_lengths))} --trials {ev.retrieval_trials} --output {out}")
 
     # report
     rows = []
@@ -154,16 +184,21 @@ def run_demo(output_dir: str = "ctxext-demo", *, recipe: str | None = None, fact
         table.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in pp) + " | "
                      + " | ".join(f"{a:.0%}" for a in acc) + " |")
     (_, p_orig, k_orig), (tuned_name, p_tuned, k_tuned) = rows[0], rows[-1]
+    worst_tuned = min(k_tuned)
+    low, high = wilson(round(worst_tuned * plan["passkey_trials"]), plan["passkey_trials"])
     headline = (f"original -> {tuned_name}: at {target} tokens perplexity {p_orig[-1]:.2f} -> {p_tuned[-1]:.2f}, "
                 f"passkey (worst depth) {k_orig[-1]:.0%} -> {k_tuned[-1]:.0%}; at {context} tokens perplexity "
-                f"{p_orig[0]:.2f} -> {p_tuned[0]:.2f}, passkey {k_orig[0]:.0%} -> {k_tuned[0]:.0%}")
+                f"{p_orig[0]:.2f} -> {p_tuned[0]:.2f}, passkey {k_orig[0]:.0%} -> {k_tuned[0]:.0%}; worst passkey cell "
+                f"{worst_tuned:.0%} [95% CI {low:.0%}-{high:.0%}]"
+                + (f"; cost on code outside the training domain at {context}: {ood_change:+.1%} perplexity"
+                   if ood_change is not None else ""))
     minutes = (time.perf_counter() - started) / 60
     report = [
         f"# ctxext demo: {model} x{factor:g} with {spec}", "",
         (f"Reference model trained at {context} tokens; extended to {target}; fine-tuned "
          f"{' -> '.join(map(str, stages))} for {sum(plan['steps'])} steps "
          f"({sum(plan['steps']) * plan['tokens_per_step']:,} tokens). Total time {minutes:.1f} minutes."), "",
-        *table, "", f"**{headline}**", "",
+        *table, "", f"**{headline}**", "", *extra,
         (f"Perplexity: the first {target} tokens of {plan['ppl_docs']} held-out stdlib files at least that long, "
          "scored in non-overlapping windows of each length, so every column scores the same text (long files: "
          "lower perplexity than the model card's all-files numbers) (`ppl.json`, `ppl.png`). Passkey: exact match, "
