@@ -32,6 +32,8 @@ TOKENIZER_FILES = re.compile(
     r"^(tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|tokenizer\.model|vocab\.(json|txt)|"
     r"merges\.txt|chat_template\.(json|jinja)|spiece\.model)$"
 )
+
+
 def _looks_like_hub_id(src: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", src) is not None
 

@@ -48,10 +48,13 @@ def test_shortened_demo_writes_the_report(small_model, tmp_path):
                   "--factor", "4"])
     assert f"report: {out / 'report.md'}" in stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["headline"].startswith("original -> pi x4 + LoRA: at 1024 tokens perplexity ")
+    assert summary["headline"].startswith("original -> yarn x4 + LoRA: at 1024 tokens perplexity ")
     assert summary["headline"] in stdout
     report = (out / "report.md").read_text()
-    assert "| original |" in report and "| pi x4 + LoRA |" in report and "ppl@1024" in report
+    assert "| original |" in report and "| yarn x4 + LoRA |" in report and "ppl@1024" in report
+    assert "Code outside the training domain (`package:numpy`" in report and "| model | multikey@256 |" in report
+    assert "worst passkey cell" in summary["headline"] and "cost on code outside the training domain" in summary["headline"]
+    assert (out / "ood" / "ppl.json").is_file() and (out / "retrieval.json").is_file()
     for name in ("ppl.png", "ppl.json", "passkey.json", "commands.sh", "finetune.yaml", "summary.json"):
         assert (out / name).is_file(), name
     assert list(out.glob("passkey_*.png")) and (out / "finetune" / "merged" / "config.json").is_file()
