@@ -18,6 +18,22 @@ from .errors import ConfigError
 from .rope.registry import all_parameters
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors' aliases (``*name``): nine nested aliases in 1 KB expand to billions of nodes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML alias *{event.anchor} at line {event.start_mark.line + 1}: aliases are not "
+                              "allowed in ctxext configs (write the value out)")
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str):
+    """Parse config YAML safely (no Python objects, no aliases)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -212,7 +228,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         try:
             for part in parts[:-1]:
                 node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-            parsed = yaml.safe_load(value)
+            parsed = read_yaml(value)
             if isinstance(node, list):
                 node[int(parts[-1])] = parsed
             else:
@@ -229,7 +245,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import FinetuneConfig, LoggingSection, LoraSection, OptimizationSection, _format, load_config
+from .config import FinetuneConfig, LoggingSection, LoraSection, OptimizationSection, _format, load_config, read_yaml
 from .errors import ConfigError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -132,7 +132,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if not path.is_file():
         raise ConfigError(f"sweep {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
         return Sweep.model_validate(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
@@ -161,7 +161,7 @@ def load_recipe(path: str | Path | None = None, *, quick: bool = False, override
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist; give a YAML file such as {DEFAULT_RECIPE}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):

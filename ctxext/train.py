@@ -387,7 +387,7 @@ def save_results(peft_model, tokenizer, run: Path) -> dict:
     from safetensors.torch import save_file
 
     from .hub import save_checkpoint
-    from .models import disable_activation_checkpointing
+    from .models import causal_lm, disable_activation_checkpointing
 
     if not hasattr(peft_model, "merge_and_unload"):  # tuning: full
         peft_model.config.use_cache = True
@@ -400,8 +400,7 @@ def save_results(peft_model, tokenizer, run: Path) -> dict:
               if p.requires_grad and "lora_" not in n}
     if extras:
         save_file({n: t.cpu() for n, t in extras.items()}, str(adapter / "ctxext_extras.safetensors"))
-    (adapter / "ctxext_patch.json").write_text(json.dumps(getattr(peft_model.get_base_model().config, "ctxext", {}),
-                                                          indent=2))
+    (adapter / "ctxext_patch.json").write_text(json.dumps(getattr(causal_lm(peft_model).config, "ctxext", {}), indent=2))
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
     disable_activation_checkpointing(merged)

@@ -227,3 +227,12 @@ def test_full_tuning_with_a_pose_stage_and_a_stage_source(base, tmp_path):
     original = AutoModelForCausalLM.from_pretrained(base)
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, original.get_parameter(n))]
     assert any("mlp" in n for n in changed)  # every weight trains, not only attention adapters
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(8)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nstages: *i\n")
+    with pytest.raises(ConfigError, match="YAML alias \\*a at line 2: aliases are not allowed"):
+        load_config(bomb)

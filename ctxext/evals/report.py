@@ -117,17 +117,23 @@ def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DE
     return payload
 
 
+def _filler_texts(filler: str, text_field: str, seed: int, trials: int) -> list[str]:
+    """The filler documents in the seeded order every model sees (after checking the trial count)."""
+    if trials < 1:
+        raise EvalError(f"trials={trials!r} is invalid; give at least 1")
+    texts = load_texts(filler, text_field=text_field)
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
 def evaluate_passkey(models: list[str], *, lengths: list[int], depths: list[float], trials: int = 10, seed: int = 0,
                      filler: str = DEFAULT_EVAL_SOURCE, output: str | Path = "ctxext-eval", text_field: str = "text",
                      batch_size: int = 8, device: str = "auto", dtype: str = "auto",
                      labels: list[str] | None = None) -> dict:
     """Passkey accuracy grid per model; writes ``passkey.json`` and ``passkey_<model>.png`` under ``output``."""
-    if trials < 1:
-        raise EvalError(f"trials={trials!r} is invalid; give at least 1")
+    texts = _filler_texts(filler, text_field, seed, trials)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    texts = load_texts(filler, text_field=text_field)
-    random.Random(seed).shuffle(texts)
     results, used = {}, set()
     from ..plots import plot_passkey
 
@@ -159,12 +165,9 @@ def evaluate_retrieval(models: list[str], *, tasks: list[str], lengths: list[int
     from .retrieval import check_tasks, task_accuracy
 
     check_tasks(tasks)
-    if trials < 1:
-        raise EvalError(f"trials={trials!r} is invalid; give at least 1")
+    texts = _filler_texts(filler, text_field, seed, trials)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    texts = load_texts(filler, text_field=text_field)
-    random.Random(seed).shuffle(texts)
     results, used = {}, set()
     for i, name in enumerate(models):
         model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
