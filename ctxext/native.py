@@ -119,6 +119,14 @@ def native_rope_parameters(
             alternative = f". Use {m.static_alternative}, which applies on top of any frequencies" if m.static_alternative else ""
             raise MethodError(f"{m.name} needs a checkpoint with plain RoPE (rope_type 'default'); this one has "
                               f"{base.get('rope_type')!r}{alternative}")
+    wrapper = attention[0] if attention else source_attention
+    if wrapper is not None and wrapper.needs_rotary and (
+        any(m.per_forward for m in freq_chain) or base.get("rope_type") == "dynamic"
+        or (base.get("rope_type") == "longrope" and base.get("short_factor") != base.get("long_factor"))
+    ):
+        raise MethodError(f"{wrapper.name} re-rotates q/k with the layer's frequencies, which must not change with "
+                          f"the input length; this checkpoint's rope_type {base.get('rope_type')!r} does. Patch a "
+                          "checkpoint with static frequencies (e.g. plain RoPE, or pi/ntk/yarn before it)")
     source_freq, source_af = compute_inv_freq(base, ctx.head_dim, ctx.context_length)
     per_forward = any(m.per_forward for m in freq_chain)  # its static view equals the source
     unchanged = not per_forward and torch.allclose(result.inv_freq, source_freq.double(), rtol=1e-12, atol=0.0) and (
@@ -136,5 +144,4 @@ def native_rope_parameters(
                 f"internal error: rope parameters {params['rope_type']} do not reproduce the chain's frequencies; "
                 "please report this with the checkpoint's config.json"
             )
-    wrapper = attention[0] if attention else source_attention
     return wrap_attention(params, wrapper) if wrapper is not None else params

@@ -109,7 +109,10 @@ def plan_patch(
         else:
             new_rope[key] = params_for_key
 
-    extended = target_length or round(context * rescale_factor(methods))
+    extended = round(context * rescale_factor(methods))
+    for m in methods:  # attention-side methods that extend by themselves (selfextend) reach further
+        extended = m.reach(extended, target_length)
+    extended = target_length or extended
     # transformers' per-forward types (dynamic) read max_position_embeddings as the trained length: it must not move.
     max_positions = context if any(m.per_forward for m in methods) else extended
     previous = copy.deepcopy(getattr(config, RECORD_KEY, None)) or {}

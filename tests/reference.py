@@ -105,3 +105,40 @@ def xpos_attention(q, k, v, q_positions, k_positions, scale_base: float, scaling
         logits = logits.masked_fill(~allowed, float("-inf"))
         out[:, t] = torch.einsum("hk,hkd->hd", torch.softmax(logits, -1), v.to(F64))
     return out
+
+
+def rotate(x, positions, inv_freq):
+    """RoPE on x [..., S, D] (half-split) at `positions` [S], float64: x cos + rotate_half(x) sin."""
+    cos, sin = cos_sin(inv_freq, positions)
+    x = x.to(F64)
+    n = inv_freq.numel()
+    half = torch.cat((-x[..., n:], x[..., :n]), dim=-1)
+    return x * cos + half * sin
+
+
+def selfextend_positions(i: int, j: int, group_size: int, window: int) -> int:
+    """Jin et al. 2024 (LLM Maybe LongLM), eq. for the relative position of query i and key j:
+    i - j inside the neighbour window, floor(i/G) - floor(j/G) + (W - floor(W/G)) beyond it."""
+    if i - j < window:
+        return i - j
+    return i // group_size - j // group_size + (window - window // group_size)
+
+
+def selfextend_attention(q, k, v, q_positions, k_positions, inv_freq, group_size: int, window: int, scaling: float,
+                         mask=None, softcap=None):
+    """Self-Extend on UNrotated q [H, Q, D], k/v [H, K, D]: an explicit float64 score matrix where the score of
+    (i, j) is <rotate(q_i, r_ij), k_j> with the piecewise relative position r_ij (RoPE: <R(m) q, R(n) k> =
+    <R(m - n) q, k>). Causal on positions; `mask` [Q, K] bool may restrict more; `softcap` as Gemma 2."""
+    q_positions, k_positions = [int(p) for p in q_positions], [int(p) for p in k_positions]
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=F64)
+    for t, i in enumerate(q_positions):
+        logits = torch.full((q.shape[0], len(k_positions)), float("-inf"), dtype=F64)
+        for s, j in enumerate(k_positions):
+            if j > i or (mask is not None and not mask[t, s]):
+                continue
+            r = selfextend_positions(i, j, group_size, window)
+            qr = rotate(q[:, t:t + 1], torch.tensor([r]), inv_freq)[:, 0]  # [H, D]
+            score = (qr * k[:, s].to(F64)).sum(-1) * scaling
+            logits[:, s] = softcap * torch.tanh(score / softcap) if softcap else score
+        out[:, t] = torch.einsum("hk,hkd->hd", torch.softmax(logits, -1), v.to(F64))
+    return out

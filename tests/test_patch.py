@@ -231,7 +231,7 @@ def test_bf16_model_keeps_fp32_rotary_buffers():
         ("prope", {"keep": 0.01}, r"keeps 0 of 8 rotation pairs"),
         ("xpos", {"scale_base": 0}, r"scale_base=0 is invalid"),
         ("yarn", {"factor": 4, "beta_fast": 1, "beta_slow": 2}, r"beta_fast=1 must be greater than beta_slow=2"),
-        ("rope2", {"factor": 2}, r"unknown method 'rope2'; valid methods: dynamic, llama3, ntk, pi, prope, xpos, yarn"),
+        ("rope2", {"factor": 2}, r"unknown method 'rope2'; valid methods: dynamic, llama3, ntk, pi, prope, selfextend, xpos, yarn"),
         ("pi", {}, r"pi: missing required parameter\(s\) factor"),
         ("pi", {"keep": 0.5, "factor": 2}, r"keep belongs to prope"),
         ("pi+yarn", {"factor": 2}, r"pi and yarn both rescale every frequency"),

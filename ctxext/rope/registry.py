@@ -97,6 +97,8 @@ class MethodConfig:
     #                                       keeps max_position_embeddings at the trained length (transformers reads it)
     static_alternative: ClassVar[str | None] = None  # the static method to chain instead of a per-forward one
     plain_source_only: ClassVar[bool] = False  # needs a checkpoint with plain RoPE (rope_type 'default')
+    needs_rotary: ClassVar[bool] = False  # attention() also takes inv_freq= (the layer's) and positions= (query
+    #                                       position ids or None); needs frequencies that do not change per forward
 
     def __post_init__(self) -> None:
         for f in method_fields(type(self)):
@@ -121,6 +123,12 @@ class MethodConfig:
         """Attention-side methods: causal attention on rotated ``query`` ``[B, H, Q, D]``, ``key``/``value``
         ``[B, Hkv, K, D]``, boolean mask ``[B|1, 1|H, Q, K]`` or None; returns ``[B, Q, H, D]``."""
         raise NotImplementedError(f"{self.name} is not an attention-side method")
+
+    def reach(self, context_length: int, target_length: int | None = None) -> int:
+        """The context usable after this method, given the chain's rescaled ``context_length``. Methods that extend
+        by themselves inside attention (selfextend) override it and raise ``MethodError`` when their parameters
+        make no sense for that context or cannot reach ``target_length``."""
+        return context_length
 
     @property
     def extension(self) -> float:
