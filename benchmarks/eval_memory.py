@@ -102,7 +102,7 @@ def main() -> int:
     name = f"eval_memory_smollm2-135m{'' if args.layers == SHAPE['num_hidden_layers'] else f'-{args.layers}layers'}"
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
     by = {(r["impl"], r["seq_len"]): r for r in rows}
-    lines = [f"# Long-input evaluation memory: ctxext eval ppl scoring vs model(x, labels=x)", "",
+    lines = ["# Long-input evaluation memory: ctxext eval ppl scoring vs model(x, labels=x)", "",
              f"Command: `python benchmarks/eval_memory.py --lengths {args.lengths} --layers {args.layers}` "
              f"({time.strftime('%Y-%m-%d')}, {rows[0].get('device', '?')}, {args.threads} threads; SmolLM2-135M shape "
              f"with {args.layers} layers, vocab 49,152, float32, no_grad, batch 1; each run in its own process; "

@@ -6,9 +6,7 @@ llama.cpp itself checks the exports in test_gguf_llamacpp.py.
 
 import json
 import math
-import os
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,10 +122,12 @@ def test_export_dtypes_read_back_close(tiny, tmp_path, dtype):
     assert gguf.stat().st_size < 0.6 * f32.stat().st_size
 
 
-@pytest.mark.parametrize("chain,reason", [("xpos", "xPos"), ("dynamic", "dynamic NTK"), ("yarn+xpos", "xPos")])
-def test_methods_llamacpp_cannot_run_are_refused(tiny, tmp_path, capsys, chain, reason):
-    patched = patch_checkpoint(tiny, tmp_path / "p", chain, factor=4) if chain != "xpos" else \
-        patch_checkpoint(tiny, tmp_path / "p", chain)
+@pytest.mark.parametrize("chain,params,reason", [
+    ("xpos", {}, "xPos"), ("dynamic", {"factor": 4}, "dynamic NTK"), ("yarn+xpos", {"factor": 4}, "xPos"),
+    ("selfextend", {"group_size": 4, "window": 16}, "--grp-attn-n"),
+])
+def test_methods_llamacpp_cannot_run_are_refused(tiny, tmp_path, capsys, chain, params, reason):
+    patched = patch_checkpoint(tiny, tmp_path / "p", chain, **params)
     out = tmp_path / "x.gguf"
     assert main(["export", "gguf", str(patched), str(out)]) == 2
     err = capsys.readouterr().err

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..models.base import compute_inv_freq
-from ..native import REMOVED_PAIR_FACTOR, XPOS_ROPE_TYPE
+from ..native import REMOVED_PAIR_FACTOR, attention_method_of
 
 FLT_MAX = 3.4028234663852886e38
 LLAMA_YARN_BETA_FAST = 32.0  # llama.cpp's defaults; LLM_ARCH_LLAMA does not read the yarn beta keys
@@ -91,8 +91,14 @@ def _matches(rope: GGUFRope, inv_freq: torch.Tensor, attention_factor: float, he
 
 def _refusal(params: dict[str, Any]) -> str | None:
     rope_type = params.get("rope_type", "default")
-    if rope_type == XPOS_ROPE_TYPE:
-        return ("it uses xPos (rope_type 'ctxext_xpos'): the decay lives in ctxext's attention function, which "
+    method = attention_method_of(params)
+    if method == "selfextend":
+        return ("it uses Self-Extend (rope_type 'ctxext_selfextend'), which lives in ctxext's attention function; "
+                "llama.cpp runs Self-Extend only as runtime flags (--grp-attn-n G --grp-attn-w W) on a plain export. "
+                "Export the checkpoint before the selfextend patch and pass those flags")
+    if method is not None:
+        name = {"xpos": "xPos"}.get(method, method)
+        return (f"it uses {name} (rope_type {rope_type!r}): it lives in ctxext's attention function, which "
                 "llama.cpp does not have; exporting only its frequencies would silently run plain RoPE")
     if rope_type == "dynamic":
         return ("it uses dynamic NTK (rope_type 'dynamic'), whose frequencies change with the sequence length at "
