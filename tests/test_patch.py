@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig
 
 import reference as ref
-from conftest import CONTEXT, tiny_model
+from conftest import CONTEXT, assert_left_padding_matches_unpadded, tiny_model
 from ctxext import MethodError, patch_model, plan_patch
 from ctxext.errors import UnsupportedModelError
 from ctxext.models.base import find_rotary
@@ -80,18 +80,7 @@ def test_kv_cached_decoding_equals_full_forward(family, spec, params):
 def test_xpos_left_padded_batch_equals_unpadded_rows(family, spec, params):
     model = tiny_model(family)
     patch_model(model, spec, **params)
-    long, short = ids(2 * L, seed=2)[0], ids(L + 7, seed=3)[0]
-    pad = long.numel() - short.numel()
-    batch = torch.stack([long, torch.cat([torch.zeros(pad, dtype=torch.long), short])])
-    mask = torch.ones_like(batch)
-    mask[1, :pad] = 0
-    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                         output_logits=True, return_dict_in_generate=True)
-    for row, tokens in enumerate((long, short)):
-        alone = model.generate(tokens[None], max_new_tokens=6, do_sample=False, pad_token_id=0,
-                               output_logits=True, return_dict_in_generate=True)
-        torch.testing.assert_close(torch.stack(out.logits, 1)[row], torch.stack(alone.logits, 1)[0], rtol=1e-4, atol=1e-4)
-        assert torch.equal(out.sequences[row, -6:], alone.sequences[0, -6:])
+    assert_left_padding_matches_unpadded(model, ids(2 * L, seed=2)[0], ids(L + 7, seed=3)[0])
 
 
 def test_xpos_changes_the_model_and_decays_with_distance():

@@ -10,7 +10,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 import reference as ref
-from conftest import CONTEXT, HEAD_DIM, tiny_model
+from conftest import CONTEXT, HEAD_DIM, assert_left_padding_matches_unpadded, tiny_model
 from ctxext import MethodError, patch_model
 from ctxext.rope.selfextend import selfextend_attention
 
@@ -161,18 +161,8 @@ def test_kv_cached_decoding_equals_full_forward(family, spec, params):
 def test_left_padded_batch_equals_unpadded_rows(family, spec, params):
     model = tiny_model(family)
     patch_model(model, spec, group_size=G, window=W, **params)
-    long, short = ids(2 * L, seed=2)[0], ids(L + 7, seed=3)[0]
-    pad = long.numel() - short.numel()  # 57: not a multiple of G, so slot-based groups would differ
-    batch = torch.stack([long, torch.cat([torch.zeros(pad, dtype=torch.long), short])])
-    mask = torch.ones_like(batch)
-    mask[1, :pad] = 0
-    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                         output_logits=True, return_dict_in_generate=True)
-    for row, tokens in enumerate((long, short)):
-        alone = model.generate(tokens[None], max_new_tokens=6, do_sample=False, pad_token_id=0,
-                               output_logits=True, return_dict_in_generate=True)
-        torch.testing.assert_close(torch.stack(out.logits, 1)[row], torch.stack(alone.logits, 1)[0], rtol=1e-4, atol=1e-4)
-        assert torch.equal(out.sequences[row, -6:], alone.sequences[0, -6:])
+    # 57 pads: not a multiple of G, so slot-based groups would differ
+    assert_left_padding_matches_unpadded(model, ids(2 * L, seed=2)[0], ids(L + 7, seed=3)[0])
 
 
 # ---------------------------------------------------------------- the saved form, reach, errors
