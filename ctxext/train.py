@@ -121,11 +121,11 @@ def finetune(cfg: FinetuneConfig, *, output_dir: str | None = None, resume: bool
 
 def check_config(cfg: FinetuneConfig) -> None:
     """What the schema cannot see: data sources exist, and PoSE stages go with a method that PoSE can train."""
-    from .rope import parse_chain
+    from .rope.chain import chain_classes
 
     windowed = [i for i, s in enumerate(cfg.stages) if s.window]
-    if windowed:
-        odd = [m.name for m in parse_chain(cfg.patch.method, **cfg.patch.given()) if m.role == "attention" or m.per_forward]
+    if windowed:  # the classes suffice: a factor from target_length is only known once the model is loaded
+        odd = [m.name for m in chain_classes(cfg.patch.method) if m.role == "attention" or m.per_forward]
         if odd:
             raise TrainingError(f"stages {windowed} use PoSE windows, which skip position ids; {', '.join(odd)} "
                                 "depends on the sequence itself (attention slots or its length) and would not see the "

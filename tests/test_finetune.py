@@ -207,6 +207,10 @@ def test_pose_windows_are_refused_with_methods_that_cannot_see_skipped_positions
         with pytest.raises(TrainingError, match=f"PoSE windows.*{method}"):
             finetune(cfg, output_dir=str(tmp_path / method))
         assert not (tmp_path / method).exists()
+    from ctxext.train import check_config
+
+    check_config(load_config(REPO / "configs" / "tiny.yaml", ["patch.method=yarn", "patch.factor=null",
+                                                              "patch.target_length=256", "stages.1.window=64"]))
     with pytest.raises(ConfigError, match="window=128 must be shorter than seq_len=128"):
         load_config(REPO / "configs" / "tiny.yaml", ["stages.1.window=128"])
 

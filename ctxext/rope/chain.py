@@ -27,6 +27,22 @@ def _parse_value(text: str) -> Any:
     return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
 
 
+def _items(spec: str | Sequence[str]) -> list[tuple[str, str]]:
+    """``"prope:keep=0.5+pi"`` -> ``[("prope", "keep=0.5"), ("pi", "")]``; unknown names are refused."""
+    items = []
+    for item in spec.split("+") if isinstance(spec, str) else list(spec):
+        name, _, inline = item.strip().partition(":")
+        if name not in METHODS:
+            raise MethodError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+        items.append((name, inline))
+    return items
+
+
+def chain_classes(spec: str | Sequence[str]) -> list[type]:
+    """The method classes of a chain spec, without building the methods (no parameters needed)."""
+    return [METHODS[name] for name, _ in _items(spec)]
+
+
 def parse_chain(spec: str | Sequence[str], *, default_factor: float | None = None, **params: Any) -> tuple:
     """Build a validated chain from ``"prope+pi"`` (or ``["prope", "pi"]``) plus shared parameters.
 
@@ -35,17 +51,12 @@ def parse_chain(spec: str | Sequence[str], *, default_factor: float | None = Non
     Keyword values that are None are ignored (convenient for CLI flags left unset). ``default_factor`` (from a
     target length) goes to the methods that take a factor and got none; together with ``factor`` it is an error.
     """
-    names = spec.split("+") if isinstance(spec, str) else list(spec)
     params = {k: v for k, v in params.items() if v is not None}
     if default_factor is not None and "factor" in params:
         raise MethodError("give either factor or target_length, not both")
     used: set[str] = set()
     methods = []
-    for item in names:
-        item = item.strip()
-        name, _, inline = item.partition(":")
-        if name not in METHODS:
-            raise MethodError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    for name, inline in _items(spec):
         fields = {f.name for f in method_fields(METHODS[name])}
         kwargs = {k: v for k, v in params.items() if k in fields}
         used |= set(kwargs)
