@@ -51,30 +51,32 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     """``AttentionInterface`` entry (same signature as transformers' ``sdpa_attention_forward``)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    _, method = unwrap_attention(_layer_rope_parameters(module.config, getattr(module, "layer_idx", None)))
+    method, inv_freq = _layer_method(module)
     if method is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
     extra = {}
-    if getattr(method, "needs_rotary", False):  # e.g. selfextend: re-rotates q/k, needs the layer's frequencies
-        extra = {"inv_freq": _layer_inv_freq(module.config, getattr(module, "layer_idx", None)),
-                 "positions": kwargs.get("position_ids")}
+    if method.needs_rotary:  # e.g. selfextend: re-rotates q/k, needs the layer's frequencies
+        extra = {"inv_freq": inv_freq, "positions": kwargs.get("position_ids")}
     out = method.attention(query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                            softcap=kwargs.get("softcap"), **extra)
     return out, None
 
 
-_INV_FREQ_CACHE: dict[tuple, torch.Tensor] = {}
-
-
-def _layer_inv_freq(config, layer_idx: int | None) -> torch.Tensor:
-    """The fp32 ``inv_freq`` the layer's q/k were rotated with (static rope types only; cached per parameters)."""
-    base, _ = unwrap_attention(_layer_rope_parameters(config, layer_idx))
-    key = (repr(sorted(base.items())), head_dim_of(config), config.max_position_embeddings)
-    if key not in _INV_FREQ_CACHE:
-        _INV_FREQ_CACHE[key] = compute_inv_freq(base, head_dim_of(config), config.max_position_embeddings)[0]
-    return _INV_FREQ_CACHE[key]
+def _layer_method(module) -> tuple:
+    """``(attention-side method or None, fp32 inv_freq the layer's q/k were rotated with or None)`` of a layer,
+    computed once per rope-parameter dict (a patch replaces the dict, so the cache follows it), not per forward."""
+    params = _layer_rope_parameters(module.config, getattr(module, "layer_idx", None))
+    cached = getattr(module, "_ctxext_attention", None)
+    if cached is None or cached[0] is not params:
+        base, method = unwrap_attention(params)
+        inv_freq = None
+        if method is not None and method.needs_rotary:
+            inv_freq = compute_inv_freq(base, head_dim_of(module.config), module.config.max_position_embeddings)[0]
+        cached = (params, method, inv_freq)  # holding params keeps its identity unique while cached
+        module._ctxext_attention = cached
+    return cached[1], cached[2]
 
 
 def _validate(self, rope_parameters, ignore_keys=None) -> None:
