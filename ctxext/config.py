@@ -202,19 +202,42 @@ def _model_at(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _format(err: ValidationError, root: type[BaseModel] | None = None) -> str:
+def _format(err: ValidationError, root: type[BaseModel], kind: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            parent = _model_at(e["loc"], root or FinetuneConfig)
+            parent = _model_at(e["loc"], root)
             hint = _closest(str(e["loc"][-1]), list(parent.model_fields)) if parent else ""
             lines.append(f"unknown key {loc}{hint}")
         elif e["type"] == "value_error":  # our own validators: the message names the value
             lines.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
-    return "invalid fine-tuning config:\n  " + "\n  ".join(lines)
+    return f"invalid {kind}:\n  " + "\n  ".join(lines)
+
+
+def read_config_file(path: str | Path, kind: str, sections: str) -> dict:
+    """The YAML mapping in ``path``; ``ConfigError`` when it is missing, not YAML (or uses aliases), or not a
+    mapping (``sections`` names what it should hold)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{kind} {path} does not exist")
+    try:
+        raw = read_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a {kind} must be a mapping of sections ({sections})")
+    return raw
+
+
+def validate(model: type[BaseModel], raw: dict, kind: str):
+    """``model.model_validate(raw)`` with every bad field in one ``ConfigError``."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, model, kind)) from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -240,18 +263,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> FinetuneConfig:
     """Read, override and validate a config (from ``path`` or an already-parsed ``raw`` dict)."""
+    sections = "model, patch, stages, ..."
     if raw is None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = read_yaml(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        raw = read_config_file(path, "fine-tuning config", sections)
     if not isinstance(raw, dict):
-        raise ConfigError("a fine-tuning config must be a mapping of sections (model, patch, stages, ...)")
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        return FinetuneConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format(err)) from None
+        raise ConfigError(f"a fine-tuning config must be a mapping of sections ({sections})")
+    return validate(FinetuneConfig, apply_overrides(raw, overrides or []), "fine-tuning config")

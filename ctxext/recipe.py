@@ -10,11 +10,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from .config import FinetuneConfig, LoggingSection, LoraSection, OptimizationSection, _format, load_config, read_yaml
-from .errors import ConfigError
+from .config import (FinetuneConfig, LoggingSection, LoraSection, OptimizationSection, apply_overrides, load_config,
+                     read_config_file, validate)
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_RECIPE = "configs/recipes/demo.yaml"
@@ -128,16 +127,7 @@ class Sweep(_Strict):
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep {path} does not exist")
-    try:
-        raw = read_yaml(path.read_text())
-        return Sweep.model_validate(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    except ValidationError as err:
-        raise ConfigError(_format(err, root=Sweep).replace("fine-tuning config", f"sweep {path}")) from None
+    return validate(Sweep, read_config_file(path, "sweep", "model, factor, recipe, overrides, methods"), f"sweep {path}")
 
 
 def stage_lengths(context: int, target: int) -> list[int]:
@@ -155,21 +145,9 @@ def _merge(base: dict, update: dict) -> dict:
 def load_recipe(path: str | Path | None = None, *, quick: bool = False, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a recipe (default ``configs/recipes/demo.yaml``); ``quick`` applies its ``quick`` section,
     ``overrides`` are ``key=value`` pairs as for fine-tuning configs (``data.passkey_documents=8000``)."""
-    from .config import apply_overrides
-
     path = Path(path) if path else REPO_CONFIGS / "recipes" / "demo.yaml"
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist; give a YAML file such as {DEFAULT_RECIPE}")
-    try:
-        raw = read_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping (method, factor, data, evaluation, finetune, quick)")
+    raw = read_config_file(path, "recipe", "method, factor, data, evaluation, finetune, quick")
     raw = apply_overrides(raw, overrides or [])
     if quick:
         raw = _merge(raw, raw.get("quick") or {})
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format(err, root=Recipe).replace("fine-tuning config", f"recipe {path}")) from None
+    return validate(Recipe, raw, f"recipe {path}")
