@@ -126,6 +126,15 @@ def _filler_texts(filler: str, text_field: str, seed: int, trials: int) -> list[
     return texts
 
 
+def _each_model(models: list[str], labels: list[str] | None, texts: list[str], device: str, dtype: str):
+    """``(label, model, tokenizer, path, filler ids)`` per model, loaded one at a time."""
+    used: set[str] = set()
+    for i, name in enumerate(models):
+        model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
+        yield _label(labels[i] if labels else name, used), model, tokenizer, path, join_documents(tokenizer, texts).tolist()
+        del model  # the caller drops its reference too, so one model is in memory at a time
+
+
 def evaluate_passkey(models: list[str], *, lengths: list[int], depths: list[float], trials: int = 10, seed: int = 0,
                      filler: str = DEFAULT_EVAL_SOURCE, output: str | Path = "ctxext-eval", text_field: str = "text",
                      batch_size: int = 8, device: str = "auto", dtype: str = "auto",
@@ -134,19 +143,16 @@ def evaluate_passkey(models: list[str], *, lengths: list[int], depths: list[floa
     texts = _filler_texts(filler, text_field, seed, trials)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    results, used = {}, set()
+    results = {}
     from ..plots import plot_passkey
 
-    for i, name in enumerate(models):
-        model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
-        stream = join_documents(tokenizer, texts).tolist()
+    for label, model, tokenizer, path, stream in _each_model(models, labels, texts, device, dtype):
         grid = passkey_accuracy(model, tokenizer, stream, lengths, depths, trials, seed=seed, batch_size=batch_size)
-        label = _label(labels[i] if labels else name, used)
         grid["path"] = path
         grid["plot"] = str(plot_passkey(grid["accuracy"], out / f"passkey_{_slug(label)}.png",
                                         title=f"passkey retrieval: {label} ({trials} keys per cell)"))
         results[label] = grid
-        del model
+        del model  # before the next one loads
     payload = {"protocol": {"filler": filler, "trials": trials, "seed": seed, "lengths": lengths, "depths": depths,
                             "score": "exact match of the greedy answer's first digit run with the key",
                             "ctxext": __version__, "date": time.strftime("%Y-%m-%d")},
@@ -168,11 +174,8 @@ def evaluate_retrieval(models: list[str], *, tasks: list[str], lengths: list[int
     texts = _filler_texts(filler, text_field, seed, trials)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    results, used = {}, set()
-    for i, name in enumerate(models):
-        model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
-        stream = join_documents(tokenizer, texts).tolist()
-        label = _label(labels[i] if labels else name, used)
+    results = {}
+    for label, model, tokenizer, path, stream in _each_model(models, labels, texts, device, dtype):
         results[label] = {"path": path, "tasks": {}}
         for task in tasks:
             grid = task_accuracy(model, tokenizer, stream, task, lengths, depths, trials, seed=seed,
@@ -180,7 +183,7 @@ def evaluate_retrieval(models: list[str], *, tasks: list[str], lengths: list[int
             grid["plot"] = str(plot_passkey(grid["accuracy"], out / f"retrieval_{task}_{_slug(label)}.png",
                                             title=f"{task}: {label} ({trials} trials per cell)"))
             results[label]["tasks"][task] = grid
-        del model
+        del model  # before the next one loads
     payload = {"protocol": {"filler": filler, "tasks": tasks, "trials": trials, "seed": seed, "lengths": lengths,
                             "depths": depths, "score": "exact match of the greedy completion's digit runs with the "
                             "answer values; Wilson 95% intervals", "ctxext": __version__,
