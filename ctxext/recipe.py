@@ -26,6 +26,8 @@ class _Strict(BaseModel):
 class RecipeData(_Strict):
     passkey_documents: int = Field(2000, ge=0, description="passkey documents mixed into the stdlib train files")
     edge_depth_share: float = Field(0.2, ge=0, le=1, description="share of passkey documents with the key at an edge")
+    full_length_share: float = Field(0.0, ge=0, le=1, description="share of passkey documents as long as their stage's "
+                                     "blocks (keys up to a whole block back); the others are 1/4 to 1 block long")
     train_documents: int | None = Field(None, gt=0, description="stdlib train files used (None: all)")
     task_documents: dict[str, int] = Field(default_factory=dict, description="RULER-style training documents per "
                                            "task (multikey, multivalue, vartrack), from training seeds")
@@ -100,14 +102,15 @@ class Recipe(_Strict):
         d = self.data
         data = build_finetune_data(tokenizer, folder / "finetune.jsonl", stage_lengths, d.passkey_documents,
                                    d.train_documents, edge_depth_share=d.edge_depth_share,
-                                   task_documents=d.task_documents)
+                                   full_length_share=d.full_length_share, task_documents=d.task_documents)
         phase = self.finetune.retrieval_phase
         if phase is None:
             return data, None
         tasks = {t: phase.documents // (len(d.task_documents) + 1) for t in d.task_documents}
         retrieval = build_finetune_data(tokenizer, folder / "retrieval.jsonl", [target],
                                         phase.documents - sum(tasks.values()), d.train_documents, seed=1,
-                                        edge_depth_share=d.edge_depth_share, task_documents=tasks, code=False)
+                                        edge_depth_share=d.edge_depth_share, full_length_share=d.full_length_share,
+                                        task_documents=tasks, code=False)
         return data, retrieval
 
 

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from .atomic import TMP_MARK, commit_folder
 from .config import FinetuneConfig
-from .data import Cursor, first_blocks, next_blocks, open_token_file, pose_position_ids, write_token_file
+from .data import (Blocks, Cursor, document_starts, first_blocks, next_blocks, open_token_file, pose_position_ids,
+                   stage_blocks, write_token_file)
 from .errors import TrainingError
 from .loss import ChunkedLMLoss
 from .schedule import lr_multiplier
@@ -66,7 +67,7 @@ def finetune(cfg: FinetuneConfig, *, output_dir: str | None = None, resume: bool
     check_config(cfg)
     open_run_folder(run, cfg, resume, accelerator)
     model, tokenizer = build_model(cfg)
-    streams, held = build_data(cfg, tokenizer, run, accelerator)
+    blocks, held = build_data(cfg, tokenizer, run, accelerator)
     loss_module = ChunkedLMLoss(model, cfg.optimization.loss_chunk_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optimization.lr, betas=cfg.optimization.betas,
@@ -91,7 +92,7 @@ def finetune(cfg: FinetuneConfig, *, output_dir: str | None = None, resume: bool
         handle = patch_for_stage(model, cfg, stage_index, handle)
         stage = cfg.stages[stage_index]
         while pos.step < stage_ends[stage_index]:
-            record = train_step(loss_module, opt, sched, params, streams[stage_index], cfg, pos, accelerator, run)
+            record = train_step(loss_module, opt, sched, params, blocks[stage_index], cfg, pos, accelerator, run)
             if pos.step % cfg.logging.eval_every == 0 or pos.step == stage_ends[stage_index]:
                 record["held_out_loss"] = held_out_loss(loss_module, held, stage.seq_len, cfg.logging.eval_blocks,
                                                         accelerator)
@@ -188,8 +189,8 @@ def add_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     return peft_model
 
 
-def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[list[np.ndarray], np.ndarray]:
-    """The token stream of every stage and the held-out stream (memory-mapped token files in the run folder,
+def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[list[Blocks], np.ndarray]:
+    """The training blocks of every stage and the held-out stream (memory-mapped token files in the run folder,
     written once per source: ``train.bin``, ``held_out.bin``, ``stage-<i>.bin`` for a stage with its own source)."""
     files = {"train": (cfg.data.source, cfg.data.max_documents)}
     if cfg.data.held_out is not None:
@@ -207,12 +208,15 @@ def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[
     else:
         cut = int(len(streams["train"]) * (1 - cfg.data.held_out_fraction))
         streams["train"], held = streams["train"][:cut], streams["train"][cut:]
+    blocks = []
     for i, (stage, name) in enumerate(zip(cfg.stages, stage_file)):
         if len(streams[name]) < stage.block_len:
             raise TrainingError(f"the training data of stage {i} has {len(streams[name]):,} tokens, fewer than one "
                                 f"block (seq_len {stage.block_len}); give more data ({files[name][0]}) or shorter "
                                 "stages")
-    return [streams[name] for name in stage_file], held
+        starts = document_starts(run / "tokens" / f"{name}.bin")
+        blocks.append(stage_blocks(streams[name], starts, stage.block_len))
+    return blocks, held
 
 
 def stage_lr(cfg: FinetuneConfig, step: int) -> float:
@@ -252,14 +256,14 @@ def patch_for_stage(model: nn.Module, cfg: FinetuneConfig, stage: int, handle):
 # ---------------------------------------------------------------- one optimizer step
 
 
-def train_step(loss_module, opt, sched, params, train: np.ndarray, cfg: FinetuneConfig, pos: Position,
+def train_step(loss_module, opt, sched, params, train: Blocks, cfg: FinetuneConfig, pos: Position,
                accelerator, run: Path) -> dict:
     """One optimizer step over ``tokens_per_step`` tokens of the current stage; advances ``pos``."""
     stage = cfg.stages[pos.stage]
     world, rank = accelerator.num_processes, accelerator.process_index
     n_seq = cfg.sequences_per_step(pos.stage)
     t0 = time.perf_counter()
-    blocks = next_blocks(train, stage.block_len, n_seq, pos, cfg.seed)
+    blocks = next_blocks(train, n_seq, pos, cfg.seed)
     positions = None
     if stage.window:  # PoSE: the same skips on every process, seeded by the step (a resumed run draws them again)
         rng = np.random.default_rng([cfg.seed, pos.step])
