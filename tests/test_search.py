@@ -148,7 +148,9 @@ def test_search_improves_on_its_initial_population():
     state = evolve(toy_fitness, SPACE, EvolutionConfig(budget=200, seed=0), SEEDS, progress=False)
     initial = min(e.fitness for e in state.history if e.generation == 0)
     best_seed = min(toy_fitness(c) for c in SEEDS)
-    assert state.best.fitness < 0.5 * initial and initial <= best_seed
+    # measured: the evolution reaches 0.04x of the initial best (seeds 0-2); random candidates for the same
+    # budget only 0.13-0.19x, so this threshold needs the mutation and crossover to work
+    assert state.best.fitness < 0.08 * initial and initial <= best_seed
     assert state.best.candidate.origin in ("mutation", "crossover")
     assert state.best_so_far() == sorted(state.best_so_far(), reverse=True)
 
