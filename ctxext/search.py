@@ -8,7 +8,7 @@ A ``Candidate`` is what transformers' native ``longrope`` rope type stores:
     divided by it; pair 0 is the highest frequency);
   * ``attention_factor``: the cos/sin multiplier.
 
-Constraints (LongRoPE's search space, ``SearchSpace.check``): ``1 <= lambda_0 <= lambda_1 <= ... <= lambda_{n-1}
+Constraints (LongRoPE's search space, ``SearchSpace.violations``): ``1 <= lambda_0 <= lambda_1 <= ... <= lambda_{n-1}
 <= max_factor``, i.e. non-decreasing from high to low frequency and no pair (the first ones included) rotating
 faster than trained; the paper's upper bound is ``1.25 s`` for an extension by ``s``. The attention factor stays
 in ``[attention_low, attention_high]`` (fixed when the two are equal). Mutations land on a grid of ``step``.
@@ -18,10 +18,13 @@ The evolution follows the authors' released ``evolution/algorithms`` (dim_mono):
     (computed by ctxext's own methods, ``seed_candidates``), each with the attention factors 1, YaRN's and
     LongRoPE's default; mutations of the seeds fill it up to ``population``;
   * every later generation: the ``parents`` best candidates so far; ``mutations`` children, each a mutated random
-    parent (every factor, with probability ``mutation_rate``, redrawn uniformly between its neighbours, so the
-    order holds; the attention factor moved by a small normal step); ``crossovers`` children, each one parent with
-    a random contiguous block of pairs (and maybe the attention factor) taken from another, kept only if it
-    satisfies the constraints (else, after ``CROSSOVER_TRIES``, a mutation of the first parent, as LongRoPE).
+    parent; ``crossovers`` children, each one parent with a random contiguous block of pairs (and maybe the
+    attention factor) taken from another, kept only if it satisfies the constraints (else, after
+    ``CROSSOVER_TRIES``, a mutation of the first parent, as LongRoPE). A mutation is, half the time, LongRoPE's
+    (every factor, with probability ``mutation_rate``, redrawn uniformly between its neighbours, so the order
+    holds) and otherwise ctxext's segment mutation (a block of pairs scaled together, the order repaired by moving
+    the pairs it overtakes with it), which can move the flat interpolated tail that PI and YaRN seed and that
+    redrawing between equal neighbours never moves; the attention factor moves by a small normal step.
 
 The budget counts fitness evaluations: generation 0 costs ``population``, each later one ``mutations +
 crossovers`` (the last one is cut to what is left). No candidate is evaluated twice: a child equal to an evaluated
@@ -51,6 +54,7 @@ MAX_FACTOR_RATIO = 1.25  # LongRoPE's search space: lambda_i <= 1.25 s
 MUTATION_TRIES = 100  # redraws before a mutation gives up on finding an unseen candidate
 CROSSOVER_TRIES = 20  # LongRoPE's max_crossover_try
 ATTENTION_SIGMA = 0.05  # standard deviation of an attention-factor mutation
+SEGMENT_SIGMA = 0.1  # standard deviation of a segment mutation's log scale
 KEY_DIGITS = 9  # candidates equal to this many decimals are the same candidate
 
 
@@ -261,23 +265,42 @@ def seed_candidates(ctx: RopeContext, scale: float, space: SearchSpace) -> list[
 
 
 def mutate(parent: Candidate, space: SearchSpace, rate: float, rng: np.random.Generator, seen: set) -> Candidate:
-    """LongRoPE's dim_mono mutation: each factor, with probability ``rate``, redrawn uniformly between its
-    (already mutated) lower neighbour and its upper neighbour; the attention factor moved by N(0, 0.05)."""
-    n = space.num_pairs
+    """Half the time LongRoPE's dim_mono mutation (``redraw``), else a ``segment`` mutation; the attention factor,
+    with probability ``rate``, moved by N(0, 0.05). Redrawn until the child is unseen."""
     for _ in range(MUTATION_TRIES):
-        f = list(parent.factors)
-        for i in range(n):
-            if rng.random() < rate:
-                low = f[i - 1] if i else 1.0
-                high = f[i + 1] if i + 1 < n else space.max_factor
-                f[i] = space.snap(rng.uniform(low, high), low, high)
+        segment = rng.random() < 0.5
+        f = shift_segment(parent.factors, space, rng) if segment else redraw(parent.factors, space, rate, rng)
         a = parent.attention_factor
         if space.searches_attention and rng.random() < rate:
             a = space.clip_attention(a + rng.normal(0.0, ATTENTION_SIGMA))
-        child = Candidate(tuple(f), a, origin="mutation")
+        child = Candidate(tuple(f), a, origin="segment" if segment else "mutation")
         if child.key() not in seen:
             return child
     return random_candidate(space, rng)  # the neighbourhood is exhausted (tiny spaces only)
+
+
+def redraw(factors: Sequence[float], space: SearchSpace, rate: float, rng: np.random.Generator) -> list[float]:
+    """LongRoPE's dim_mono mutation: each factor, with probability ``rate``, redrawn uniformly between its (already
+    redrawn) lower neighbour and its upper neighbour, so the order holds."""
+    f, n = list(factors), len(factors)
+    for i in range(n):
+        if rng.random() < rate:
+            low = f[i - 1] if i else 1.0
+            high = f[i + 1] if i + 1 < n else space.max_factor
+            f[i] = space.snap(rng.uniform(low, high), low, high)
+    return f
+
+
+def shift_segment(factors: Sequence[float], space: SearchSpace, rng: np.random.Generator) -> list[float]:
+    """A random block of consecutive pairs multiplied by ``exp(N(0, SEGMENT_SIGMA))``; the pairs after it that it
+    now exceeds rise with it (or, scaled down, the pairs before it that exceed it fall with it), so the order holds.
+    Redrawing between equal neighbours cannot move a plateau (PI's and YaRN's flat interpolated tail); this can."""
+    begin, end = sorted(int(x) for x in rng.choice(len(factors) + 1, 2, replace=False))
+    scale = math.exp(rng.normal(0.0, SEGMENT_SIGMA))
+    g = np.array(factors, dtype=np.float64)
+    g[begin:end] = [space.snap(x * scale, 1.0, space.max_factor) for x in g[begin:end]]
+    g = np.maximum.accumulate(g) if scale >= 1 else np.minimum.accumulate(g[::-1])[::-1]
+    return [float(x) for x in g]
 
 
 def random_candidate(space: SearchSpace, rng: np.random.Generator) -> Candidate:

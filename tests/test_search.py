@@ -38,6 +38,7 @@ from ctxext.search import (
     SearchSpace,
     SearchState,
     evolve,
+    random_candidate,
     seed_candidates,
     yarn_attention_factor,
 )
@@ -80,7 +81,7 @@ def test_every_evaluated_candidate_obeys_the_constraints():
     state = evolve(fitness, SPACE, EvolutionConfig(budget=120, seed=3), SEEDS, progress=False)
     assert len(seen) == state.evaluations == 120
     origins = {c.origin for c in seen}
-    assert {"mutation", "crossover"} <= origins  # both operators were exercised
+    assert {"mutation", "segment", "crossover"} <= origins  # every operator was exercised
     assert len({c.key() for c in seen}) == len(seen)  # never evaluated twice
 
 
@@ -144,15 +145,19 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_search_ends(tm
     assert resumed.population == whole.population and resumed.evaluations == 70
 
 
-def test_search_improves_on_its_initial_population():
-    state = evolve(toy_fitness, SPACE, EvolutionConfig(budget=200, seed=0), SEEDS, progress=False)
+def test_search_improves_on_its_initial_population_and_beats_random_candidates():
+    config = EvolutionConfig(budget=200, seed=0)
+    state = evolve(toy_fitness, SPACE, config, SEEDS, progress=False)
     initial = min(e.fitness for e in state.history if e.generation == 0)
-    best_seed = min(toy_fitness(c) for c in SEEDS)
-    # measured: the evolution reaches 0.04x of the initial best (seeds 0-2); random candidates for the same
-    # budget only 0.13-0.19x, so this threshold needs the mutation and crossover to work
-    assert state.best.fitness < 0.08 * initial and initial <= best_seed
-    assert state.best.candidate.origin in ("mutation", "crossover")
+    assert initial <= min(toy_fitness(c) for c in SEEDS)
+    assert state.best.fitness < 0.1 * initial  # measured: 0.06x
+    assert state.best.candidate.origin in ("mutation", "segment", "crossover")
     assert state.best_so_far() == sorted(state.best_so_far(), reverse=True)
+    # the same budget of random valid candidates after the same first generation does far worse (measured: 0.17x
+    # of the initial best, against the search's 0.06x): the selection, mutation and crossover do the work
+    rng = np.random.default_rng(0)
+    random_best = min(toy_fitness(random_candidate(SPACE, rng)) for _ in range(config.budget - config.population))
+    assert state.best.fitness < 0.5 * min(random_best, initial)
 
 
 def test_budget_smaller_than_one_generation_is_refused():
