@@ -7,6 +7,7 @@
     ctxext eval ppl reference out/yarn8 --lengths 256,512,1024,2048
     ctxext eval passkey out/yarn8 --lengths 512,1024,2048 --trials 10
     ctxext analyze freq reference --compare out/prope
+    ctxext search reference out/longrope8 --target-length 2048 --budget 160
     ctxext demo
 """
 
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 
 
@@ -201,8 +203,9 @@ def cmd_analyze_freq(args) -> int:
     return 0
 
 
-def _add_eval_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default="ctxext-eval", help="folder for JSON results and PNG plots")
+def _add_eval_common(p: argparse.ArgumentParser, output: bool = True) -> None:
+    if output:
+        p.add_argument("--output", default="ctxext-eval", help="folder for JSON results and PNG plots")
     p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet rows holding the text")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -232,6 +235,45 @@ def cmd_demo(args) -> int:
     print(f"\n{summary['headline']}")
     print(f"report: {summary['report']} ({summary['minutes']:.1f} min)")
     return 0
+
+
+def cmd_search(args) -> int:
+    from .longrope import search_checkpoint
+
+    res = search_checkpoint(
+        args.src, args.out, target_length=args.target_length, data=args.data, budget=args.budget, seed=args.seed,
+        population=args.population, window=args.window, windows=args.windows, attention_factor=args.attention_factor,
+        resume=args.resume, force=args.force, text_field=args.text_field, device=args.device, dtype=args.dtype,
+    )
+    cal = res["calibration"]
+    print(f"calibration perplexity at {args.target_length} ({cal['windows']} x {cal['window']} tokens of "
+          f"{cal['data']}{', PoSE proxy' if cal['proxy'] else ''}):")
+    for origin, fitness in res["seeds"].items():
+        if fitness is not None:
+            print(f"  seed {origin:<28} {math.exp(fitness):>10.3f}")
+    best = res["best"]
+    print(f"  searched ({res['generations']} generations)  {best['perplexity']:>10.3f}  attention factor "
+          f"{best['attention_factor']:.3f}")
+    print(f"wrote {args.out} (rope_type longrope; loads with stock transformers); curve: {args.out}/search.json, "
+          f"{args.out}/search.png")
+    return 0
+
+
+SEARCH_HELP = (
+    "Search per-pair RoPE rescale factors and the attention factor (LongRoPE, Ding et al. 2024) that minimise "
+    "perplexity at --target-length on calibration text, by evolution: the first population from PI / NTK / YaRN "
+    "factor shapes plus mutations, then per generation the best half as parents, mutations and crossovers. Factors "
+    "are non-decreasing from high to low frequency, >= 1 and <= 1.25 x the extension. OUT is a checkpoint with the "
+    "native rope_type longrope (short_factor all ones: inputs within the trained context keep the original "
+    "frequencies; long_factor: the searched factors), search.json and search.png. The state is saved after every "
+    "generation in OUT.search-state.json; --resume continues it to the same result.\n\n"
+    "Cost and proxy: every evaluation runs --windows forwards of --window tokens. By default the window is the "
+    "target length (exact: 2048 tokens on the reference model take ~0.7 s on one CPU thread). Where a forward at "
+    "the target costs minutes (SmolLM2 at 16k on a CPU), give a shorter --window: a cheap proxy with PoSE-style "
+    "windows (Zhu et al. 2023) whose second half jumps ahead in position, so each window spans the target length's "
+    "rotation angles for the cost of --window tokens; attention then spreads over --window tokens only, so the "
+    "attention factor is not searched but fixed at LongRoPE's sqrt(1 + ln s / ln L) (or --attention-factor)."
+)
 
 
 # --- GGUF in and out (ctxext/gguf) ---------------------------------------------------------------------------
@@ -378,6 +420,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens of data to measure on")
     _add_eval_common(p)
     p.set_defaults(func=cmd_analyze_freq)
+
+    p = sub.add_parser("search", help="search LongRoPE rescale factors for a target length (no training) and save "
+                       "them as native longrope", description=SEARCH_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="checkpoint folder with plain RoPE, 'reference', or a GGUF source such as smollm2")
+    p.add_argument("out", help="output folder (must not exist unless --force)")
+    p.add_argument("--target-length", type=int, required=True, help="the context to search for (> the trained one)")
+    p.add_argument("--data", default="stdlib:train", help="calibration text: stdlib:train (default; disjoint from "
+                   "the default evaluation text stdlib:held_out), package:NAME, a file/folder "
+                   "(.txt/.py/.md/.jsonl/.parquet) or a hub dataset")
+    p.add_argument("--budget", type=int, default=160, help="perplexity evaluations in all (default 160); the first "
+                   "generation takes --population of them, each later one --population / 2")
+    p.add_argument("--population", type=int, default=16, help="population size (default 16; LongRoPE: 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, help="calibration window tokens (default: the target length; shorter: "
+                   "the PoSE proxy, see above)")
+    p.add_argument("--windows", type=int, default=4, help="calibration windows per evaluation (default 4)")
+    p.add_argument("--attention-factor", type=float, help="fix the attention factor instead of searching it")
+    p.add_argument("--resume", action="store_true", help="continue the search saved in OUT.search-state.json")
+    p.add_argument("--force", action="store_true", help="replace OUT and start over from scratch")
+    _add_eval_common(p, output=False)
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
         "finetune", help="progressive-length LoRA fine-tuning from a YAML config (accelerate; resumable)",

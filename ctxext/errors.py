@@ -42,5 +42,10 @@ class TrainingError(CtxextError, RuntimeError):
         self.exit_code = exit_code
 
 
+class SearchError(CtxextError, ValueError):
+    """A factor search that cannot run: a target length, budget or population out of range, a checkpoint without
+    plain RoPE, or a state file that belongs to another search."""
+
+
 class EvalError(CtxextError, ValueError):
     """An evaluation request that cannot be run (a length, depth, stride or trial count out of range)."""

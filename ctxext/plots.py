@@ -103,3 +103,37 @@ def plot_frequency_usage(panels: dict[str, np.ndarray], wavelengths: np.ndarray,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_search(result: dict, path: Path) -> Path:
+    """A factor search (``ctxext search``): every evaluation's calibration perplexity by evaluation, the best so
+    far, and the best seed of each method (PI / NTK / YaRN shapes) as horizontal lines."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    evaluations = result["evaluations"]
+    ppl = np.exp([e["fitness"] for e in evaluations])
+    generation = np.array([e["generation"] for e in evaluations])
+    ax.scatter(np.arange(len(ppl)), ppl, c=generation, cmap="viridis", s=12, label="candidate (colour: generation)")
+    ax.plot(np.exp(result["best_so_far"]), color="k", label="best so far")
+    best_seed: dict[str, float] = {}
+    for origin, fitness in result["seeds"].items():
+        if fitness is not None:
+            method = origin.split()[0]
+            best_seed[method] = min(best_seed.get(method, np.inf), fitness)
+    for i, (method, fitness) in enumerate(sorted(best_seed.items())):
+        ax.axhline(np.exp(fitness), color=plt.get_cmap("tab10")(i + 1), linestyle="--", label=f"best {method} seed")
+    finite = ppl[np.isfinite(ppl)]
+    if finite.size:
+        top = min(finite.max(), np.exp(max(best_seed.values())) * 1.1) if best_seed else finite.max()
+        ax.set_ylim(finite.min() * 0.97, top * 1.03)
+    ax.set_yscale("log")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("calibration perplexity (log scale)")
+    cal = result["calibration"]
+    ax.set_title(f"factor search x{result['scale']:g} to {result['target_length']} "
+                 f"({cal['windows']} x {cal['window']} tokens of {cal['data']})", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
