@@ -143,7 +143,7 @@ def plot_by_position_and_length(perplexity: dict[str, dict[str, dict[int, float]
         bottom.set_title(f"{group}: {accuracy_label} (Wilson 95%)")
         for ax in (top, bottom):
             ax.grid(True, which="both", alpha=0.3)
-            if ax.has_data():
+            if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
     axes[0][0].set_ylabel("perplexity (log scale)")
     axes[1][0].set_ylabel("accuracy")

@@ -71,30 +71,42 @@ def parse_args(argv):
 
 
 def select_documents(tokenizer, source: str, count: int, length: int) -> list[dict]:
-    """The ``count`` longest documents of ``source`` with at least ``length`` tokens, cut to ``length``."""
-    from ctxext.data import load_texts, tokenize_documents
+    """The ``count`` longest documents of ``source`` (by characters) with at least ``length`` tokens, cut to
+    ``length`` tokens; only as many as needed are tokenized."""
+    from ctxext.data import load_texts
     from ctxext.errors import DataError
 
-    texts = load_texts(source)
-    ranked = sorted(zip(tokenize_documents(tokenizer, texts), texts), key=lambda d: -len(d[0]))
-    chosen = [(ids, text) for ids, text in ranked[:count] if len(ids) >= length]
+    chosen = []
+    for text in sorted(load_texts(source), key=len, reverse=True):
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) >= length:
+            chosen.append({"name": document_name(source, text), "tokens": len(ids), "ids": ids[:length]})
+        if len(chosen) == count or len(text) < length:  # a token holds at least one character
+            break
     if len(chosen) < count:
         raise DataError(f"{source}: {len(chosen)} documents have {length} tokens, {count} needed; lower "
                         "perplexity.documents or give a text with longer documents")
-    return [{"name": document_name(source, text), "tokens": len(ids), "ids": ids[:length]} for ids, text in chosen]
+    return chosen
 
 
 def document_name(source: str, text: str) -> str:
-    """The file a stdlib:/package: document came from, relative to its root; else its first line."""
+    """The file a document came from (relative to its stdlib, package or folder root); else its first line."""
     from ctxext import corpus
 
-    if source.startswith(("stdlib:", "package:")):
-        kind, _, part = source.partition(":")
-        files = corpus.stdlib_files(part) if kind == "stdlib" else corpus.package_files(part)
-        root = corpus.stdlib_root() if kind == "stdlib" else files[0].parent
-        for path in files:
-            if path.stat().st_size == len(text.encode()) and path.read_text(encoding="utf-8") == text:
-                return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+    kind, _, part = source.partition(":")
+    if kind == "stdlib":
+        root, files = corpus.stdlib_root(), corpus.stdlib_files(part)
+    elif kind == "package":
+        files = corpus.package_files(part)
+        root = files[0].parent
+    elif Path(source).is_dir():
+        root, files = Path(source), sorted(p for p in Path(source).rglob("*") if p.is_file())
+    else:
+        root, files = Path(source).parent, [Path(source)]
+    size = len(text.encode())
+    for path in files:
+        if path.stat().st_size == size and path.read_text(encoding="utf-8", errors="replace") == text:
+            return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
     return text.splitlines()[0][:60] if text else "(empty)"
 
 
@@ -241,7 +253,7 @@ def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, chec
                 spec = c["spec"]
                 if c["kind"] != "ppl" and spec["filler"] not in streams:
                     streams[spec["filler"]] = filler_stream(tokenizer, spec["filler"], seed=spec["seed"])
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 if c["kind"] == "ppl":
                     text = texts[c["measure"].removeprefix("ppl-")]
                     result = measure_perplexity(model, text["documents"], c["length"], context, bucket)
@@ -250,10 +262,12 @@ def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, chec
                                                spec["depths"], spec["trials"], spec["seed"], batch_size)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                record = save_cell(root, c["name"], spec, result, seconds=time.perf_counter() - t0, device=where)
+                record = save_cell(root, c["name"], spec, result, seconds=time.perf_counter() - t0, device=where,
+                                   cpu_seconds=time.process_time() - cpu0)
                 summary = ({k: round(result[k]["perplexity"], 3) for k in ("inside", "beyond")} if c["kind"] == "ppl"
                            else f"{result['correct']}/{result['n']}")
-                print(f"{c['name']}: {summary} ({record['seconds']} s, {where})", flush=True)
+                print(f"{c['name']}: {summary} ({record['seconds']} s, CPU time {record['cpu_seconds']} s, {where})",
+                      flush=True)
 
 
 # ---------------------------------------------------------------- the page
@@ -273,7 +287,8 @@ def cell_text(cell: dict, record: dict | None) -> tuple[str, str]:
     else:
         lo, hi = r["wilson95"]
         text = f"{r['correct']}/{r['n']} [{lo:.2f}, {hi:.2f}]"
-    return text, f"{record['seconds']:.0f}"
+    cpu = record.get("cpu_seconds")
+    return text, f"{record['seconds']:.0f}" + (f" (CPU {cpu:.0f})" if cpu is not None and "cpu" in record["device"] else "")
 
 
 def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, args, context: int,
@@ -316,7 +331,8 @@ def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, 
                                  if (row, m, L) in by_key else ("-", "-") for m, L in cols))
             lines.append(f"| {row} | " + " | ".join(texts_) + " |")
             seconds.append(f"| {row} | " + " | ".join(secs) + " |")
-        lines += ["", f"Seconds per cell (x{factor:g}):", "", *seconds, ""]
+        lines += ["", f"Seconds per cell (x{factor:g}; wall clock, and on CPU the process's CPU time, which other "
+                  "jobs on a shared machine do not inflate):", "", *seconds, ""]
     devices = sorted({r["device"] for r in records.values()})
     commands = sorted({(r["command"], r["date"]) for r in records.values()}, key=lambda x: x[1])
     lines += [f"Measured on: {', '.join(devices) or 'nothing yet'}. Commands that measured these cells:", ""]
