@@ -110,8 +110,14 @@ def document_name(source: str, text: str) -> str:
     return text.splitlines()[0][:60] if text else "(empty)"
 
 
-def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> tuple[list[dict], dict]:
-    """Every cell of the config (``name``, ``row``, ``factor``, ``measure``, ``length``, ``spec``) and the texts."""
+def digest(ids) -> str:
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> tuple[list[dict], dict, dict]:
+    """Every cell of the config (``name``, ``row``, ``factors``, ``measure``, ``length``, ``spec``), the perplexity
+    texts and the retrieval filler streams. A spec holds the sha256 of the tokens it scores or cuts prompts from,
+    so a cell measured on other text (another Python's standard library, say) is never taken for this one."""
     retrieval = sweep.retrieval
     lengths = args.lengths or retrieval.lengths
     depths = args.depths or retrieval.depths
@@ -120,8 +126,13 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
     texts = {}
     for name, source in sweep.perplexity.texts.items():
         docs = select_documents(tokenizer, source, args.documents or sweep.perplexity.documents, longest)
-        digest = hashlib.sha256(json.dumps([d["ids"] for d in docs]).encode()).hexdigest()[:16]
-        texts[name] = {"source": source, "documents": docs, "sha256": digest}
+        texts[name] = {"source": source, "documents": docs, "sha256": digest([d["ids"] for d in docs])}
+    streams, filler_sha256 = {}, None
+    if any(L <= longest for L in lengths):
+        from ctxext.evals.report import filler_stream
+
+        streams[retrieval.filler] = filler_stream(tokenizer, retrieval.filler, seed=retrieval.seed)
+        filler_sha256 = digest(streams[retrieval.filler])
     common = {"model": args.model or sweep.model, "checkpoint_context": checkpoint_context, "context": context,
               "dtype": args.dtype or sweep.dtype}
     cells = {}
@@ -134,8 +145,8 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
             measures = [(f"ppl-{name}", "ppl", target, {"text": t["source"], "text_sha256": t["sha256"],
                                                         "documents": [d["name"] for d in t["documents"]]})
                         for name, t in texts.items()]
-            measures += [(task, task, L, {"filler": retrieval.filler, "depths": depths, "trials": n,
-                                          "seed": retrieval.seed})
+            measures += [(task, task, L, {"filler": retrieval.filler, "filler_sha256": filler_sha256, "depths": depths,
+                                          "trials": n, "seed": retrieval.seed})
                          for task, n in trials.items() for L in lengths if L <= target]
             for measure, kind, length, extra in measures:
                 name = f"{model_key}/{measure}@{length}"
@@ -144,7 +155,7 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
                                                "length": length, "factors": [],
                                                "spec": {**model_spec, "measure": measure, "length": length, **extra}})
                 cell["factors"].append(factor)
-    return list(cells.values()), texts
+    return list(cells.values()), texts, streams
 
 
 # ---------------------------------------------------------------- measuring one cell
@@ -215,13 +226,13 @@ def check_rows(source: str, context: int, groups: dict[tuple, list[dict]]) -> No
                 raise MethodError(f"row {row} at target {target}: {err}") from None
 
 
-def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, checkpoint_context: int, tokenizer,
-              texts: dict, root: Path) -> None:
+def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, tokenizer, texts: dict, streams: dict,
+              root: Path) -> None:
     """Measure every cell of ``cells`` that has no stored record with its spec, one model patch per (row, factor)."""
     import torch
 
     from ctxext.evals.cells import load_cell, save_cell
-    from ctxext.evals.report import filler_stream, pick_device
+    from ctxext.evals.report import pick_device
     from ctxext.hub import load_model
     from ctxext.patch import patch_model
 
@@ -239,7 +250,6 @@ def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, chec
     model = load_model(source, dtype=args.dtype or sweep.dtype).to(device)
     model.config.max_position_embeddings = context  # == the checkpoint's unless --context pretends a shorter one
     where = describe_device(device)
-    streams: dict[str, list[int]] = {}
     bucket = max(1, context // sweep.perplexity.buckets_per_context)
     started = time.perf_counter()
     for (row, target), group in groups.items():
@@ -251,8 +261,6 @@ def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, chec
                     print(f"--stop-after {args.stop_after:g} s reached; the remaining cells wait for the next run")
                     return
                 spec = c["spec"]
-                if c["kind"] != "ppl" and spec["filler"] not in streams:
-                    streams[spec["filler"]] = filler_stream(tokenizer, spec["filler"], seed=spec["seed"])
                 t0, cpu0 = time.perf_counter(), time.process_time()
                 if c["kind"] == "ppl":
                     text = texts[c["measure"].removeprefix("ppl-")]
@@ -387,14 +395,14 @@ def main(argv=None) -> int:
         if context > checkpoint_context:
             p.error(f"--context {context} is beyond the checkpoint's trained context {checkpoint_context}")
         tokenizer = AutoTokenizer.from_pretrained(source)
-        cells, texts = make_plan(sweep, args, context, checkpoint_context, tokenizer)
+        cells, texts, streams = make_plan(sweep, args, context, checkpoint_context, tokenizer)
         root = Path(args.cells) / (args.dtype or sweep.dtype) / f"context{context}"
         if not args.report_only:
             chosen = [c for c in cells if (not args.methods or c["row"] in args.methods)
                       and (not args.factors or set(c["factors"]) & set(args.factors))
                       and (not args.measure or c["kind"] in args.measure)]
-            run_cells(chosen, source=source, sweep=sweep, args=args, context=context,
-                      checkpoint_context=checkpoint_context, tokenizer=tokenizer, texts=texts, root=root)
+            run_cells(chosen, source=source, sweep=sweep, args=args, context=context, tokenizer=tokenizer,
+                      texts=texts, streams=streams, root=root)
         records = {c["name"]: r for c in cells if (r := load_cell(root, c["name"], c["spec"])) is not None}
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)

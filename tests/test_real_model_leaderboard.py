@@ -126,6 +126,10 @@ def test_cells_are_measured_once_resumed_and_remeasured_when_their_spec_changes(
     assert page.endswith("<!-- notes -->\nhand-written\n") and "6 of 9 cells measured" in page
     assert run(script, tmp_path, "--report-only") == 0  # trials 1 again: the passkey cells are stale
     assert "2 of 9 cells measured" in (tmp_path / "out" / "REAL_MODEL.md").read_text()
+    shortest = min((tmp_path / "code").iterdir(), key=lambda p: len(p.read_text()))
+    shortest.write_text(shortest.read_text() + "# changed\n")  # filler only: the perplexity text is the longest file
+    assert run(script, tmp_path, "--report-only", "--trials", "2") == 0
+    assert "2 of 9 cells measured" in (tmp_path / "out" / "REAL_MODEL.md").read_text()
 
 
 def test_bad_rows_and_flags_exit_2_before_anything_is_measured(script, tmp_path, capsys):
@@ -190,3 +194,17 @@ def test_smollm2_pipeline_at_a_pretend_context(script, tmp_path):
     assert base != yarn and yarn < 1.2 * base
     page = (tmp_path / "out" / "REAL_MODEL.md").read_text()
     assert "pretended: the checkpoint's is 8,192" in page and "6 of 9 cells measured" in page
+
+
+def test_the_stdlib_text_can_come_from_another_pythons_copy(monkeypatch, tmp_path):
+    """$CTXEXT_STDLIB_ROOT: the held-out files a measurement was made with, read on a machine with another Python."""
+    from ctxext import corpus
+    from ctxext.data import load_texts
+
+    relative = corpus.stdlib_files("held_out")[0].relative_to(corpus.stdlib_root())
+    (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / relative).write_text("x = 1\n")
+    (tmp_path / "not_held_out_by_its_path.py").write_text("y = 2\n")
+    monkeypatch.setenv("CTXEXT_STDLIB_ROOT", str(tmp_path))
+    assert corpus.stdlib_files("held_out") == [tmp_path / relative]
+    assert load_texts("stdlib:held_out") == ["x = 1\n"]
