@@ -288,7 +288,7 @@ def fmt_ppl(value: float | None) -> str:
 def cell_text(cell: dict, record: dict | None) -> tuple[str, str]:
     """(result, seconds) as the tables show them."""
     if record is None:
-        return NOT_MEASURED, NOT_MEASURED
+        return NOT_MEASURED, "-"
     r = record["result"]
     if cell["kind"] == "ppl":
         text = f"{fmt_ppl(r['inside']['perplexity'])} / {fmt_ppl(r['beyond']['perplexity'])}"
@@ -313,9 +313,10 @@ def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, 
              f"each method patched in memory at factors {', '.join(f'x{f:g}' for f in sweep.factors)} "
              f"(target = factor x context), no fine-tuning; dtype {dtype}. "
              f"{len(done)} of {len(cells)} cells measured (page written {time.strftime('%Y-%m-%d')}); "
-             f"\"{NOT_MEASURED}\" marks the others.", ""]
+             f"\"{NOT_MEASURED}\" marks the others; `python scripts/real_model_leaderboard.py --config {args.config}` "
+             "measures them (add `--device cuda` on a GPU) and rewrites this page.", ""]
     for name, t in texts.items():
-        docs = ", ".join(f"`{d['name']}` ({d['tokens']:,} tokens)" for d in t["documents"])
+        docs = ", ".join(f"`{d['name']}` ({d['tokens']:,} tokens in all)" for d in t["documents"])
         lines.append(f"- Perplexity text `{name}`: `{t['source']}`, the first factor x context tokens of {docs} "
                      f"(token sha256 {t['sha256']}). Cells: perplexity of the tokens at positions below the "
                      f"trained context / at and beyond it, one forward over the whole input.")
