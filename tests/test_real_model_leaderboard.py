@@ -208,3 +208,15 @@ def test_the_stdlib_text_can_come_from_another_pythons_copy(monkeypatch, tmp_pat
     monkeypatch.setenv("CTXEXT_STDLIB_ROOT", str(tmp_path))
     assert corpus.stdlib_files("held_out") == [tmp_path / relative]
     assert load_texts("stdlib:held_out") == ["x = 1\n"]
+
+
+def test_each_leaderboard_script_refuses_the_other_kind_of_sweep(script, capsys):
+    spec = importlib.util.spec_from_file_location("leaderboard", REPO / "scripts" / "leaderboard.py")
+    finetune_board = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune_board)
+    with pytest.raises(SystemExit) as exit_:
+        finetune_board.main(["--config", "configs/sweeps/smollm2.yaml"])
+    assert exit_.value.code == 2 and "run it with scripts/real_model_leaderboard.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--config", "configs/sweeps/leaderboard.yaml", "--report-only"])
+    assert exit_.value.code == 2 and "run it with scripts/leaderboard.py" in capsys.readouterr().err

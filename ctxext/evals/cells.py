@@ -26,6 +26,20 @@ def _normal(spec: dict) -> dict:
     return json.loads(json.dumps(spec, sort_keys=True))
 
 
+def _versions() -> dict:
+    """Python, torch and transformers versions: the software a cell was measured with (kept, not compared)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("torch", "transformers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
 def cell_path(root: str | Path, name: str) -> Path:
     """``root/<model>/<measurement>.json``; characters outside ``[A-Za-z0-9_.@+-]`` become ``_``."""
     parts = [re.sub(r"[^A-Za-z0-9_.@+-]+", "_", p) for p in name.split("/")]
@@ -48,7 +62,7 @@ def save_cell(root: str | Path, name: str, spec: dict, result: dict, *, seconds:
     clock; ``cpu_seconds``: the process's CPU time, which other jobs on a shared machine do not inflate."""
     record = {"name": name, "spec": _normal(spec), "result": result, "seconds": round(seconds, 1),
               "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 1), "device": device,
-              "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv])}
+              "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]), "versions": _versions()}
     path = cell_path(root, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1))
