@@ -133,12 +133,16 @@ class Sweep(_Strict):
     methods: dict[str, SweepRow] = Field(..., min_length=1)
 
 
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
 class PerplexityPlan(_Strict):
     texts: dict[str, str] = Field(..., min_length=1, description="name: data source (see ctxext.data); each row is "
                                   "scored on the longest documents of each")
     documents: int = Field(1, gt=0, description="documents per text, the longest ones (first factor x context tokens "
                            "of each, for the largest factor)")
     buckets_per_context: int = Field(4, gt=0, description="position buckets per trained context in the report")
+    dtype: Dtype = Field("float32", description="model dtype for these cells")
 
 
 class RetrievalPlan(_Strict):
@@ -149,6 +153,7 @@ class RetrievalPlan(_Strict):
                                    "prompts per depth")
     filler: str = "stdlib:held_out"
     seed: int = 0
+    dtype: Dtype = Field("float32", description="model dtype for these cells")
 
     @field_validator("trials")
     @classmethod
@@ -175,7 +180,6 @@ class TrainingFreeSweep(_Strict):
     context: int | None = Field(None, gt=1, description="trained context (None: the checkpoint's); a smaller value "
                                 "pretends the model was trained that short, for quick runs of the pipeline")
     factors: list[float] = Field(..., min_length=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     perplexity: PerplexityPlan
     retrieval: RetrievalPlan
     methods: dict[str, SweepRow] = Field(..., min_length=1)

@@ -21,9 +21,11 @@ cell is done, reused by later runs while its spec is unchanged, so a run can sto
 
 The unextended row (``method: null``) is the same model at every factor: its cells are shared. The page lists
 every planned cell of the whole config (``--methods``/``--factors``/``--measure`` only choose what this run
-measures) and marks the absent ones "not measured". ``--dtype``: float32 by default on every device (cells from
-CPU and GPU runs then agree to kernel rounding); cells are kept per dtype and never mixed. Hand-written text
-below the line ``<!-- notes -->`` of an existing page is kept.
+measures) and marks the absent ones "not measured". Each section of the config names its dtype (SmolLM2's:
+perplexity in float32 on every device, so CPU and GPU cells agree to kernel rounding; retrieval, which only a GPU
+runs at these lengths, in bfloat16, the model's training dtype); ``--dtype`` sets both. A cell's dtype is part of
+its name and spec, so cells of different dtypes are never mixed. Hand-written text below the line
+``<!-- notes -->`` of an existing page is kept.
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ def parse_args(argv):
     p.add_argument("--depths", type=csv(float), help="retrieval depths (replaces the config's)")
     p.add_argument("--documents", type=int, help="documents per perplexity text (replaces the config's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the config's dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="model dtype for every cell (default: each config section's)")
     p.add_argument("--batch-size", type=int, help="retrieval prompts per generate call (default 8 on GPU, 1 on CPU)")
-    p.add_argument("--cells", default="docs/real_model", help="cell folder (a subfolder per dtype and context)")
+    p.add_argument("--cells", default="docs/real_model",
+                   help="cell folder (files <dtype>/context<N>/<model>/<measure>@<length>.json)")
     p.add_argument("--output", default="docs", help="folder of REAL_MODEL.md and real_model.png")
     p.add_argument("--stop-after", type=float, metavar="SECONDS", help="start no new cell after this many seconds")
     p.add_argument("--report-only", action="store_true", help="measure nothing; rewrite the page from the cells")
@@ -133,8 +137,8 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
 
         streams[retrieval.filler] = filler_stream(tokenizer, retrieval.filler, seed=retrieval.seed)
         filler_sha256 = digest(streams[retrieval.filler])
-    common = {"model": args.model or sweep.model, "checkpoint_context": checkpoint_context, "context": context,
-              "dtype": args.dtype or sweep.dtype}
+    common = {"model": args.model or sweep.model, "checkpoint_context": checkpoint_context, "context": context}
+    dtypes = {"ppl": args.dtype or sweep.perplexity.dtype, "retrieval": args.dtype or retrieval.dtype}
     cells = {}
     for row in sweep.methods:
         for factor in sweep.factors:
@@ -142,17 +146,19 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
             target = round(factor * context)
             model_key = row if chain is None else f"{row}-x{factor:g}"
             model_spec = {**common, "chain": chain, "params": params, "target": None if chain is None else target}
-            measures = [(f"ppl-{name}", "ppl", target, {"text": t["source"], "text_sha256": t["sha256"],
+            measures = [(f"ppl-{name}", "ppl", target, {"dtype": dtypes["ppl"], "text": t["source"],
+                                                        "text_sha256": t["sha256"],
                                                         "documents": [d["name"] for d in t["documents"]]})
                         for name, t in texts.items()]
-            measures += [(task, task, L, {"filler": retrieval.filler, "filler_sha256": filler_sha256, "depths": depths,
-                                          "trials": n, "seed": retrieval.seed})
+            measures += [(task, task, L, {"dtype": dtypes["retrieval"], "filler": retrieval.filler,
+                                          "filler_sha256": filler_sha256, "depths": depths, "trials": n,
+                                          "seed": retrieval.seed})
                          for task, n in trials.items() for L in lengths if L <= target]
             for measure, kind, length, extra in measures:
-                name = f"{model_key}/{measure}@{length}"
+                name = f"{extra['dtype']}/context{context}/{model_key}/{measure}@{length}"
                 cell = cells.setdefault(name, {"name": name, "row": row, "chain": chain, "params": params,
                                                "target": model_spec["target"], "measure": measure, "kind": kind,
-                                               "length": length, "factors": [],
+                                               "length": length, "dtype": extra["dtype"], "factors": [],
                                                "spec": {**model_spec, "measure": measure, "length": length, **extra}})
                 cell["factors"].append(factor)
     return list(cells.values()), texts, streams
@@ -218,7 +224,7 @@ def check_rows(source: str, context: int, groups: dict[tuple, list[dict]]) -> No
 
     config = AutoConfig.from_pretrained(source)
     config.max_position_embeddings = context
-    for (row, target), group in groups.items():
+    for (_, row, target), group in groups.items():
         if group[0]["chain"]:
             try:
                 plan_patch(config, group[0]["chain"], target_length=target, **group[0]["params"])
@@ -242,17 +248,19 @@ def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, toke
     if not todo:
         return
     groups: dict[tuple, list[dict]] = {}
-    for c in todo:
-        groups.setdefault((c["row"], c["target"]), []).append(c)
+    for c in sorted(todo, key=lambda c: c["dtype"] != "float32"):  # float32 first: the checkpoint's own dtype
+        groups.setdefault((c["dtype"], c["row"], c["target"]), []).append(c)
     check_rows(source, context, groups)
     device = pick_device(args.device)
     batch_size = args.batch_size or (8 if device.type == "cuda" else 1)
-    model = load_model(source, dtype=args.dtype or sweep.dtype).to(device)
-    model.config.max_position_embeddings = context  # == the checkpoint's unless --context pretends a shorter one
     where = describe_device(device)
     bucket = max(1, context // sweep.perplexity.buckets_per_context)
-    started = time.perf_counter()
-    for (row, target), group in groups.items():
+    started, model = time.perf_counter(), None
+    for (dtype, row, target), group in groups.items():
+        if model is None or model.dtype != getattr(torch, dtype):
+            del model  # one model in memory: a fresh load per dtype (a cast would round the rotary buffers too)
+            model = load_model(source, dtype=dtype).to(device)
+            model.config.max_position_embeddings = context  # the checkpoint's, unless --context pretends
         chain, params = group[0]["chain"], group[0]["params"]
         patched = patch_model(model, chain, target_length=target, **params) if chain else contextlib.nullcontext()
         with patched:
@@ -295,8 +303,8 @@ def cell_text(cell: dict, record: dict | None) -> tuple[str, str]:
     else:
         lo, hi = r["wilson95"]
         text = f"{r['correct']}/{r['n']} [{lo:.2f}, {hi:.2f}]"
-    cpu = record.get("cpu_seconds")
-    return text, f"{record['seconds']:.0f}" + (f" (CPU {cpu:.0f})" if cpu is not None and "cpu" in record["device"] else "")
+    cpu = record.get("cpu_seconds") if record["device"].startswith("cpu") else None
+    return text, f"{record['seconds']:.0f}" + (f" (CPU {cpu:.0f})" if cpu is not None else "")
 
 
 def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, args, context: int,
@@ -305,13 +313,15 @@ def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, 
     from ctxext.plots import plot_by_position_and_length
 
     rows = list(dict.fromkeys(c["row"] for c in cells))
-    dtype = args.dtype or sweep.dtype
+    dtypes = {kind: "/".join(sorted({c["dtype"] for c in cells if (c["kind"] == "ppl") == (kind == "perplexity")}))
+              for kind in ("perplexity", "retrieval")}
     pretend = "" if context == checkpoint_context else f" (pretended: the checkpoint's is {checkpoint_context:,})"
     done = [c for c in cells if c["name"] in records]
     lines = [f"# Training-free leaderboard: {args.model or sweep.model} past its trained context", "",
              f"Config: `{args.config}`. Model `{args.model or sweep.model}`, trained context {context:,}{pretend}; "
              f"each method patched in memory at factors {', '.join(f'x{f:g}' for f in sweep.factors)} "
-             f"(target = factor x context), no fine-tuning; dtype {dtype}. "
+             f"(target = factor x context), no fine-tuning; model dtype {dtypes['perplexity']} for perplexity, "
+             f"{dtypes['retrieval'] or 'none'} for retrieval. "
              f"{len(done)} of {len(cells)} cells measured (page written {time.strftime('%Y-%m-%d')}); "
              f"\"{NOT_MEASURED}\" marks the others; `python scripts/real_model_leaderboard.py --config {args.config}` "
              "measures them (add `--device cuda` on a GPU) and rewrites this page.", ""]
@@ -397,7 +407,7 @@ def main(argv=None) -> int:
             p.error(f"--context {context} is beyond the checkpoint's trained context {checkpoint_context}")
         tokenizer = AutoTokenizer.from_pretrained(source)
         cells, texts, streams = make_plan(sweep, args, context, checkpoint_context, tokenizer)
-        root = Path(args.cells) / (args.dtype or sweep.dtype) / f"context{context}"
+        root = Path(args.cells)
         if not args.report_only:
             chosen = [c for c in cells if (not args.methods or c["row"] in args.methods)
                       and (not args.factors or set(c["factors"]) & set(args.factors))

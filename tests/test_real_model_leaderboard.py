@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("real_model_leaderboard", REPO / "scripts" / "real_model_leaderboard.py")
+    path = REPO / "scripts" / "real_model_leaderboard.py"
+    spec = importlib.util.spec_from_file_location("real_model_leaderboard", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -39,6 +40,7 @@ retrieval:
   depths: [0]
   trials: {{passkey: 1}}
   filler: {text}
+  dtype: {retrieval_dtype}
 methods:
   baseline: {{method: null}}
   yarn: {{method: yarn}}
@@ -46,7 +48,7 @@ methods:
 """
 
 
-def write_sweep(tmp_path, model="reference", context="null", lengths="[256, 512]", extra=""):
+def write_sweep(tmp_path, model="reference", context="null", lengths="[256, 512]", extra="", retrieval_dtype="float32"):
     """A sweep of three rows at x2 on a dozen held-out stdlib files (text and filler: quick to tokenize)."""
     from ctxext import corpus
 
@@ -54,8 +56,8 @@ def write_sweep(tmp_path, model="reference", context="null", lengths="[256, 512]
     text.mkdir(exist_ok=True)
     for path in corpus.stdlib_files("held_out")[:12]:
         (text / path.name).write_text(path.read_text(encoding="utf-8"))
-    (tmp_path / "sweep.yaml").write_text(SWEEP.format(model=model, context=context, lengths=lengths, text=text)
-                                         + extra)
+    (tmp_path / "sweep.yaml").write_text(SWEEP.format(model=model, context=context, lengths=lengths, text=text,
+                                                      retrieval_dtype=retrieval_dtype) + extra)
 
 
 def run(script, tmp_path, *args):
@@ -76,12 +78,16 @@ def mtimes(root: Path) -> dict:
 
 
 def test_cells_are_measured_once_resumed_and_remeasured_when_their_spec_changes(script, tmp_path, capsys):
-    write_sweep(tmp_path)
+    write_sweep(tmp_path, retrieval_dtype="bfloat16")  # perplexity in float32, retrieval in bfloat16
     assert run(script, tmp_path, "--methods", "baseline,yarn") == 0
-    root = tmp_path / "cells" / "float32" / "context256"
-    names = {"baseline/ppl-code@512", "baseline/passkey@256", "baseline/passkey@512", "yarn-x2/ppl-code@512",
-             "yarn-x2/passkey@256", "yarn-x2/passkey@512"}
-    assert set(mtimes(root)) == {f"{n}.json" for n in names}
+    cells = tmp_path / "cells"
+    root = cells / "float32" / "context256"
+    names = {"float32/context256/baseline/ppl-code@512", "bfloat16/context256/baseline/passkey@256",
+             "bfloat16/context256/baseline/passkey@512", "float32/context256/yarn-x2/ppl-code@512",
+             "bfloat16/context256/yarn-x2/passkey@256", "bfloat16/context256/yarn-x2/passkey@512"}
+    assert set(mtimes(cells)) == {f"{n}.json" for n in names}
+    passkey = json.loads((cells / "bfloat16/context256/yarn-x2/passkey@512.json").read_text())
+    assert passkey["spec"]["dtype"] == "bfloat16"
 
     # the perplexity cell against an independent computation: transformers' own loss over the same tokens
     from transformers import AutoModelForCausalLM
@@ -108,17 +114,17 @@ def test_cells_are_measured_once_resumed_and_remeasured_when_their_spec_changes(
     assert later.count("not measured") == 3  # the row a later method fills: in the table, not measured yet
     assert "| baseline | " in page and f"{r['inside']['perplexity']:.2f} / {r['beyond']['perplexity']:.2f}" in page
 
-    before = mtimes(root)
+    before = mtimes(cells)
     capsys.readouterr()
     assert run(script, tmp_path, "--methods", "baseline,yarn") == 0
     assert "6 of 6 selected cells already measured; 0 to measure" in capsys.readouterr().out
-    assert mtimes(root) == before
+    assert mtimes(cells) == before
 
     assert run(script, tmp_path, "--methods", "baseline,yarn", "--trials", "2", "--measure", "passkey") == 0
-    after = mtimes(root)
+    after = mtimes(cells)
     changed = {n for n in after if after[n] != before[n]}
     assert changed == {f"{n}.json" for n in names if "passkey" in n}  # perplexity cells kept
-    assert json.loads((root / "yarn-x2" / "passkey@512.json").read_text())["result"]["n"] == 2
+    assert json.loads((cells / "bfloat16/context256/yarn-x2/passkey@512.json").read_text())["result"]["n"] == 2
 
     (tmp_path / "out" / "REAL_MODEL.md").write_text("old\n<!-- notes -->\nhand-written\n")
     assert run(script, tmp_path, "--report-only", "--trials", "2") == 0
