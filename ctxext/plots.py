@@ -137,3 +137,52 @@ def plot_search(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_by_position_and_length(perplexity: dict[str, dict[str, dict[int, float]]],
+                                 accuracy: dict[str, dict[str, dict[int, tuple[float, float, float]]]], path: Path, *,
+                                 title: str, trained_context: int, accuracy_label: str = "retrieval accuracy") -> Path:
+    """One column per group (e.g. per extension factor), one colour per method in every panel.
+
+    Top: perplexity of the tokens in each position bucket (x: the bucket's end position) against the position;
+    bottom: accuracy against prompt length with Wilson intervals (``(accuracy, low, high)`` per length).
+    """
+    groups = list(dict.fromkeys([*perplexity, *accuracy]))
+    fig, axes = plt.subplots(2, len(groups), figsize=(5.5 * len(groups), 8), squeeze=False)
+    names = list(dict.fromkeys(n for panels in (perplexity, accuracy) for g in panels.values() for n in g))
+    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    for col, group in enumerate(groups):
+        top, bottom = axes[0][col], axes[1][col]
+        for name, points in perplexity.get(group, {}).items():
+            xs = sorted(points)
+            top.plot(xs, [points[x] for x in xs], marker="o", markersize=3, label=name, color=colours[name])
+        top.axvline(trained_context, color="grey", linestyle=":")
+        top.set_yscale("log")
+        top.set_xlabel("position (end of bucket)")
+        top.set_title(f"{group}: perplexity by position")
+        curves = accuracy.get(group, {})
+        for i, (name, points) in enumerate(curves.items()):
+            xs = sorted(points)
+            acc = np.array([points[x][0] for x in xs])
+            err = np.array([[points[x][0] - points[x][1] for x in xs], [points[x][2] - points[x][0] for x in xs]])
+            shift = 2 ** (0.04 * (i - (len(curves) - 1) / 2))  # methods side by side, not on top of each other
+            bottom.errorbar([x * shift for x in xs], acc, yerr=err, marker="o", capsize=3, label=name,
+                            color=colours[name])
+        bottom.set_xscale("log", base=2)
+        ticks = sorted({x for points in accuracy.get(group, {}).values() for x in points})
+        if ticks:
+            bottom.set_xticks(ticks, [str(t) for t in ticks])
+        bottom.set_ylim(-0.05, 1.05)
+        bottom.set_xlabel("prompt length (tokens)")
+        bottom.set_title(f"{group}: {accuracy_label} (Wilson 95%)")
+        for ax in (top, bottom):
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("perplexity (log scale)")
+    axes[1][0].set_ylabel("accuracy")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -82,6 +82,33 @@ def window_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOG
 
 
 @torch.no_grad()
+def position_nll(model, ids: torch.Tensor, chunk: int = LOGITS_CHUNK) -> torch.Tensor:
+    """Next-token NLL at every position of ``ids [B, L]``: ``[B, L - 1]`` fp32, entry ``t`` scores token ``t + 1``.
+
+    For perplexity by position (``scripts/real_model_leaderboard.py``): one forward over the whole input, the LM
+    head run ``chunk`` positions at a time as in ``window_nll``, so ``[L, vocab]`` logits never exist.
+    """
+    from torch import nn
+
+    from ..models import causal_lm, decoder_body, lm_head, logit_softcap
+
+    head, targets = lm_head(model), ids[:, 1:]
+    if type(head) is not nn.Linear or head.bias is not None:
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    hidden = decoder_body(model)(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    softcap = logit_softcap(causal_lm(model).config)
+    nll = torch.empty(targets.shape, dtype=torch.float32, device=ids.device)
+    for s in range(0, targets.shape[1], chunk):
+        logits = (hidden[:, s : s + chunk] @ head.weight.T).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        picked = logits.gather(-1, targets[:, s : s + chunk, None]).squeeze(-1)
+        nll[:, s : s + chunk] = torch.logsumexp(logits, dim=-1) - picked
+    return nll
+
+
+@torch.no_grad()
 def perplexity(
     model, documents: Sequence[Sequence[int]], length: int, stride: int | None = None, *, batch_size: int = 1,
     progress: bool = True, max_documents: int | None = None,
