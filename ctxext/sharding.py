@@ -55,10 +55,10 @@ def make_accelerator(cfg):
     cuda = torch.cuda.is_available()
     kwargs = {}
     dist = cfg.distributed
-    if cuda and dist.sharding == "fsdp":
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cuda and dist.sharding == "fsdp" and world > 1:  # one process: nothing to shard
         from accelerate.utils import FullyShardedDataParallelPlugin, ParallelismConfig
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         # the decoder layers are wrapped one by one (ChunkedLMLoss names them in _no_split_modules); ctxext
         # enables activation checkpointing itself, before sharding
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
@@ -70,8 +70,8 @@ def make_accelerator(cfg):
 
 
 def shards_itself(cfg, accelerator) -> bool:
-    """True on the CPU route: FSDP2 asked for, and accelerate does not provide it."""
-    return cfg.distributed.sharding == "fsdp" and not accelerator.is_fsdp2
+    """True on the CPU route: FSDP2 asked for, several processes, and accelerate does not provide it."""
+    return cfg.distributed.sharding == "fsdp" and accelerator.num_processes > 1 and not accelerator.is_fsdp2
 
 
 def shard(loss_module: torch.nn.Module, cfg, accelerator) -> torch.nn.Module:
@@ -79,16 +79,21 @@ def shard(loss_module: torch.nn.Module, cfg, accelerator) -> torch.nn.Module:
     embeddings and head). Call before the optimizer is built. A no-op otherwise."""
     if not shards_itself(cfg, accelerator):
         return loss_module
+    return fully_shard_model(loss_module, accelerator.device.type, accelerator.num_processes)
+
+
+def fully_shard_model(loss_module: torch.nn.Module, device_type: str, processes: int) -> torch.nn.Module:
+    """``fully_shard`` over all ``processes`` (the default process group): each decoder layer, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from .models import decoder_layers
 
-    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    mesh = init_device_mesh(device_type, (processes,))
     for layer in decoder_layers(loss_module.model):
         fully_shard(layer, mesh=mesh)
     fully_shard(loss_module, mesh=mesh)
-    log.info("FSDP2 (fully_shard) over %d %s processes", accelerator.num_processes, accelerator.device.type)
+    log.info("FSDP2 (fully_shard) over %d %s processes", processes, device_type)
     return loss_module
 
 

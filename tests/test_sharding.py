@@ -98,3 +98,15 @@ def test_the_model_loss_with_shifted_labels_equals_the_default():
     loss = ChunkedLMLoss(model, chunk=16)
     torch.testing.assert_close(loss(ids, positions, labels=shifted_labels(ids)), loss(ids), rtol=1e-6, atol=1e-5)
     assert loss._no_split_modules == ["LlamaDecoderLayer"]  # what accelerate's FSDP2 wraps one by one
+
+
+def test_sharding_needs_several_processes_and_only_the_cpu_route_shards_itself():
+    from types import SimpleNamespace
+
+    from ctxext.sharding import shards_itself
+
+    cfg = load_config(TINY, FSDP)
+    assert shards_itself(cfg, SimpleNamespace(num_processes=2, is_fsdp2=False))      # CPU: ctxext calls fully_shard
+    assert not shards_itself(cfg, SimpleNamespace(num_processes=2, is_fsdp2=True))   # GPU: accelerate shards
+    assert not shards_itself(cfg, SimpleNamespace(num_processes=1, is_fsdp2=False))  # one process: nothing to shard
+    assert not shards_itself(load_config(TINY), SimpleNamespace(num_processes=2, is_fsdp2=False))
