@@ -77,9 +77,24 @@ def shards_itself(cfg, accelerator) -> bool:
 def shard(loss_module: torch.nn.Module, cfg, accelerator) -> torch.nn.Module:
     """CPU route: ``fully_shard`` every decoder layer, then the loss module (the root, whose forward gathers the
     embeddings and head). Call before the optimizer is built. A no-op otherwise."""
+    if cfg.distributed.cp_size > 1:
+        check_full_attention(loss_module.model)
     if not shards_itself(cfg, accelerator):
         return loss_module
     return fully_shard_model(loss_module, accelerator.device.type, accelerator.num_processes)
+
+
+def check_full_attention(model: torch.nn.Module) -> None:
+    """Context parallel drops the attention mask for plain causal attention: refuse sliding-window layers (accelerate
+    checks this only on a transformers model, and ctxext hands it the loss module)."""
+    from .models import causal_lm
+
+    config = causal_lm(model).config
+    kinds = set(getattr(config, "layer_types", None) or []) - {"full_attention"}
+    if kinds or (getattr(config, "sliding_window", None) and getattr(config, "layer_types", None) is None):
+        raise ConfigError(f"context parallel cannot run {config.model_type}: its layers use "
+                          f"{sorted(kinds) or ['sliding_attention']}, and the ring computes only full causal "
+                          "attention; use cp_size: 1 for this model")
 
 
 def fully_shard_model(loss_module: torch.nn.Module, device_type: str, processes: int) -> torch.nn.Module:

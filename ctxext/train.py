@@ -123,7 +123,8 @@ def finetune(cfg: FinetuneConfig, *, output_dir: str | None = None, resume: bool
 
 
 def check_config(cfg: FinetuneConfig) -> None:
-    """What the schema cannot see: data sources exist, and PoSE stages go with a method that PoSE can train."""
+    """What the schema cannot see: data sources exist, PoSE stages and context parallel go with a method they
+    can train."""
     from .rope.chain import chain_classes
 
     windowed = [i for i, s in enumerate(cfg.stages) if s.window]
@@ -133,6 +134,12 @@ def check_config(cfg: FinetuneConfig) -> None:
             raise TrainingError(f"stages {windowed} use PoSE windows, which skip position ids; {', '.join(odd)} "
                                 "depends on the sequence itself (attention slots or its length) and would not see the "
                                 "skips. Drop window from those stages or use a static method (pi, ntk, yarn, ...)")
+    if cfg.distributed.cp_size > 1:
+        odd = [m.name for m in chain_classes(cfg.patch.method) if m.role == "attention"]
+        if odd:
+            raise TrainingError(f"distributed.cp_size={cfg.distributed.cp_size} with {', '.join(odd)}: the method "
+                                "replaces the attention function, and context parallel splits only SDPA; use a "
+                                "frequency method (pi, ntk, yarn, ...) or cp_size: 1")
     sources = [cfg.data.source, cfg.data.held_out, *(s.source for s in cfg.stages)]
     for source in filter(None, sources):
         if not source.startswith(("stdlib:", "package:")) and "/" not in source.strip("./") and not Path(source).exists():

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ctxext.cli import main
 from ctxext.config import load_config
-from ctxext.errors import ConfigError
+from ctxext.errors import ConfigError, TrainingError
 from ctxext.loss import ChunkedLMLoss, linear_cross_entropy
 from ctxext.sharding import check_launch, shifted_labels
 
@@ -110,3 +110,19 @@ def test_sharding_needs_several_processes_and_only_the_cpu_route_shards_itself()
     assert not shards_itself(cfg, SimpleNamespace(num_processes=2, is_fsdp2=True))   # GPU: accelerate shards
     assert not shards_itself(cfg, SimpleNamespace(num_processes=1, is_fsdp2=False))  # one process: nothing to shard
     assert not shards_itself(load_config(TINY), SimpleNamespace(num_processes=2, is_fsdp2=False))
+
+
+def test_context_parallel_refuses_sliding_windows_and_attention_methods(tmp_path):
+    from conftest import tiny_model
+
+    from ctxext.sharding import check_full_attention
+    from ctxext.train import check_config
+
+    check_full_attention(tiny_model("llama"))
+    for family in ("gemma2", "mistral"):  # alternating sliding layers; a window on every layer
+        with pytest.raises(ConfigError, match="context parallel cannot run"):
+            check_full_attention(tiny_model(family))
+    cfg = load_config(TINY, [*FSDP, "distributed.cp_size=2", "patch.method=xpos", "patch.factor=null",
+                             "stages.1.patch=null"])
+    with pytest.raises(TrainingError, match="xpos: the method replaces the attention function"):
+        check_config(cfg)
