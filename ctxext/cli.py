@@ -8,6 +8,7 @@
     ctxext eval passkey out/yarn8 --lengths 512,1024,2048 --trials 10
     ctxext analyze freq reference --compare out/prope
     ctxext search reference out/longrope8 --target-length 2048 --budget 160
+    ctxext plan configs/llama3.2-1b-128k-cp.yaml --shape llama3-1b --gpu-memory 80
     ctxext demo
 """
 
@@ -224,6 +225,32 @@ def cmd_finetune(args) -> int:
         print(f"merged checkpoint: {result['merged']}" + (f"\nadapter: {result['adapter']}" if "adapter" in result else "")
               + f"\nmetrics: {result['metrics']}")
     return 0
+
+
+def cmd_plan(args) -> int:
+    from .config import load_config
+    from .memory import GiB, plan
+
+    cfg = load_config(args.config, args.overrides)
+    res = plan(cfg, shape=args.shape, devices=args.devices, cp_size=args.cp, device_gib=args.gpu_memory)
+    if args.json:
+        print(json.dumps({**res, "shape": dataclasses.asdict(res["shape"])}, indent=2))
+        return 0
+    layout = f"{res['devices']} device(s)" + (", FSDP2" if res["sharding"] == "fsdp" else "") + (
+        f", context parallel {res['cp_size']}" if res["cp_size"] > 1 else "")
+    print(f"{res['model']}: {res['params'] / 1e9:.2f}B parameters ({res['dtype']}), {res['tuning']} "
+          f"({res['trainable'] / 1e6:,.1f}M trainable), {layout}")
+    fits = res["device_gib"] is not None
+    print(f"{'seq_len':>8} {'peak GiB/device':>16} {'at':>16}" + (f" {'fits ' + str(res['device_gib']) + ' GiB':>14}" if fits else ""))
+    for st in res["stages"]:
+        print(f"{st['seq_len']:>8} {st['peak_bytes'] / GiB:>16.2f} {st['phase']:>16}"
+              + (f" {'yes' if st['fits'] else 'NO':>14}" if fits else ""))
+    last = max(res["stages"], key=lambda st: st["peak_bytes"])
+    print(f"largest stage (seq_len {last['seq_len']}), {last['phase']}:")
+    for name, value in last["parts"].items():
+        print(f"  {name:<34} {value / GiB:>8.2f} GiB")
+    print("not counted: the CUDA context and workspaces (~0.5-1 GiB), fragmentation; 'fits' keeps 10% free")
+    return 0 if not fits or all(st["fits"] for st in res["stages"]) else 1
 
 
 def cmd_demo(args) -> int:
@@ -453,6 +480,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="run folder (default: output_dir of the config)")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "plan", help="predicted peak memory per device of a fine-tuning config, per stage (does it fit?)",
+        description="Predict the peak memory per device of every stage of a fine-tuning config before launching "
+        "it: weights, gradients, AdamW states, activations under checkpointing, the chunked loss, FSDP2 sharding "
+        "and context parallel (docs/SCALING.md has the formulas and their check). Reads only the model's "
+        "config.json (or --shape). Exit code 1 when --gpu-memory is given and a stage does not fit.")
+    p.add_argument("config", help="YAML fine-tuning config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distributed.sharding=fsdp tuning=full")
+    p.add_argument("--devices", type=int, help="processes / GPUs (default: distributed.num_processes, else 1)")
+    p.add_argument("--cp", type=int, help="context-parallel size (default: distributed.cp_size); implies FSDP2")
+    p.add_argument("--shape", help="a built-in model shape instead of reading config.json: llama3-1b, llama3-8b, "
+                   "llama3-70b")
+    p.add_argument("--gpu-memory", type=float, help="memory per device in GiB: say whether each stage fits")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(
         "demo",

@@ -196,6 +196,11 @@ def decoder_body(model: nn.Module) -> nn.Module:
     return causal_lm(model).model
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers, in order (the units FSDP shards one at a time)."""
+    return list(decoder_body(model).layers)
+
+
 def lm_head(model: nn.Module) -> nn.Module:
     return causal_lm(model).lm_head
 
