@@ -19,25 +19,33 @@ from .rope.registry import all_parameters
 
 MAX_STEPS = 10_000_000  # optimizer steps per stage: more is a typo (days per step at any real length)
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; a bigger file is not one
+MAX_YAML_DEPTH = 32
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """YAML without anchors' aliases (``*name``): nine nested aliases in 1 KB expand to billions of nodes."""
+    """YAML without anchors' aliases (``*name``: nine nested aliases in 1 KB expand to billions of nodes) and without
+    nesting deeper than MAX_YAML_DEPTH (thousands of ``[`` exhaust the stack after seconds of scanning)."""
+
+    depth = 0
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise ConfigError(f"YAML alias *{event.anchor} at line {event.start_mark.line + 1}: aliases are not "
                               "allowed in ctxext configs (write the value out)")
-        return super().compose_node(parent, index)
+        if self.depth >= MAX_YAML_DEPTH:
+            raise ConfigError(f"the YAML is nested too deeply at line {self.peek_event().start_mark.line + 1} (more "
+                              f"than {MAX_YAML_DEPTH} levels); a ctxext config has a handful")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def read_yaml(text: str):
-    """Parse config YAML safely (no Python objects, no aliases, no nesting deep enough to exhaust the stack)."""
-    try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506  (a SafeLoader subclass)
-    except RecursionError:
-        raise ConfigError("the YAML is nested too deeply to be a ctxext config (thousands of levels)") from None
+    """Parse config YAML safely (no Python objects, no aliases, no deep nesting)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506  (a SafeLoader subclass)
 
 
 class _Strict(BaseModel):

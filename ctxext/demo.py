@@ -112,7 +112,7 @@ def _run_demo(output_dir: str, *, recipe: str | None, factor: float | None, meth
         model = "tiny random stand-in"
     else:
         base = check_source(resolve_model(model))
-    config = check_checkpoint(base).config
+    config = check_checkpoint(base, finite=True).config
     tokenizer = load_tokenizer(base, config.vocab_size)
     context = config.max_position_embeddings
     target = int(context * factor)

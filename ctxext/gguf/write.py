@@ -25,7 +25,7 @@ from ..atomic import atomic_write
 from ..hub import CheckpointError, check_source
 from ..lock import output_lock
 from ..models.base import head_dim_of
-from ..validate import check_checkpoint
+from ..validate import check_checkpoint, load_tokenizer
 from .rope import GGUFRope, RopeExportError, gguf_rope_from_parameters
 from .tokenizer import tokenizer_metadata
 
@@ -149,6 +149,8 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = 
         raise CheckpointError(f"{src}: export needs a local checkpoint folder")
     config = check_checkpoint(src, finite=True).config
     rope = _check_exportable(src, config)
+    if (Path(src) / "tokenizer.json").is_file():
+        load_tokenizer(src, config.vocab_size)  # a damaged tokenizer.json fails here, naming it
     tok = tokenizer_metadata(src, config.vocab_size, pre=tokenizer_pre)
     tensors = _gguf_tensors(_state_dict(src), config, src)
     with output_lock(out, "ctxext export gguf"):
