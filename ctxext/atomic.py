@@ -26,8 +26,8 @@ from .errors import OutputError
 log = logging.getLogger(__name__)
 TMP_MARK = ".ctxext-tmp-"
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-# how safetensors (Rust) and torch.save (C++) word a full disk; torch's "unexpected pos" says nothing, so a
-# filesystem with less than FULL_BELOW bytes free at the moment of the failure counts as full too
+# how safetensors (Rust) and torch.save (C++) word a full disk; torch's "unexpected pos" and numpy's "N requested
+# and M written" say nothing, so with those a filesystem with less than FULL_BELOW bytes free counts as full too
 DISK_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 FULL_BELOW = 1 << 20
 
@@ -55,7 +55,8 @@ def disk_full(err: BaseException, path: str | os.PathLike) -> OutputError | None
         usage = shutil.disk_usage(folder)
     except OSError:
         usage = None
-    if not said and not (isinstance(err, RuntimeError) and usage is not None and usage.free < FULL_BELOW):
+    wordless = isinstance(err, RuntimeError) or (isinstance(err, OSError) and err.errno is None)  # a short write
+    if not said and not (wordless and usage is not None and usage.free < FULL_BELOW):
         return None
     space = f" ({_human(usage.free)} free of {_human(usage.total)})" if usage is not None else ""
     return OutputError(f"no space left on the disk that holds {path}{space} while writing it. Free some space or "

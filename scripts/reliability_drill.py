@@ -420,70 +420,88 @@ def same_curve(a: list[float], b: list[float]) -> bool:
 class Operation:
     """One operation of the kill drill.
 
-    argv: the command; trigger(): true once it has started touching its output (the working window opens);
-    window_end(): true when the window closes (None: at the process's end); prepare(trial): the state before a
-    trial; after_kill(): what is wrong with the output after a kill (None: absent or complete and right);
-    rerun(): what is wrong after rerunning to completion (None: fine); is_run: a fine-tune (a failure loses a run).
+    argv: the command. start(): true once it has begun working on its output (its lock or first checkpoint exists):
+    the working window opens; end(): true when the window closes (None: at the process's end); writing(): true
+    while a temporary output is being written. prepare(trial): the state before a trial; after_kill(): what is
+    wrong with the output after a kill (None: absent, or complete and what an uninterrupted run writes); rerun():
+    what is wrong after rerunning to completion; is_run: a fine-tune (a failure there loses a run).
     """
 
     name: str
     argv: list
     output: Path
-    trigger: Callable[[], bool]
+    start: Callable[[], bool]
+    writing: Callable[[], bool]
     prepare: Callable[[int], None]
     after_kill: Callable[[], str | None]
     rerun: Callable[[], str | None]
-    window_end: Callable[[], bool] | None = None
+    end: Callable[[], bool] | None = None
     is_run: bool = False
     stats: dict = field(default_factory=lambda: {"landed": 0, "mid_write": 0, "finished_first": 0})
 
 
-def _wait(proc: subprocess.Popen, until: Callable[[], bool], timeout: float = 900) -> bool:
-    """Poll until ``until()`` (True) or the process ends (False)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+@dataclass
+class Window:
+    working: float  # seconds from start() to end()
+    write: float  # the longest stretch of writing() seen
+    last_write: float  # seconds from start() to the beginning of the last write
+
+
+def _wait(proc: subprocess.Popen, until: Callable[[], bool], deadline: float | None = None) -> bool:
+    """Poll until ``until()`` (True), the process ends or the deadline passes (False)."""
+    limit = min(deadline or math.inf, time.time() + 900)
+    while time.time() < limit:
         if until():
             return True
         if proc.poll() is not None:
             return until()
-        time.sleep(0.002)
-    raise TimeoutError("the operation did not reach its window")
+        time.sleep(0.0005)
+    return False
 
 
-def calibrate(op: Operation, log: Path) -> float:
-    """Seconds of the working window in an uninterrupted run."""
+def calibrate(op: Operation, log: Path) -> Window:
+    """The working window and the length of one write, measured on an uninterrupted run."""
     op.prepare(-1)
     proc = spawn(op.argv, log)
-    assert _wait(proc, op.trigger), f"{op.name}: never touched its output; see {log}"
-    start = time.time()
-    if op.window_end is not None:
-        _wait(proc, op.window_end)
-    else:
-        proc.wait()
-    window = time.time() - start
+    assert _wait(proc, op.start), f"{op.name}: never began working on its output; see {log}"
+    opened, write, began, last = time.time(), 0.0, None, 0.0
+    while proc.poll() is None and not (op.end and op.end()):
+        now, busy = time.time(), op.writing()
+        if busy and began is None:
+            began, last = now, now - opened
+        elif not busy and began is not None:
+            write, began = max(write, now - began), None
+        time.sleep(0.0005)
+    window = Window(time.time() - opened, write, last)
     proc.wait()
     assert proc.returncode == 0, f"{op.name}: the uninterrupted run failed; see {log}"
+    assert window.write > 0, f"{op.name}: no write was seen in the uninterrupted run"
     return window
 
 
-def kill_trial(op: Operation, trial: int, window: float, rng: random.Random, log: Path) -> Outcome | None:
-    """One kill at a random moment of the window; None when the operation finished before the moment came."""
+def kill_trial(op: Operation, trial: int, window: Window, rng: random.Random, log: Path) -> Outcome | None:
+    """One SIGKILL at a random moment; None when the operation finished before that moment came.
+
+    Even trials: a moment drawn uniformly over the working window. Odd trials: a random point before the last
+    write begins, then the next write after it, killed at a moment drawn uniformly over the length of a write."""
     op.prepare(trial)
     proc = spawn(op.argv, log)
-    if not _wait(proc, op.trigger):
+    moment = None
+    if _wait(proc, op.start):
+        moment = time.time() + rng.uniform(0, window.working)
+        if trial % 2 == 1:
+            _wait(proc, lambda: False, deadline=time.time() + rng.uniform(0, window.last_write))
+            moment = time.time() + rng.uniform(0, window.write) if _wait(proc, op.writing) else None
+    if moment is not None:
+        _wait(proc, lambda: False, deadline=moment)
+    if moment is None or proc.poll() is not None:
         proc.wait()
-        op.stats["finished_first"] += 1
-        return None
-    moment = time.time() + rng.uniform(0, window)
-    while time.time() < moment and proc.poll() is None:
-        time.sleep(0.0005)
-    if proc.poll() is not None:
         op.stats["finished_first"] += 1
         return None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     op.stats["landed"] += 1
-    mid_write = bool([p for p in leftovers(op.output) if "tmp" in p.name])
+    mid_write = bool([p for p in leftovers(op.output) if "tmp" in p.name and "probe" not in p.name])
     op.stats["mid_write"] += mid_write
     broken = op.after_kill()
     failed = op.rerun()
@@ -510,6 +528,8 @@ def _rerun(argv: list, output: Path, check: Callable[[], str | None]) -> str | N
 
 
 def patch_operation(fx: Fixtures) -> Operation:
+    from ctxext.lock import lock_path
+
     out = fx.root / "kill-patch" / "out"
     out.parent.mkdir(parents=True, exist_ok=True)
     argv = ["patch", fx.src, out, "--method", "yarn", "--factor", "2"]
@@ -520,16 +540,20 @@ def patch_operation(fx: Fixtures) -> Operation:
 
     def prepare(trial: int) -> None:
         _remove(out)
-        if trial % 2 == 1:  # every other trial replaces an existing OUT (--force)
+        if trial // 2 % 2 == 1:  # every other pair of trials replaces an existing OUT (--force)
             shutil.copytree(reference, out)
 
     return Operation(
-        "patch", argv + ["--force"], out, trigger=lambda: bool(leftovers(out)), prepare=prepare,
+        "patch", argv + ["--force"], out, start=lambda: lock_path(out).exists(),
+        writing=lambda: any("probe" not in p.name for p in out.parent.glob(f".{out.name}.ctxext-tmp-*")),
+        prepare=prepare,
         after_kill=lambda: checkpoint_is(out, expected) if out.exists() else None,
         rerun=lambda: _rerun(argv + ["--force"], out, lambda: checkpoint_is(out, expected)))
 
 
 def export_operation(fx: Fixtures) -> Operation:
+    from ctxext.lock import lock_path
+
     out = fx.root / "kill-export" / "out.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     argv = ["export", "gguf", fx.src, out, "--force"]
@@ -547,10 +571,11 @@ def export_operation(fx: Fixtures) -> Operation:
 
     def prepare(trial: int) -> None:
         _remove(out)
-        if trial % 2 == 1:
+        if trial // 2 % 2 == 1:
             shutil.copy(fx.gguf, out)
 
-    return Operation("export", argv, out, trigger=lambda: bool(leftovers(out)), prepare=prepare,
+    return Operation("export", argv, out, start=lambda: lock_path(out).exists(),
+                     writing=lambda: any(out.parent.glob(f".{out.name}.ctxext-tmp-*")), prepare=prepare,
                      after_kill=lambda: same() if out.exists() else None, rerun=lambda: _rerun(argv, out, same))
 
 
@@ -605,8 +630,9 @@ def finetune_operation(fx: Fixtures, ref: ReferenceRun) -> Operation:
     run = fx.root / "kill-finetune" / "run"
     last = run / "checkpoints" / f"step-{len(ref.curve):06d}"
     return Operation(
-        "finetune checkpointing", finetune_argv(fx, run), run, trigger=lambda: (run / "checkpoints").exists(),
-        window_end=lambda: last.exists(), prepare=lambda trial: _remove(run),
+        "finetune checkpointing", finetune_argv(fx, run), run, start=lambda: (run / "checkpoints").exists(),
+        end=lambda: last.exists(), writing=lambda: any((run / "checkpoints").glob(".step-*")),
+        prepare=lambda trial: _remove(run),
         after_kill=lambda: _run_after_kill(ref, run),
         rerun=lambda: _rerun(finetune_argv(fx, run, resume=True), run, lambda: run_is_finished_like(ref, run)),
         is_run=True)
@@ -623,7 +649,8 @@ def merge_operation(fx: Fixtures, ref: ReferenceRun) -> Operation:
 
     return Operation(
         "merge at the end", finetune_argv(fx, run, resume=True), run,
-        trigger=lambda: (run / "adapter").exists() or any(run.glob(".adapter.ctxext-tmp-*")),
+        start=lambda: (run / "adapter").exists() or any(run.glob(".adapter.ctxext-tmp-*")),
+        writing=lambda: any(run.glob(".adapter.ctxext-tmp-*")) or any(run.glob(".merged.ctxext-tmp-*")),
         prepare=prepare, after_kill=lambda: _run_after_kill(ref, run),
         rerun=lambda: _rerun(finetune_argv(fx, run, resume=True), run, lambda: run_is_finished_like(ref, run)),
         is_run=True)
@@ -637,7 +664,7 @@ def part_kill(fx: Fixtures, args) -> list[Outcome]:
         op = make(fx) if make in (patch_operation, export_operation) else make(fx, ref)
         log = fx.root / f"kill-{op.name.split()[0]}.log"
         window = calibrate(op, log)
-        print(f"  {op.name}: working window {window:.2f} s", flush=True)
+        print(f"  {op.name}: working window {window.working:.2f} s, one write {window.write:.3f} s", flush=True)
         trial = 0
         while op.stats["landed"] < args.kills and trial < 4 * args.kills:
             outcome = kill_trial(op, trial, window, rng, log)
@@ -646,7 +673,8 @@ def part_kill(fx: Fixtures, args) -> list[Outcome]:
                 outcomes.append(outcome)
                 print(f"  {'ok  ' if outcome.handled else 'FAIL'} {outcome.case} {outcome.note[:200]}", flush=True)
         outcomes.append(Outcome("kill", f"{op.name}: {op.stats['landed']} kills landed ({op.stats['mid_write']} "
-                                f"mid-write), {op.stats['finished_first']} runs finished before their moment",
+                                f"mid-write; working window {window.working:.2f} s, one write {window.write:.3f} s), "
+                                f"{op.stats['finished_first']} runs finished before their moment",
                                 handled=op.stats["landed"] >= args.kills, note="summary"))
     return outcomes
 
