@@ -8,15 +8,18 @@ output, a diverging fine-tune. Prints the table that docs/RELIABILITY.md reports
 Everything runs on tiny checkpoints built here (a 2-layer Llama with the reference model's tokenizer), in a work
 folder (``--work``, default a temporary one). Each case is judged from the outside:
 
-* inputs: every command that reads the file (patch, info, eval, finetune, demo, convert, export) is run on it as
+* inputs: every command that reads the file (patch, info, eval, analyze, finetune, demo, convert, export) runs as
   ``ctxext.cli.main(argv)`` (what ``python -m ctxext.cli`` runs, in this process to save the start-up time; an
   exception that escapes is a traceback). Handled: exit 2, a message naming the file and the problem, no
   traceback, nothing written (no output, no temporary or lock file beside it).
-* kill: the operation runs as a real subprocess and gets SIGKILL at a moment drawn uniformly over its working
-  window (from its first touch of the output to its end, measured by an uninterrupted run); the drill keeps going
-  until ``--kills`` kills landed. Afterwards the output must be absent or complete, loadable and equal to the
-  uninterrupted result; a rerun (``--resume`` for fine-tuning) must succeed, reproduce the uninterrupted loss
-  curve and leave no temporary or lock file.
+* kill: the operation (patch, export, fine-tuning with a checkpoint every step, the merge at the end) runs as a
+  real subprocess and gets SIGKILL at a random moment: even trials uniformly over its working window (from taking
+  its output's lock, or its first checkpoint, to its end, measured on an uninterrupted run), odd trials uniformly
+  over one write of its output (after a random wait, so any checkpoint may be hit). The drill goes on until
+  ``--kills`` kills landed per operation. Afterwards the output must be absent or complete, loadable and equal to
+  the uninterrupted result (half the patch and export trials replace an existing output with --force); a rerun
+  (``--resume`` for fine-tuning) must succeed, reproduce the uninterrupted loss curve and leave no temporary or
+  lock file.
 * disk: outputs on a tmpfs the drill mounts (skipped, saying why, where mounting is not permitted); the command must
   fail with exit 2 saying the disk is full, the previous output must stay intact, a fine-tune must resume.
 * lock: a second run into a locked output is refused with exit 2 naming the holder's pid; a stale lock is taken
@@ -165,8 +168,8 @@ def make_fixtures(root: Path) -> Fixtures:
 
 # ---------------------------------------------------------------- part 1: hostile inputs
 
-CHECKPOINT_COMMANDS = ("patch", "info", "eval", "finetune", "demo", "export")
-TOKENIZER_COMMANDS = ("eval", "finetune", "demo", "export")  # patch and info need no tokenizer
+CHECKPOINT_COMMANDS = ("patch", "info", "eval", "analyze", "finetune", "demo", "export")
+TOKENIZER_COMMANDS = ("eval", "analyze", "finetune", "demo", "export")  # patch and info need no tokenizer
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,8 @@ def command_argv(command: str, kind: str, bad: Path, fx: Fixtures, out: Path) ->
     if command == "eval":
         data = bad if kind == "data" else "stdlib:held_out"
         return ["eval", "ppl", src, "--lengths", "32", "--data", data, "--max-documents", "2", "--output", out], out
+    if command == "analyze":
+        return ["analyze", "freq", src, "--max-tokens", "256", "--output", out], out
     if command == "finetune":
         config = bad if kind == "yaml" else TINY_YAML
         extra = [f"data.source={bad}", "data.held_out=null"] if kind == "data" else []
