@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command == "demo":  # the demo's progress lines are its output
         logging.getLogger("ctxext").setLevel(logging.INFO)
+    from .atomic import disk_full
     from .errors import CtxextError
 
     try:
@@ -527,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     except CtxextError as err:  # a user mistake: the message says what to do; anything else keeps its traceback
         print(f"ctxext {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a full disk outside ctxext's atomic writers is no bug either
+        full = disk_full(err, err.filename or ".")
+        if full is None:
+            raise
+        print(f"ctxext {args.command}: error: {full}", file=sys.stderr)
+        return full.exit_code
     except KeyboardInterrupt:
         print(f"ctxext {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -47,5 +47,10 @@ class SearchError(CtxextError, ValueError):
     plain RoPE, or a state file that belongs to another search."""
 
 
+class OutputError(CtxextError, RuntimeError):
+    """An output that cannot be written now (another run is writing it, the disk is full); the message says what
+    is kept and what to do."""
+
+
 class EvalError(CtxextError, ValueError):
     """An evaluation request that cannot be run (a length, depth, stride or trial count out of range)."""

@@ -19,10 +19,18 @@ and micro-batches. The loss never materializes full fp32 logits (``ctxext.loss.C
 ``from_pretrained`` loads as the extended model, plus the adapter alone. The ``distributed`` section shards the
 model (FSDP2) and splits sequences over GPUs (context parallel): ``ctxext.sharding``; ``ctxext plan`` predicts
 the memory per device (``ctxext.memory``).
+
+Reliability: the model, its tokenizer, the data and the config are checked before the run folder is created (a
+refused fresh run leaves nothing behind); the run folder is locked (``ctxext.lock``: a second run into it is
+refused, naming the holder); every file of a run is written atomically, so a kill at any moment leaves a run that
+``--resume`` finishes on the same loss curve; a full disk stops the run naming its last complete checkpoint; a
+non-finite loss stops it with exit code 3 and sets aside the checkpoint whose weights produced that loss, so the
+last checkpoint left is good, and ``--resume`` (with a lower ``optimization.lr=...``) continues from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,11 +46,12 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import TMP_MARK, commit_folder
+from .atomic import TMP_MARK, abandon_on_error, atomic_folder, atomic_write_text, commit_folder, disk_full
 from .config import FinetuneConfig
 from .data import (Blocks, Cursor, document_starts, first_blocks, next_blocks, open_token_file, pose_position_ids,
                    stage_blocks, write_token_file)
-from .errors import TrainingError
+from .errors import CtxextError, OutputError, TrainingError
+from .lock import output_lock
 from .loss import ChunkedLMLoss
 from .schedule import lr_multiplier
 from .sharding import (check_launch, clip_gradients, data_split, gathered_model, gradient_sync, load_sharded,
@@ -68,17 +77,63 @@ def finetune(cfg: FinetuneConfig, *, output_dir: str | None = None, resume: bool
 
     # ---- setup: run folder, model, data, optimizer (FSDP2: sharded weights and states), resume point
     check_config(cfg)
-    open_run_folder(run, cfg, resume, accelerator)
+    with contextlib.ExitStack() as held_lock:
+        refusal = None
+        if accelerator.is_main_process:
+            try:
+                held_lock.enter_context(output_lock(run, "ctxext finetune" + (" --resume" if resume else "")))
+            except OutputError as err:
+                refusal = str(err)
+        refusal = _from_main_process(accelerator, refusal)
+        if refusal:
+            raise OutputError(refusal)
+        with _disk_full_names_the_last_checkpoint(run):
+            return _finetune(cfg, run, resume, progress, accelerator)
+
+
+def _from_main_process(accelerator, value):
+    """``value`` as the main process has it, on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0] if accelerator.num_processes > 1 else value
+
+
+@contextlib.contextmanager
+def _disk_full_names_the_last_checkpoint(run: Path):
+    try:
+        yield
+    except Exception as err:
+        full = err if isinstance(err, OutputError) and "no space left" in str(err) else (
+            None if isinstance(err, CtxextError) else disk_full(err, run))
+        if full is None:
+            raise
+        found = checkpoints(run)
+        raise OutputError(f"{full}. The run stopped; its last complete checkpoint is "
+                          f"{found[-1] if found else '(none yet)'}: free some space, then rerun with --resume") from err
+
+
+def _finetune(cfg: FinetuneConfig, run: Path, resume: bool, progress: bool, accelerator) -> dict:
+    # ---- setup: checks, model, run folder, data, optimizer, resume point (nothing is written before the folder)
+    occupied = run.exists() and any(run.iterdir())
+    accelerator.wait_for_everyone()  # every process looks before the main process writes anything
+    if occupied and not resume:
+        raise TrainingError(f"{run} already holds a run; pass --resume to continue it or choose another --output-dir")
     model, tokenizer = build_model(cfg)
-    blocks, held = build_data(cfg, tokenizer, run, accelerator)
+    created = open_run_folder(run, cfg, accelerator)
+    try:
+        blocks, held = build_data(cfg, tokenizer, run, accelerator)
+    except CtxextError:
+        if created and accelerator.is_main_process:  # a refused fresh run leaves nothing behind
+            shutil.rmtree(run, ignore_errors=True)
+        raise
     loss_module = shard(ChunkedLMLoss(model, cfg.optimization.loss_chunk_tokens), cfg, accelerator)
     opt = torch.optim.AdamW([p for p in loss_module.parameters() if p.requires_grad], lr=cfg.optimization.lr,
                             betas=cfg.optimization.betas, weight_decay=cfg.optimization.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: stage_lr(cfg, step))
     loss_module, opt, sched, params = prepare(accelerator, cfg, loss_module, opt, sched)
     accelerator.register_save_state_pre_hook(_keep_trainable_only(accelerator))
-    pos = resume_position(run, accelerator, cfg, loss_module, opt) if resume else Position()
-    metrics = MetricsLog(run / "metrics.jsonl", accelerator.is_main_process, truncate_after=pos.step)
+    pos = resume_position(run, accelerator, sched, cfg, loss_module, opt) if resume else Position()
+    metrics = MetricsLog(run / "metrics.jsonl", accelerator.is_main_process, keep_until=pos.step)
 
     # ---- stages
     stage_ends = np.cumsum([cfg.stage_steps(i) for i in range(len(cfg.stages))]).tolist()
@@ -149,28 +204,28 @@ def check_config(cfg: FinetuneConfig) -> None:
             raise TrainingError(f"data source {source} does not exist; check data.source / data.held_out")
 
 
-def open_run_folder(run: Path, cfg: FinetuneConfig, resume: bool, accelerator) -> None:
-    occupied = run.exists() and any(run.iterdir())
-    accelerator.wait_for_everyone()  # every process looks before the main process writes anything
-    if occupied and not resume:
-        raise TrainingError(f"{run} already holds a run; pass --resume to continue it or choose another --output-dir")
+def open_run_folder(run: Path, cfg: FinetuneConfig, accelerator) -> bool:
+    """Create the run folder (if new) with the resolved config; whether this call created it."""
+    created = not run.exists()
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.resolved.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(run / "config.resolved.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     accelerator.wait_for_everyone()
+    return created
 
 
 def build_model(cfg: FinetuneConfig):
     """Load the model; for ``tuning: lora`` add adapters (+ optional trainable embeddings / norms); activation
     checkpointing. Returns ``(model, tokenizer)``; the patch comes per stage (``patch_for_stage``)."""
-    from transformers import AutoTokenizer
-
     from .hub import check_source, load_model
     from .models import enable_activation_checkpointing, set_attention_implementation
     from .reference import resolve_model
+    from .validate import load_tokenizer
 
     path = check_source(resolve_model(cfg.model.path))
     model = load_model(path, dtype=cfg.model.dtype)
+    tokenizer = load_tokenizer(path, model.config.vocab_size)
     set_attention_implementation(model, cfg.model.attn_implementation)
     if cfg.tuning == "full":
         model.requires_grad_(True)
@@ -180,7 +235,7 @@ def build_model(cfg: FinetuneConfig):
     if cfg.optimization.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
-    return tuned, AutoTokenizer.from_pretrained(path)
+    return tuned, tokenizer
 
 
 def fresh_model(cfg: FinetuneConfig) -> nn.Module:
@@ -301,11 +356,7 @@ def train_step(loss_module, opt, sched, params, train: Blocks, cfg: FinetuneConf
         block_nll(loss_module, blocks[:1], None, accelerator, cfg, backward_scale=0.0)
     loss = (accelerator.reduce(local_sum, reduction="sum") / global_targets).item()
     if not math.isfinite(loss):
-        found = checkpoints(run)
-        raise TrainingError(
-            f"loss became {loss} at step {pos.step + 1} (stage {pos.stage}, seq_len {stage.seq_len}); training "
-            f"stopped. Last good checkpoint: {found[-1] if found else 'none yet'}. Lower the learning rate "
-            f"(optimization.lr=...) and rerun with --resume", exit_code=EXIT_DIVERGED)
+        raise diverged(run, pos, loss, stage.seq_len, accelerator)
     if cfg.optimization.grad_clip:
         clip_gradients(accelerator, params, cfg.optimization.grad_clip)
     lr = sched.get_last_lr()[0]
@@ -339,6 +390,24 @@ def block_nll(loss_module, blocks: torch.Tensor, positions: torch.Tensor | None,
     return nll.detach()
 
 
+def diverged(run: Path, pos: Position, loss: float, seq_len: int, accelerator) -> TrainingError:
+    """The error for a non-finite loss at step ``pos.step + 1``. The checkpoint of step ``pos.step`` (if one was
+    saved) holds the very weights that gave this loss, so it is set aside as ``diverged-step-N``; every earlier
+    checkpoint's weights went on to a finite loss, so the last one left is good."""
+    accelerator.wait_for_everyone()
+    bad = run / "checkpoints" / f"step-{pos.step:06d}"
+    aside = ""
+    if accelerator.is_main_process and bad.is_dir():
+        os.replace(bad, bad.with_name(f"diverged-{bad.name}"))
+        aside = f" (its weights gave this loss: set aside as {bad.with_name(f'diverged-{bad.name}')})"
+    accelerator.wait_for_everyone()
+    found = checkpoints(run)
+    return TrainingError(
+        f"loss became {loss} at step {pos.step + 1} (stage {pos.stage}, seq_len {seq_len}); training stopped. "
+        f"Last good checkpoint: {found[-1] if found else 'none yet'}{aside}. Lower the learning rate "
+        "(optimization.lr=...) and rerun with --resume", exit_code=EXIT_DIVERGED)
+
+
 @torch.no_grad()
 def held_out_loss(loss_module, held: np.ndarray, seq_len: int, n_blocks: int, accelerator, cfg) -> float | None:
     """Mean next-token loss on the first ``n_blocks`` held-out blocks of ``seq_len`` (every process computes
@@ -357,16 +426,24 @@ def held_out_loss(loss_module, held: np.ndarray, seq_len: int, n_blocks: int, ac
 
 
 class MetricsLog:
-    """``metrics.jsonl``, one JSON record a line, written by the main process (lines after a resumed step dropped)."""
+    """``metrics.jsonl``, one JSON record a line, written by the main process. On resume the lines after the resumed
+    step are dropped (also a line cut short by a kill), so the file is the curve of one uninterrupted run."""
 
-    def __init__(self, path: Path, main: bool, truncate_after: int):
+    def __init__(self, path: Path, main: bool, keep_until: int):
         self.path = path
         self.file = None
         if not main:
             return
-        if truncate_after and path.is_file():
-            lines = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= truncate_after]
-            path.write_text("".join(ln + "\n" for ln in lines))
+        if path.is_file():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # the last line of a killed run
+                if record.get("step", 0) <= keep_until:
+                    kept.append(line)
+            atomic_write_text(path, "".join(ln + "\n" for ln in kept))
         self.file = path.open("a")
 
     def write(self, record: dict) -> None:
@@ -404,27 +481,40 @@ def save_training_state(accelerator, run: Path, pos: Position, cfg: FinetuneConf
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if shards_itself(cfg, accelerator):
-        save_sharded(tmp, loss_module, opt)
-    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder moves
-    if accelerator.is_main_process:
-        (tmp / "position.json").write_text(json.dumps(asdict(pos)))
-        commit_folder(tmp, final)
+    with abandon_on_error(tmp, final):
+        accelerator.save_state(str(tmp))
+        if shards_itself(cfg, accelerator):
+            save_sharded(tmp, loss_module, opt)
+        accelerator.wait_for_everyone()  # every process has written its RNG state before the folder moves
+        if accelerator.is_main_process:
+            (tmp / "position.json").write_text(json.dumps(asdict(pos)))
+            commit_folder(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
 
-def resume_position(run: Path, accelerator, cfg: FinetuneConfig, loss_module, opt) -> Position:
-    """Load the last checkpoint into the prepared objects; the run's position (a fresh one when none exists)."""
+def resume_position(run: Path, accelerator, sched, cfg: FinetuneConfig, loss_module, opt) -> Position:
+    """Load the last checkpoint into the prepared objects; the run's position (a fresh one when none exists). The
+    learning rate is the config's (a diverged run resumes with a lower ``optimization.lr``)."""
     found = checkpoints(run)
     if not found:
         return Position()
-    accelerator.load_state(str(found[-1]), strict=False)
-    if shards_itself(cfg, accelerator):
-        load_sharded(found[-1], loss_module, opt)
+    try:
+        accelerator.load_state(str(found[-1]), strict=False)
+        if shards_itself(cfg, accelerator):
+            load_sharded(found[-1], loss_module, opt)
+        pos = Position(**json.loads((found[-1] / "position.json").read_text()))
+    except Exception as err:  # a checkpoint damaged outside ctxext (its writes are atomic)
+        raise TrainingError(f"{found[-1]} cannot be loaded ({type(err).__name__}: {err}); move it out of "
+                            f"{found[-1].parent} to resume from the checkpoint before it") from None
+    inner = getattr(sched, "scheduler", sched)  # accelerate wraps it
+    inner.base_lrs = [cfg.optimization.lr for _ in inner.base_lrs]
+    for group in inner.optimizer.param_groups:
+        group["initial_lr"] = cfg.optimization.lr
+        group["lr"] = cfg.optimization.lr * stage_lr(cfg, inner.last_epoch)  # what LambdaLR computes
+    inner._last_lr = [group["lr"] for group in inner.optimizer.param_groups]
     log.info("resumed from %s", found[-1])
-    return Position(**json.loads((found[-1] / "position.json").read_text()))
+    return pos
 
 
 # ---------------------------------------------------------------- results
@@ -443,13 +533,13 @@ def save_results(peft_model, tokenizer, run: Path) -> dict:
         disable_activation_checkpointing(peft_model)
         return {"merged": str(save_checkpoint(peft_model, run / "merged", tokenizer=tokenizer, force=True))}
     adapter = run / "adapter"
-    shutil.rmtree(adapter, ignore_errors=True)
-    peft_model.save_pretrained(adapter)
-    extras = {n: p.detach().contiguous() for n, p in peft_model.named_parameters()
-              if p.requires_grad and "lora_" not in n}
-    if extras:
-        save_file({n: t.cpu() for n, t in extras.items()}, str(adapter / "ctxext_extras.safetensors"))
-    (adapter / "ctxext_patch.json").write_text(json.dumps(getattr(causal_lm(peft_model).config, "ctxext", {}), indent=2))
+    with atomic_folder(adapter, replace=True) as tmp:
+        peft_model.save_pretrained(tmp)
+        extras = {n: p.detach().contiguous() for n, p in peft_model.named_parameters()
+                  if p.requires_grad and "lora_" not in n}
+        if extras:
+            save_file({n: t.cpu() for n, t in extras.items()}, str(tmp / "ctxext_extras.safetensors"))
+        (tmp / "ctxext_patch.json").write_text(json.dumps(getattr(causal_lm(peft_model).config, "ctxext", {}), indent=2))
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
     disable_activation_checkpointing(merged)
