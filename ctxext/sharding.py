@@ -131,12 +131,10 @@ def is_sharded(module: torch.nn.Module) -> bool:
 
 @contextlib.contextmanager
 def gradient_sync(accelerator, module, sync: bool):
-    """Gradient accumulation: reduce gradients only at the last micro-batch (DDP's no_sync, FSDP2's
-    set_requires_gradient_sync)."""
-    if is_sharded(module):
-        module.set_requires_gradient_sync(sync)
-        yield
-    elif sync:
+    """Gradient accumulation. DDP: all-reduce only at the last micro-batch (no_sync). FSDP2: reduce-scatter at
+    every micro-batch, so that gradients stay sharded (skipping it would keep every layer's full gradient until the
+    last micro-batch: the unsharded trainable size, which ``ctxext.memory`` does not budget)."""
+    if sync or is_sharded(module):
         yield
     else:
         with accelerator.no_sync(module):
