@@ -273,9 +273,8 @@ SEARCH_HELP = (
     "windows (Zhu et al. 2023) whose second half jumps ahead in position, so each window spans the target length's "
     "rotation angles for the cost of --window tokens; attention then spreads over --window tokens only, so the "
     "attention factor is not searched but fixed at LongRoPE's sqrt(1 + ln s / ln L) (or --attention-factor). "
-    "Measured on the reference model x8 (docs/LONGROPE.md), the proxy did not beat YaRN on held-out text "
-    "(window 512: +4.3%, 1024: -0.3%; the exact search: -2.8%): check proxy-searched factors at the target with "
-    "`ctxext eval ppl` before using them."
+    "Measured on the reference model x8, the proxy's factors did not beat YaRN on held-out text while the exact "
+    "search's did (docs/LONGROPE.md): check proxy-searched factors at the target with `ctxext eval ppl`."
 )
 
 
