@@ -299,7 +299,9 @@ SEARCH_HELP = (
     "the target costs minutes (SmolLM2 at 16k on a CPU), give a shorter --window: a cheap proxy with PoSE-style "
     "windows (Zhu et al. 2023) whose second half jumps ahead in position, so each window spans the target length's "
     "rotation angles for the cost of --window tokens; attention then spreads over --window tokens only, so the "
-    "attention factor is not searched but fixed at LongRoPE's sqrt(1 + ln s / ln L) (or --attention-factor)."
+    "attention factor is not searched but fixed at LongRoPE's sqrt(1 + ln s / ln L) (or --attention-factor). "
+    "Measured on the reference model x8, the proxy's factors did not beat YaRN on held-out text while the exact "
+    "search's did (docs/LONGROPE.md): check proxy-searched factors at the target with `ctxext eval ppl`."
 )
 
 

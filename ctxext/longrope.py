@@ -16,7 +16,9 @@ thus makes transformers use the long factors (its largest position is beyond the
 exercises rotation angles of distances up to the target, for the cost of ``window`` tokens. What it cannot
 exercise is attention spread over ``target`` tokens, which is what the attention factor compensates for, so in
 proxy mode the attention factor is not searched: it is fixed at LongRoPE's ``sqrt(1 + ln s / ln L)`` (or
-``attention_factor``).
+``attention_factor``). Measured on the reference model x8 (docs/LONGROPE.md), the proxy's factors did not beat
+YaRN on full-length held-out text while the exact search's did, so proxy-searched factors must be checked at the
+target length.
 
 Output OUT: a safetensors checkpoint whose ``rope_parameters`` are ``longrope`` with ``short_factor`` all ones (a
 forward whose positions stay within the trained context keeps the original frequencies; the attention factor
@@ -284,7 +286,13 @@ def search_checkpoint(
 
     from .data import load_texts, tokenize_documents
     from .evals.report import pick_device
-    from .hub import check_output, check_source, load_config, load_model, save_checkpoint
+    from .hub import (
+        check_output,
+        check_source,
+        load_config,
+        load_model,
+        save_checkpoint,
+    )
     from .reference import resolve_model
 
     src = check_source(resolve_model(src))

@@ -34,14 +34,14 @@ the state saved after any generation (``SearchState.to_json``) ends exactly wher
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .errors import SearchError
@@ -134,7 +134,7 @@ class SearchSpace:
             out.append("non-finite value")
         if f[0] < 1.0:
             out.append(f"first factor {f[0]} < 1")
-        if any(b < a for a, b in zip(f, f[1:])):
+        if any(b < a for a, b in itertools.pairwise(f)):
             out.append("factors decrease from high to low frequency")
         if f[-1] > self.max_factor + 1e-12:
             out.append(f"last factor {f[-1]} > max_factor {self.max_factor}")
@@ -429,12 +429,3 @@ def summary(state: SearchState, seeds: Sequence[Candidate]) -> dict[str, Any]:
         "best": {**state.best.candidate.to_dict(), "fitness": state.best.fitness},
         "generations": state.generation,
     }
-
-
-def config_dict(config: EvolutionConfig, space: SearchSpace) -> dict[str, Any]:
-    return {"evolution": asdict(config), "space": asdict(space)}
-
-
-def inv_freq_of(candidate: Candidate, ctx: RopeContext) -> torch.Tensor:
-    """The float64 frequencies a candidate gives on plain RoPE."""
-    return ctx.default_inv_freq() / torch.tensor(candidate.factors, dtype=torch.float64)

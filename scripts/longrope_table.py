@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--passkey-lengths", help="comma-separated passkey lengths (default: L and the target)")
     p.add_argument("--trials", type=int, default=10, help="passkey keys per cell")
     p.add_argument("--no-passkey", action="store_true")
+    p.add_argument("--extra", action="append", default=[], metavar="LABEL=PATH",
+                   help="another checkpoint in the perplexity tables (e.g. a proxy search), repeatable")
     args = p.parse_args(argv)
 
     searched = Path(args.searched)
@@ -83,6 +85,9 @@ def main(argv=None) -> int:
         models[f"{method}"] = str(patch_checkpoint(source, work / f"{method}{factor:g}", method, factor=factor,
                                                    force=True))
     models["searched"] = str(searched)
+    for item in args.extra:
+        label, _, path = item.partition("=")
+        models[label] = path
     started = time.time()
     result = {"command": "python scripts/longrope_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "searched": str(searched), "source": source, "factor": factor,
