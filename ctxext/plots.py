@@ -166,7 +166,8 @@ def plot_by_position_and_length(perplexity: dict[str, dict[str, dict[int, float]
         for name, points in perplexity.get(group, {}).items():
             xs = sorted(points)
             top.plot(xs, [points[x] for x in xs], marker="o", markersize=3, label=name, color=colours[name])
-        top.axvline(trained_context, color="grey", linestyle=":")
+        if perplexity.get(group):
+            top.axvline(trained_context, color="grey", linestyle=":")
         top.set_yscale("log")
         top.set_xlabel("position (end of bucket)")
         top.set_title(f"{group}: perplexity by position")
@@ -178,9 +179,9 @@ def plot_by_position_and_length(perplexity: dict[str, dict[str, dict[int, float]
             shift = 2 ** (0.04 * (i - (len(curves) - 1) / 2))  # methods side by side, not on top of each other
             bottom.errorbar([x * shift for x in xs], acc, yerr=err, marker="o", capsize=3, label=name,
                             color=colours[name])
-        bottom.set_xscale("log", base=2)
         ticks = sorted({x for points in accuracy.get(group, {}).values() for x in points})
         if ticks:
+            bottom.set_xscale("log", base=2)
             bottom.set_xticks(ticks, [str(t) for t in ticks])
         bottom.set_ylim(-0.05, 1.05)
         bottom.set_xlabel("prompt length (tokens)")
@@ -189,6 +190,8 @@ def plot_by_position_and_length(perplexity: dict[str, dict[str, dict[int, float]
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="grey")
     axes[0][0].set_ylabel("perplexity (log scale)")
     axes[1][0].set_ylabel("accuracy")
     fig.suptitle(title)

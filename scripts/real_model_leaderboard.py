@@ -66,7 +66,8 @@ def parse_args(argv):
     p.add_argument("--cells", default="docs/real_model",
                    help="cell folder (files <dtype>/context<N>/<model>/<measure>@<length>.json)")
     p.add_argument("--output", default="docs", help="folder of REAL_MODEL.md and real_model.png")
-    p.add_argument("--stop-after", type=float, metavar="SECONDS", help="start no new cell after this many seconds")
+    p.add_argument("--stop-after", type=float, metavar="SECONDS",
+                   help="start no new cell after this many seconds of the run")
     p.add_argument("--report-only", action="store_true", help="measure nothing; rewrite the page from the cells")
     return p, p.parse_args(argv)
 
@@ -233,7 +234,7 @@ def check_rows(source: str, context: int, groups: dict[tuple, list[dict]]) -> No
 
 
 def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, tokenizer, texts: dict, streams: dict,
-              root: Path) -> None:
+              root: Path, deadline: float | None) -> None:
     """Measure every cell of ``cells`` that has no stored record with its spec, one model patch per (row, factor)."""
     import torch
 
@@ -255,7 +256,7 @@ def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, toke
     batch_size = args.batch_size or (8 if device.type == "cuda" else 1)
     where = describe_device(device)
     bucket = max(1, context // sweep.perplexity.buckets_per_context)
-    started, model = time.perf_counter(), None
+    model = None
     for (dtype, row, target), group in groups.items():
         if model is None or model.dtype != getattr(torch, dtype):
             del model  # one model in memory: a fresh load per dtype (a cast would round the rotary buffers too)
@@ -265,7 +266,7 @@ def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, toke
         patched = patch_model(model, chain, target_length=target, **params) if chain else contextlib.nullcontext()
         with patched:
             for c in group:
-                if args.stop_after is not None and time.perf_counter() - started > args.stop_after:
+                if deadline is not None and time.perf_counter() > deadline:
                     print(f"--stop-after {args.stop_after:g} s reached; the remaining cells wait for the next run")
                     return
                 spec = c["spec"]
@@ -359,7 +360,8 @@ def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, 
     plot = out / "real_model.png"
     if done:
         first_text, first_task = next(iter(texts)), next(iter(trials))
-        ppl, acc = {}, {}
+        ppl = {f"x{f:g}": {} for f in sweep.factors}  # every factor gets its column, measured or not
+        acc = {f"x{f:g}": {} for f in sweep.factors}
         for c in done:
             r = records[c["name"]]["result"]
             for factor in c["factors"]:
@@ -381,6 +383,7 @@ def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, 
 
 def main(argv=None) -> int:
     p, args = parse_args(argv)
+    deadline = None if args.stop_after is None else time.perf_counter() + args.stop_after
     from transformers import AutoConfig, AutoTokenizer
 
     from ctxext.errors import CtxextError
@@ -413,7 +416,7 @@ def main(argv=None) -> int:
                       and (not args.factors or set(c["factors"]) & set(args.factors))
                       and (not args.measure or c["kind"] in args.measure)]
             run_cells(chosen, source=source, sweep=sweep, args=args, context=context, tokenizer=tokenizer,
-                      texts=texts, streams=streams, root=root)
+                      texts=texts, streams=streams, root=root, deadline=deadline)
         records = {c["name"]: r for c in cells if (r := load_cell(root, c["name"], c["spec"])) is not None}
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)

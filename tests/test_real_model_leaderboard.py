@@ -148,6 +148,9 @@ def test_bad_rows_and_flags_exit_2_before_anything_is_measured(script, tmp_path,
     with pytest.raises(SystemExit) as exit_:
         run(script, tmp_path, "--context", "4096")
     assert exit_.value.code == 2 and "beyond the checkpoint's trained context 256" in capsys.readouterr().err
+    assert run(script, tmp_path, "--methods", "baseline", "--stop-after", "0") == 0
+    assert "--stop-after 0 s reached" in capsys.readouterr().out and not list((tmp_path / "cells").rglob("*.json"))
+    assert "0 of 8 cells measured" in (tmp_path / "out" / "REAL_MODEL.md").read_text()
 
 
 def test_a_cell_is_reused_only_with_an_equal_spec(tmp_path):
