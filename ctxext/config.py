@@ -17,20 +17,34 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 from .rope.registry import all_parameters
 
+MAX_STEPS = 10_000_000  # optimizer steps per stage: more is a typo (days per step at any real length)
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; a bigger file is not one
+MAX_YAML_DEPTH = 32
+
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """YAML without anchors' aliases (``*name``): nine nested aliases in 1 KB expand to billions of nodes."""
+    """YAML without anchors' aliases (``*name``: nine nested aliases in 1 KB expand to billions of nodes) and without
+    nesting deeper than MAX_YAML_DEPTH (thousands of ``[`` exhaust the stack after seconds of scanning)."""
+
+    depth = 0
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise ConfigError(f"YAML alias *{event.anchor} at line {event.start_mark.line + 1}: aliases are not "
                               "allowed in ctxext configs (write the value out)")
-        return super().compose_node(parent, index)
+        if self.depth >= MAX_YAML_DEPTH:
+            raise ConfigError(f"the YAML is nested too deeply at line {self.peek_event().start_mark.line + 1} (more "
+                              f"than {MAX_YAML_DEPTH} levels); a ctxext config has a handful")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def read_yaml(text: str):
-    """Parse config YAML safely (no Python objects, no aliases)."""
+    """Parse config YAML safely (no Python objects, no aliases, no deep nesting)."""
     return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506  (a SafeLoader subclass)
 
 
@@ -86,7 +100,7 @@ class Stage(_Strict):
                                "whose position ids skip ahead to cover seq_len (cheaper steps at the same reach)")
     source: str | None = Field(None, description="data source of this stage (default data.source), e.g. a "
                                "retrieval-only phase")
-    steps: int | None = Field(None, gt=0, description="optimizer steps in this stage (or give tokens)")
+    steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="optimizer steps in this stage (or give tokens)")
     tokens: int | None = Field(None, gt=0, description="training tokens in this stage (steps = tokens / tokens_per_step)")
     lr: float | None = Field(None, gt=0, description="peak learning rate of this stage (default optimization.lr)")
     patch: MethodParams | None = Field(None, description="method parameters for this stage, e.g. {factor: 2}")
@@ -145,6 +159,29 @@ class LoggingSection(_Strict):
     save_every: int = Field(50, gt=0, description="training checkpoint every N steps")
 
 
+class DistributedSection(_Strict):
+    """How several processes share the work (docs/SCALING.md). The launcher starts the processes
+    (``accelerate launch`` / ``torchrun``); this section says what they do."""
+
+    sharding: Literal["none", "fsdp"] = Field("none", description="none: every process holds the whole model (DDP "
+                                              "with several processes); fsdp: FSDP2 shards weights, gradients and "
+                                              "optimizer states over the processes")
+    cp_size: int = Field(1, ge=1, description="context parallel: split every sequence over this many GPUs (needs "
+                         "sharding: fsdp and SDPA; accelerate's ParallelismConfig(cp_size=...))")
+    num_processes: int | None = Field(None, gt=0, description="processes (one per device) the run is planned for; "
+                                      "checked at launch and used by `ctxext plan` (None: whatever is launched)")
+
+    @model_validator(mode="after")
+    def _cp_needs_fsdp(self):
+        if self.cp_size > 1 and self.sharding != "fsdp":
+            raise ValueError(f"cp_size={self.cp_size} needs sharding: fsdp (accelerate runs context parallel only "
+                             "on FSDP2); set distributed.sharding: fsdp, or cp_size: 1")
+        if self.num_processes is not None and self.num_processes % self.cp_size:
+            raise ValueError(f"num_processes={self.num_processes} is not a multiple of cp_size={self.cp_size}: every "
+                             "sequence goes to a group of cp_size processes")
+        return self
+
+
 class FinetuneConfig(_Strict):
     model: ModelSection = ModelSection()
     patch: PatchSection
@@ -155,16 +192,31 @@ class FinetuneConfig(_Strict):
     data: DataSection = DataSection()
     optimization: OptimizationSection = OptimizationSection()
     logging: LoggingSection = LoggingSection()
+    distributed: DistributedSection = DistributedSection()
     seed: int = 0
     output_dir: str = "runs/finetune"
 
     @model_validator(mode="after")
     def _fits(self):
         for i, s in enumerate(self.stages):
+            if self.stage_steps(i) > MAX_STEPS:
+                raise ValueError(f"stages.{i}.tokens={s.tokens} makes {self.stage_steps(i):,} optimizer steps of "
+                                 f"{self.optimization.tokens_per_step} tokens; at most {MAX_STEPS:,} per stage")
             if s.block_len > self.optimization.tokens_per_step:
                 what = "window" if s.window else "seq_len"
                 raise ValueError(f"stages.{i}.{what}={s.block_len} exceeds optimization.tokens_per_step="
                                  f"{self.optimization.tokens_per_step}; raise tokens_per_step")
+        cp = self.distributed.cp_size
+        if cp > 1:
+            if self.model.attn_implementation != "sdpa":
+                raise ValueError(f"distributed.cp_size={cp} needs model.attn_implementation: sdpa (context parallel "
+                                 f"replaces SDPA), not {self.model.attn_implementation!r}")
+            for i, s in enumerate(self.stages):
+                if s.block_len % (2 * cp):
+                    what = "window" if s.window else "seq_len"
+                    raise ValueError(f"stages.{i}.{what}={s.block_len} is not divisible by 2 x distributed.cp_size = "
+                                     f"{2 * cp}: context parallel cuts every sequence into 2 x cp_size equal chunks "
+                                     "(two per process, for causal load balance)")
         return self
 
     def stage_steps(self, index: int) -> int:
@@ -223,10 +275,14 @@ def read_config_file(path: str | Path, kind: str, sections: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{kind} {path} does not exist")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {path.stat().st_size:,} bytes; a {kind} is a few KB of YAML (is it the right file?)")
     try:
-        raw = read_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        raw = read_yaml(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    except ConfigError as err:  # aliases, nesting: say which file
+        raise ConfigError(f"{path}: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a {kind} must be a mapping of sections ({sections})")
     return raw
@@ -268,4 +324,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = read_config_file(path, "fine-tuning config", sections)
     if not isinstance(raw, dict):
         raise ConfigError(f"a fine-tuning config must be a mapping of sections ({sections})")
-    return validate(FinetuneConfig, apply_overrides(raw, overrides or []), "fine-tuning config")
+    kind = f"fine-tuning config {path}" if path is not None else "fine-tuning config"
+    return validate(FinetuneConfig, apply_overrides(raw, overrides or []), kind)

@@ -6,7 +6,8 @@ A SOURCE is one of
   * ``package:<name>``: the ``.py`` files of an installed package (e.g. ``package:numpy``: code outside the
     stdlib domain that every ctxext installation has), one document each;
   * a local file or folder: ``.txt``/``.md``/``.py`` files are one document each; ``.jsonl``/``.json`` and
-    ``.parquet`` rows are documents (their ``text_field``);
+    ``.parquet`` rows are documents (their ``text_field``). Every file must be non-empty UTF-8 text (a parquet file
+    non-empty): an empty, binary or mis-encoded file is a ``DataError`` naming it (``check_data_file``);
   * otherwise a hub dataset name for ``datasets.load_dataset`` (needs a network connection).
 
 Fine-tuning tokenizes a source once (``datasets`` map, batched, on disk) into a flat token file of uint32 ids
@@ -18,6 +19,7 @@ reproduces.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +35,49 @@ from .errors import DataError
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst"}
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DEFAULT_EVAL_SOURCE = "stdlib:held_out"
+BINARY_SHARE = 0.1  # a file whose first 64 KiB are more than this share control characters is binary
+_CONTROL = bytes(c for c in range(32) if chr(c) not in "\t\n\r\f\v")
+
+
+def check_data_file(path: Path) -> None:
+    """A ``DataError`` naming ``path`` when it is empty, binary (a NUL byte, or mostly control characters) or not
+    UTF-8 (a parquet file only needs to be non-empty); read in 1 MiB blocks, so any size works."""
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{path} is empty (0 bytes); remove it from the data or give a file with text")
+    if path.suffix == ".parquet":
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, visible = 0, False
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            if offset == 0 and sum(block[:65536].count(c) for c in _CONTROL) > BINARY_SHARE * len(block[:65536]):
+                raise DataError(f"{path} is binary, not text (control characters in its first bytes); data files "
+                                "must be UTF-8 text (.txt/.md/.py, or .jsonl/.json/.parquet rows)")
+            if (nul := block.find(b"\0")) >= 0:
+                raise DataError(f"{path} is binary, not text (a NUL byte at offset {offset + nul:,}); data files "
+                                "must be UTF-8 text (.txt/.md/.py, or .jsonl/.json/.parquet rows)")
+            try:
+                visible = bool(decoder.decode(block).strip()) or visible
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} is not UTF-8 text (byte 0x{block[err.start]:02x} at offset "
+                                f"{offset + err.start:,}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text (it ends inside a multi-byte character); it may be cut short") from None
+    if not visible:
+        raise DataError(f"{path} holds only whitespace; remove it from the data or give a file with text")
+
+
+def _data_files(path: Path) -> list[Path]:
+    """The files of a local source (a file or every file under a folder), each checked by ``check_data_file``."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if f.suffix in TEXT_SUFFIXES or f.suffix in TABLE_BUILDERS:
+            check_data_file(f)
+    return files
 
 
 def load_texts(source: str, *, text_field: str = "text", split: str = "train", max_documents: int | None = None) -> list[str]:
@@ -48,7 +93,7 @@ def load_texts(source: str, *, text_field: str = "text", split: str = "train", m
         return corpus.read_texts(files[:max_documents] if max_documents else files)
     path = Path(source)
     if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files = _data_files(path)
         texts = [f for f in files if f.suffix in TEXT_SUFFIXES]
         tables = [f for f in files if f.suffix in TABLE_BUILDERS]
         if not texts and not tables:
@@ -70,7 +115,9 @@ def _load_dataset(*args, **kwargs):
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # datasets raises many types; all mean "cannot read this source"
-        raise DataError(f"cannot load data {args[0]!r}: {err}") from err
+        what = ", ".join(kwargs["data_files"]) if kwargs.get("data_files") else repr(args[0])
+        why = f"{err}; {err.__cause__}" if err.__cause__ else str(err)
+        raise DataError(f"cannot load data {what}: {why}") from err
 
 
 def _column(dataset, field: str, source: str) -> list[str]:
@@ -109,7 +156,7 @@ def _text_dataset(source: str, text_field: str, max_documents: int | None):
     if source.startswith(("stdlib:", "package:")) or not (path.exists() or ("/" in source and not source.startswith((".", "/")))):
         return datasets.Dataset.from_dict({"text": load_texts(source, text_field=text_field, max_documents=max_documents)})
     if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files = _data_files(path)
         builders = {TABLE_BUILDERS[p.suffix] for p in files if p.suffix in TABLE_BUILDERS}
         if len(builders) != 1 or any(p.suffix in TEXT_SUFFIXES for p in files):  # text files or a mixed folder
             docs = load_texts(source, text_field=text_field, max_documents=max_documents)
@@ -138,7 +185,7 @@ def write_token_file(tokenizer, source: str, path: str | Path, *, text_field: st
         return path
     dataset = _text_dataset(source, text_field, max_documents)
     if len(dataset) == 0:
-        raise DataError(f"data source {source!r} has no documents")
+        raise DataError(f"data source {source!r} has no documents (no text in field {text_field!r} of any row)")
     eos = eos_id(tokenizer)
     if len(tokenizer) > np.iinfo(TOKEN_DTYPE).max:
         raise DataError(f"vocabulary of {len(tokenizer)} tokens does not fit the uint32 token file")

@@ -76,12 +76,22 @@ def build_finetune_data(tokenizer, path: Path, lengths: list[int], n_passkey: in
 def run_demo(output_dir: str = "ctxext-demo", *, recipe: str | None = None, factor: float | None = None,
              method: str | None = None, quick: bool = False, model: str = "reference") -> dict:
     """Run the recipe (default ``configs/recipes/demo.yaml``) on ``model``; returns the summary (table, headline,
-    report path) that ``ctxext demo`` prints. ``factor`` and ``method`` replace the recipe's."""
-    from transformers import AutoConfig, AutoTokenizer
+    report path) that ``ctxext demo`` prints. ``factor`` and ``method`` replace the recipe's. The output folder is
+    locked while the demo runs; the recipe, the model, its tokenizer and the method are checked before it is
+    created."""
+    from .lock import output_lock
 
+    with output_lock(output_dir, "ctxext demo"):
+        return _run_demo(output_dir, recipe=recipe, factor=factor, method=method, quick=quick, model=model)
+
+
+def _run_demo(output_dir: str, *, recipe: str | None, factor: float | None, method: str | None, quick: bool,
+              model: str) -> dict:
     from .evals.report import evaluate_passkey, evaluate_perplexity, evaluate_retrieval
     from .evals.retrieval import wilson
-    from .hub import patch_checkpoint
+    from .hub import check_source, patch_checkpoint
+    from .patch import plan_patch
+    from .validate import check_checkpoint, load_tokenizer
     from .recipe import load_recipe, stage_lengths
     from .reference import build_stand_in, has_reference_model, resolve_model
     from .train import finetune
@@ -92,21 +102,24 @@ def run_demo(output_dir: str = "ctxext-demo", *, recipe: str | None = None, fact
     factor = factor or rec.factor
     spec = method or rec.method
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     def say(msg: str) -> None:
         log.info("[%6.0fs] %s", time.perf_counter() - started, msg)
 
     if model == "reference" and not has_reference_model():
+        out.mkdir(parents=True, exist_ok=True)
         base = str(build_stand_in(out / "stand-in-model"))
         log.warning("note: this installation ships no trained reference model; the demo runs on a tiny random Llama "
                     "(context 256) built from a config, so it shows the pipeline, not the quality of the methods.")
         model = "tiny random stand-in"
     else:
-        base = resolve_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    context = AutoConfig.from_pretrained(base).max_position_embeddings
+        base = check_source(resolve_model(model))
+    config = check_checkpoint(base, finite=True).config
+    tokenizer = load_tokenizer(base, config.vocab_size)
+    context = config.max_position_embeddings
     target = int(context * factor)
+    plan_patch(config, spec, target_length=target)  # a bad method or factor fails before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     lengths = sorted({context, 2 * context, 4 * context, target})
     stages = stage_lengths(context, target)
     commands = []

@@ -1,19 +1,20 @@
 """Read and write Hugging Face checkpoints safely: safetensors only, no remote code, atomic output folders.
 
 ``patch_checkpoint(SRC, OUT, "yarn", factor=8)`` is what ``ctxext patch`` runs: it validates everything it can
-from config.json before loading weights, patches in memory, and writes OUT through a temporary folder beside it
-that is renamed only when complete, so an interrupted run leaves no OUT (and an old OUT intact).
+from config.json and the weights' headers (``ctxext.validate``) before loading weights, patches in memory, and
+writes OUT through a temporary folder beside it that is renamed only when complete, so an interrupted run leaves no
+OUT (and an old OUT intact). OUT is locked for the run (``ctxext.lock``): a second run into it is refused.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,11 @@ import torch
 
 from .atomic import TMP_MARK, atomic_folder
 from .errors import CheckpointError
+from .lock import output_lock
 from .models import family_of, head_dim_of, stock_rope_types
 from .native import attention_method_of
 from .patch import RECORD_KEY, apply_plan, plan_patch
+from .validate import check_checkpoint, check_finite_model, read_config
 
 log = logging.getLogger(__name__)
 
@@ -93,30 +96,40 @@ def check_output(out: str | os.PathLike, force: bool) -> Path:
     return out
 
 
-def load_config(src: str):
-    from transformers import AutoConfig
+@contextmanager
+def claim_output(out: str | os.PathLike, force: bool, command: str) -> Iterator[Path]:
+    """``check_output``, then hold OUT's lock for the block (a second run into OUT is refused, naming this one)
+    and check again under it (another run may have finished OUT meanwhile)."""
+    check_output(out, force)
+    with output_lock(out, command):
+        yield check_output(out, force)
 
-    try:
-        return AutoConfig.from_pretrained(src, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"cannot read the config of {src}: {err}") from err
+
+def load_config(src: str):
+    """The config of SRC after ``ctxext.validate`` checked config.json."""
+    return read_config(src)
 
 
 def load_model(src: str, *, dtype: str = "auto", allow_pickle: bool = False):
-    """Load a causal LM with stock transformers: safetensors only unless ``allow_pickle``, never remote code."""
+    """Load a causal LM with stock transformers: safetensors only unless ``allow_pickle``, never remote code; the
+    checkpoint is checked first (``ctxext.validate``) and its weights must be finite."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
     check_weights_format(src, allow_pickle)
-    return AutoModelForCausalLM.from_pretrained(
+    checked = check_checkpoint(src)
+    model = AutoModelForCausalLM.from_pretrained(
         src, dtype=DTYPES[dtype], use_safetensors=None if allow_pickle else True, trust_remote_code=False
     ).eval()
+    check_finite_model(model, checked)
+    return model
 
 
 def save_checkpoint(model, out: str | os.PathLike, *, source: str | None = None, tokenizer=None,
-                    force: bool = False) -> Path:
-    """Write ``model`` as a complete safetensors checkpoint atomically, with ``tokenizer`` or SRC's tokenizer files."""
+                    force: bool = False, extra: Callable[[Path], object] | None = None) -> Path:
+    """Write ``model`` as a complete safetensors checkpoint atomically, with ``tokenizer`` or SRC's tokenizer files;
+    ``extra(folder)`` writes more files into it before it appears under its final name."""
     out = check_output(out, force)
     with atomic_folder(out, replace=force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -128,6 +141,8 @@ def save_checkpoint(model, out: str | os.PathLike, *, source: str | None = None,
             for f in Path(source).iterdir():
                 if TOKENIZER_FILES.match(f.name) and f.is_file():
                     shutil.copy2(f, tmp / f.name)
+        if extra is not None:
+            extra(tmp)
     return out
 
 
@@ -145,23 +160,24 @@ def patch_checkpoint(
 ) -> Path:
     """Patch the checkpoint SRC with ``chain`` and write it to OUT (see ``ctxext patch --help``)."""
     src = check_source(src)
-    check_output(out, force)
-    if dtype not in DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
-    config = load_config(src)
-    plan = plan_patch(config, chain, scope=scope, target_length=target_length, **params)  # fails before any load
-    model = load_model(src, dtype=dtype, allow_pickle=allow_pickle)
-    apply_plan(model, plan)
-    log.info("patched %s with %s", src, plan.record["steps"][-1]["spec"])
-    return save_checkpoint(model, out, source=src, force=force)
+    with claim_output(out, force, "ctxext patch"):
+        if dtype not in DTYPES:
+            raise CheckpointError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
+        config = load_config(src)
+        plan = plan_patch(config, chain, scope=scope, target_length=target_length, **params)  # fails before any load
+        model = load_model(src, dtype=dtype, allow_pickle=allow_pickle)
+        apply_plan(model, plan)
+        log.info("patched %s with %s", src, plan.record["steps"][-1]["spec"])
+        return save_checkpoint(model, out, source=src, force=force)
 
 
 def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """What ``ctxext info`` shows, read from config.json alone (no weights are loaded)."""
+    """What ``ctxext info`` shows, from config.json, after checking the checkpoint and every weight's values
+    (NaN / inf) without loading the model."""
     src = check_source(path)
-    config = load_config(src)
-    config_path = Path(src) / "config.json"
-    raw = json.loads(config_path.read_text()) if config_path.is_file() else config.to_dict()
+    checked = check_checkpoint(src, finite=True)
+    config = checked.config
+    raw = checked.raw or config.to_dict()
     family = family_of(config)
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     per_type = rope if all(isinstance(v, dict) for v in rope.values()) and rope else {"all": rope}

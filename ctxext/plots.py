@@ -105,6 +105,50 @@ def plot_frequency_usage(panels: dict[str, np.ndarray], wavelengths: np.ndarray,
     return path
 
 
+def plot_search(result: dict, path: Path) -> Path:
+    """A factor search (``ctxext search``): every evaluation's calibration perplexity, the best so far and the best
+    seed of each method (PI / NTK / YaRN shapes); the right panel zooms on the best so far against the best seed."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ppl = np.exp([e["fitness"] for e in result["evaluations"]])
+    best = np.exp(result["best_so_far"])
+    best_seed: dict[str, float] = {}
+    for origin, fitness in result["seeds"].items():
+        if fitness is not None:
+            method = origin.split()[0]
+            best_seed[method] = min(best_seed.get(method, np.inf), float(np.exp(fitness)))
+    colours = {m: plt.get_cmap("tab10")(i + 1) for i, m in enumerate(sorted(best_seed))}
+    ax = axes[0]
+    ax.scatter(np.arange(len(ppl)), ppl, c=[e["generation"] for e in result["evaluations"]], cmap="viridis", s=12,
+               label="candidate (colour: generation)")
+    finite = ppl[np.isfinite(ppl)]
+    if finite.size:
+        top = min(finite.max(), max(best_seed.values()) * 1.1) if best_seed else finite.max()
+        ax.set_ylim(finite.min() * 0.97, top * 1.03)
+    ax.set_yscale("log")
+    ax.set_ylabel("calibration perplexity (log scale)")
+    ax.set_title("every evaluation", fontsize=9)
+    zoom = axes[1]
+    if best_seed:
+        seed_best = min(best_seed.values())
+        zoom.set_ylim(best[-1] * 0.995, seed_best * 1.02)
+        zoom.set_title(f"best so far: {best[-1]:.3f}, {best[-1] / seed_best - 1:+.1%} against the best seed",
+                       fontsize=9)
+    for a in axes:
+        a.plot(best, color="k", label="best so far")
+        for method, value in best_seed.items():
+            a.axhline(value, color=colours[method], linestyle="--", label=f"best {method} seed")
+        a.set_xlabel("evaluation")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=8)
+    cal = result["calibration"]
+    fig.suptitle(f"factor search x{result['scale']:g} to {result['target_length']} ({cal['windows']} x "
+                 f"{cal['window']} tokens of {cal['data']}{', PoSE proxy' if cal.get('proxy') else ''})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_by_position_and_length(perplexity: dict[str, dict[str, dict[int, float]]],
                                  accuracy: dict[str, dict[str, dict[int, tuple[float, float, float]]]], path: Path, *,
                                  title: str, trained_context: int, accuracy_label: str = "retrieval accuracy") -> Path:

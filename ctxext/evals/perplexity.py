@@ -54,8 +54,12 @@ LOGITS_CHUNK = 1024  # positions per LM-head chunk: [chunk, vocab] fp32 logits a
 
 
 @torch.no_grad()
-def window_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOGITS_CHUNK) -> torch.Tensor:
+def window_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOGITS_CHUNK, *,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Summed next-token NLL of ``ids [B, L]`` against ``targets [B, L-1]`` (-100 ignored), fp32.
+
+    ``position_ids [B, L]`` (default ``0 .. L-1``) may jump ahead (PoSE-style windows); an all-ones mask then keeps
+    transformers from reading the jumps as packed documents.
 
     The decoder body runs once and the LM head + cross-entropy run ``chunk`` positions at a time
     (``ctxext.loss.linear_cross_entropy``), so full ``[L, vocab]`` logits never exist; same numbers as
@@ -66,13 +70,14 @@ def window_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOG
     from ..loss import linear_cross_entropy
 
     body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    positions = {} if position_ids is None else {"position_ids": position_ids, "attention_mask": torch.ones_like(ids)}
     if body is not None and type(head) is nn.Linear and head.bias is None:
-        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        hidden = body(input_ids=ids, use_cache=False, **positions).last_hidden_state[:, :-1]
         softcap = getattr(model.config, "final_logit_softcapping", None)
         # detached: parameters keep requires_grad under no_grad, and linear_cross_entropy would compute their grads
         return linear_cross_entropy(hidden.flatten(0, 1).detach(), head.weight.detach(), targets.flatten(), chunk=chunk,
                                     softcap=softcap)
-    logits = model(input_ids=ids).logits[:, :-1].float()
+    logits = model(input_ids=ids, **positions).logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
 
 

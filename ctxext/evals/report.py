@@ -3,10 +3,15 @@
     evaluate_perplexity(["reference", "out/yarn8"], lengths=[256, 512, 1024], output="eval")
     evaluate_passkey(["out/yarn8"], lengths=[512, 1024], depths=[0, 0.5, 1], trials=10, output="eval")
     analyze_frequencies("reference", compare="out/prope", output="eval")
+
+Every model is checked (``ctxext.validate``) before the first one is evaluated, the output folder is locked for
+the whole evaluation (``ctxext.lock``), and results are written only at the end, so a refused or failed evaluation
+writes nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -17,8 +22,10 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..atomic import atomic_write_text
 from ..data import DEFAULT_EVAL_SOURCE, join_documents, load_texts, tokenize_documents
-from ..errors import EvalError
+from ..errors import DataError, EvalError
+from ..lock import output_lock
 from ..reference import resolve_model
 from .passkey import passkey_accuracy
 from .perplexity import perplexity
@@ -32,14 +39,34 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def load_for_eval(name: str, *, device: str = "auto", dtype: str = "auto"):
     """``(model, tokenizer, path)`` for a model folder or ``reference``."""
-    from transformers import AutoTokenizer
-
     from ..hub import check_source, load_model
+    from ..validate import load_tokenizer
 
     path = check_source(resolve_model(name))
     model = load_model(path, dtype=dtype).to(pick_device(device))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer, path
+    return model, load_tokenizer(path, model.config.vocab_size), path
+
+
+def check_models(names: list[str]) -> None:
+    """Every model's checkpoint and tokenizer, checked before the first evaluation starts (headers only)."""
+    from ..hub import check_source
+    from ..validate import check_checkpoint, load_tokenizer
+
+    for name in names:
+        path = check_source(resolve_model(name))
+        load_tokenizer(path, check_checkpoint(path).config.vocab_size)
+
+
+def writes_results(command: str):
+    """Decorate an evaluation: its models are checked first and its ``output`` folder is locked while it runs."""
+    def wrap(evaluate):
+        @functools.wraps(evaluate)
+        def locked(models, *args, output: str | Path = "ctxext-eval", **kwargs):
+            check_models([models] if isinstance(models, str) else [*models, *filter(None, [kwargs.get("compare")])])
+            with output_lock(output, command):
+                return evaluate(models, *args, output=output, **kwargs)
+        return locked
+    return wrap
 
 
 def _label(name: str, used: set[str]) -> str:
@@ -55,7 +82,8 @@ def _slug(label: str) -> str:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 NOTES_MARKER = "<!-- notes -->"
@@ -68,6 +96,7 @@ def write_markdown_keeping_notes(path: Path, text: str) -> None:
     path.write_text(text.rstrip("\n") + "\n\n" + NOTES_MARKER + notes)
 
 
+@writes_results("ctxext eval ppl")
 def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DEFAULT_EVAL_SOURCE,
                         stride: int | None = None, output: str | Path = "ctxext-eval", text_field: str = "text",
                         max_documents: int | None = None, batch_size: int = 1, device: str = "auto",
@@ -81,7 +110,6 @@ def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DE
     if not lengths or any(L < 2 for L in lengths):
         raise EvalError(f"lengths={lengths!r} is invalid; give context lengths >= 2, e.g. 256,512,1024")
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     texts = load_texts(data, text_field=text_field)
     results, curves, used = {}, {}, set()
     trained = None
@@ -96,7 +124,10 @@ def evaluate_perplexity(models: list[str], *, lengths: list[int], data: str = DE
         label = _label(labels[i] if labels else name, used)
         per_length = {}
         for L in lengths:
-            r = perplexity(model, docs, L, stride=stride or L, batch_size=batch_size, max_documents=max_documents)
+            try:
+                r = perplexity(model, docs, L, stride=stride or L, batch_size=batch_size, max_documents=max_documents)
+            except DataError as err:
+                raise DataError(f"data {data}: {err}") from None
             per_length[str(L)] = r.to_dict()
         results[label] = {"path": path, "per_length": per_length,
                           "context": record.get("context", model.config.max_position_embeddings)}
@@ -141,6 +172,7 @@ def _each_model(models: list[str], labels: list[str] | None, texts: list[str], d
         del model  # the caller drops its reference too, so one model is in memory at a time
 
 
+@writes_results("ctxext eval passkey")
 def evaluate_passkey(models: list[str], *, lengths: list[int], depths: list[float], trials: int = 10, seed: int = 0,
                      filler: str = DEFAULT_EVAL_SOURCE, output: str | Path = "ctxext-eval", text_field: str = "text",
                      batch_size: int = 8, device: str = "auto", dtype: str = "auto",
@@ -148,17 +180,18 @@ def evaluate_passkey(models: list[str], *, lengths: list[int], depths: list[floa
     """Passkey accuracy grid per model; writes ``passkey.json`` and ``passkey_<model>.png`` under ``output``."""
     texts = _filler_texts(filler, text_field, seed, trials)
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     results = {}
     from ..plots import plot_passkey
 
     for label, model, tokenizer, path, stream in _each_model(models, labels, texts, device, dtype):
         grid = passkey_accuracy(model, tokenizer, stream, lengths, depths, trials, seed=seed, batch_size=batch_size)
         grid["path"] = path
-        grid["plot"] = str(plot_passkey(grid["accuracy"], out / f"passkey_{_slug(label)}.png",
-                                        title=f"passkey retrieval: {label} ({trials} keys per cell)"))
         results[label] = grid
         del model  # before the next one loads
+    out.mkdir(parents=True, exist_ok=True)
+    for label, grid in results.items():
+        grid["plot"] = str(plot_passkey(grid["accuracy"], out / f"passkey_{_slug(label)}.png",
+                                        title=f"passkey retrieval: {label} ({trials} keys per cell)"))
     payload = {"protocol": {"filler": filler, "trials": trials, "seed": seed, "lengths": lengths, "depths": depths,
                             "score": "exact match of the greedy answer's first digit run with the key",
                             "ctxext": __version__, "date": time.strftime("%Y-%m-%d")},
@@ -167,6 +200,7 @@ def evaluate_passkey(models: list[str], *, lengths: list[int], depths: list[floa
     return payload
 
 
+@writes_results("ctxext eval retrieval")
 def evaluate_retrieval(models: list[str], *, tasks: list[str], lengths: list[int], depths: list[float],
                        trials: int = 40, seed: int = 0, filler: str = DEFAULT_EVAL_SOURCE,
                        output: str | Path = "ctxext-eval", text_field: str = "text", batch_size: int = 8,
@@ -179,17 +213,18 @@ def evaluate_retrieval(models: list[str], *, tasks: list[str], lengths: list[int
     check_tasks(tasks)
     texts = _filler_texts(filler, text_field, seed, trials)
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     results = {}
     for label, model, tokenizer, path, stream in _each_model(models, labels, texts, device, dtype):
         results[label] = {"path": path, "tasks": {}}
         for task in tasks:
-            grid = task_accuracy(model, tokenizer, stream, task, lengths, depths, trials, seed=seed,
-                                 batch_size=batch_size)
+            results[label]["tasks"][task] = task_accuracy(model, tokenizer, stream, task, lengths, depths, trials,
+                                                          seed=seed, batch_size=batch_size)
+        del model  # before the next one loads
+    out.mkdir(parents=True, exist_ok=True)
+    for label, r in results.items():
+        for task, grid in r["tasks"].items():
             grid["plot"] = str(plot_passkey(grid["accuracy"], out / f"retrieval_{task}_{_slug(label)}.png",
                                             title=f"{task}: {label} ({trials} trials per cell)"))
-            results[label]["tasks"][task] = grid
-        del model  # before the next one loads
     payload = {"protocol": {"filler": filler, "tasks": tasks, "trials": trials, "seed": seed, "lengths": lengths,
                             "depths": depths, "score": "exact match of the greedy completion's digit runs with the "
                             "answer values; Wilson 95% intervals", "ctxext": __version__,
@@ -199,6 +234,7 @@ def evaluate_retrieval(models: list[str], *, tasks: list[str], lengths: list[int
     return payload
 
 
+@writes_results("ctxext analyze freq")
 def analyze_frequencies(model_name: str, *, data: str = DEFAULT_EVAL_SOURCE, compare: str | None = None,
                         output: str | Path = "ctxext-eval", seq_len: int | None = None, max_tokens: int = 16384,
                         text_field: str = "text", device: str = "auto", dtype: str = "auto") -> dict:
@@ -207,7 +243,6 @@ def analyze_frequencies(model_name: str, *, data: str = DEFAULT_EVAL_SOURCE, com
     from ..plots import plot_frequency_usage
 
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     texts = load_texts(data, text_field=text_field)
     runs, panels = {}, {}
     keep, reasoning, wavelengths, context = None, [], None, None
@@ -230,6 +265,7 @@ def analyze_frequencies(model_name: str, *, data: str = DEFAULT_EVAL_SOURCE, com
                 wavelengths = np.where(inv > 0, 2 * np.pi / inv, np.inf)
             runs[role]["top_pairs_per_layer"] = [np.argsort(-row)[:5].tolist() for row in energy]
         del model
+    out.mkdir(parents=True, exist_ok=True)
     plot = plot_frequency_usage(panels, wavelengths, out / "freq.png", title="mean pair norm per layer",
                                 context_length=context)
     payload = {"protocol": {"data": data, "max_tokens": max_tokens, "window": seq_len or context,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..hub import CheckpointError, save_checkpoint
+from ..hub import CheckpointError, claim_output, save_checkpoint
 from .rope import GGUFRope, RopeExportError, parameters_from_gguf_rope
 from .tokenizer import PRE_TOKENIZERS, restore_pre_tokenizer
 
@@ -117,8 +117,6 @@ def gguf_rope(reader, arch: str) -> tuple[GGUFRope, int, int]:
 
 def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
     """Write the GGUF file PATH as a float32 safetensors checkpoint OUT (module docstring)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
     reader = read_gguf(path)
     arch = _check_convertible(path, reader)
@@ -131,6 +129,12 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, force: bool
         raise CheckpointError(f"{path}: rope scaling on a {arch!r} GGUF is not converted (only llama)")
     gguf_reader_meta = {k: reader.fields[k] for k in ("tokenizer.ggml.pre",) if k in reader.fields}
     del reader
+    with claim_output(out, force, "ctxext convert"):
+        return _dequantize_and_save(path, out, rope_parameters, gguf_reader_meta, force)
+
+
+def _dequantize_and_save(path: Path, out, rope_parameters: dict, gguf_reader_meta: dict, force: bool) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.absolute().parent), str(path.absolute())
     log.info("dequantizing %s with transformers' GGUF loader", path)

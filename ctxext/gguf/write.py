@@ -5,7 +5,9 @@
 Weights are read straight from the safetensors files; q_proj / k_proj rows are permuted from transformers'
 half-split rotary layout (pair i = dims i, i + d/2) to llama.cpp's interleaved one (pair i = dims 2i, 2i + 1), the
 inverse of what transformers' GGUF loader undoes. The rope metadata comes from ``rope.py`` and is checked against
-a model of llama.cpp's rope before anything is written; the file is written beside OUT and renamed when complete.
+a model of llama.cpp's rope before anything is written; SRC is checked first (``ctxext.validate``: config, headers,
+shapes, finite weights); OUT is locked while it is written (``ctxext.lock``), written beside OUT and renamed when
+complete.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..hub import CheckpointError, check_source, load_config
+from ..atomic import atomic_write
+from ..hub import CheckpointError, check_source
+from ..lock import output_lock
 from ..models.base import head_dim_of
+from ..validate import check_checkpoint, load_tokenizer
 from .rope import GGUFRope, RopeExportError, gguf_rope_from_parameters
 from .tokenizer import tokenizer_metadata
 
@@ -137,80 +141,79 @@ def _encode(name: str, w: torch.Tensor, dtype: str):
 def export_gguf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "f32", force: bool = False,
                 tokenizer_pre: str | None = None) -> Path:
     """Write checkpoint SRC (folder, .gguf, or source name) as a llama.cpp GGUF file OUT (module docstring)."""
-    import gguf
-
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
     out = _check_out(Path(out), force)
     src = check_source(src)
     if not Path(src).is_dir():
         raise CheckpointError(f"{src}: export needs a local checkpoint folder")
-    config = load_config(src)
+    config = check_checkpoint(src, finite=True).config
     rope = _check_exportable(src, config)
+    if (Path(src) / "tokenizer.json").is_file():
+        load_tokenizer(src, config.vocab_size)  # a damaged tokenizer.json fails here, naming it
     tok = tokenizer_metadata(src, config.vocab_size, pre=tokenizer_pre)
     tensors = _gguf_tensors(_state_dict(src), config, src)
-    head_dim = head_dim_of(config)
-
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.ctxext-tmp-", dir=out.absolute().parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        w = gguf.GGUFWriter(tmp, ARCH)
-        w.add_name(Path(src).name)
-        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-        w.add_vocab_size(config.vocab_size)
-        w.add_context_length(config.max_position_embeddings)
-        w.add_embedding_length(config.hidden_size)
-        w.add_block_count(config.num_hidden_layers)
-        w.add_feed_forward_length(config.intermediate_size)
-        w.add_head_count(config.num_attention_heads)
-        w.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-        w.add_layer_norm_rms_eps(config.rms_norm_eps)
-        w.add_rope_dimension_count(head_dim)
-        w.add_rope_freq_base(rope.freq_base)
-        w.add_rope_scaling_type(gguf.RopeScalingType(rope.scaling_type))
-        if rope.factor is not None:
-            w.add_rope_scaling_factor(rope.factor)
-        if rope.original_context is not None:
-            w.add_rope_scaling_orig_ctx_len(rope.original_context)
-        if rope.scaling_type == "yarn":  # documentary: the llama architecture applies these values fixed
-            w.add_rope_scaling_yarn_beta_fast(32.0)
-            w.add_rope_scaling_yarn_beta_slow(1.0)
-        if rope.attn_factor != 1.0:
-            w.add_rope_scaling_attn_factors(rope.attn_factor)
-        record = json.loads((Path(src) / "config.json").read_text()).get("ctxext")
-        if record:
-            w.add_string("ctxext.record", json.dumps(record))
-
-        w.add_tokenizer_model(tok.model)
-        w.add_tokenizer_pre(tok.pre)
-        w.add_token_list(tok.tokens)
-        w.add_token_types(tok.token_types)
-        w.add_token_merges(tok.merges)
-        for kind, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
-                          ("pad", w.add_pad_token_id)):
-            if kind in tok.special_ids:
-                add(tok.special_ids[kind])
-        w.add_add_bos_token(tok.add_bos)
-        if tok.chat_template:
-            w.add_chat_template(tok.chat_template)
-
-        if rope.freq_divisors is not None:  # llama.cpp asserts F32 for freq factors
-            w.add_tensor("rope_freqs.weight", np.asarray(rope.freq_divisors, dtype=np.float32))
-        for name, t in tensors.items():
-            array, raw_dtype = _encode(name, t, dtype)
-            w.add_tensor(name, array, raw_dtype=raw_dtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with output_lock(out, "ctxext export gguf"):
+        _check_out(out, force)  # again under the lock: another export may have finished meanwhile
+        atomic_write(out, lambda tmp: _write_gguf(tmp, src, config, rope, tok, tensors, dtype))
     log.info("wrote %s (%s, rope %s%s)", out, dtype, rope.scaling_type,
              ", per-pair rope_freqs" if rope.freq_divisors is not None else "")
     return out
+
+
+def _write_gguf(tmp: Path, src: str, config, rope: GGUFRope, tok, tensors: dict[str, torch.Tensor], dtype: str) -> None:
+    import gguf
+
+    head_dim = head_dim_of(config)
+    w = gguf.GGUFWriter(tmp, ARCH)
+    w.add_name(Path(src).name)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    w.add_vocab_size(config.vocab_size)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(rope.freq_base)
+    w.add_rope_scaling_type(gguf.RopeScalingType(rope.scaling_type))
+    if rope.factor is not None:
+        w.add_rope_scaling_factor(rope.factor)
+    if rope.original_context is not None:
+        w.add_rope_scaling_orig_ctx_len(rope.original_context)
+    if rope.scaling_type == "yarn":  # documentary: the llama architecture applies these values fixed
+        w.add_rope_scaling_yarn_beta_fast(32.0)
+        w.add_rope_scaling_yarn_beta_slow(1.0)
+    if rope.attn_factor != 1.0:
+        w.add_rope_scaling_attn_factors(rope.attn_factor)
+    record = json.loads((Path(src) / "config.json").read_text()).get("ctxext")
+    if record:
+        w.add_string("ctxext.record", json.dumps(record))
+
+    w.add_tokenizer_model(tok.model)
+    w.add_tokenizer_pre(tok.pre)
+    w.add_token_list(tok.tokens)
+    w.add_token_types(tok.token_types)
+    w.add_token_merges(tok.merges)
+    for kind, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
+                      ("pad", w.add_pad_token_id)):
+        if kind in tok.special_ids:
+            add(tok.special_ids[kind])
+    w.add_add_bos_token(tok.add_bos)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+    if rope.freq_divisors is not None:  # llama.cpp asserts F32 for freq factors
+        w.add_tensor("rope_freqs.weight", np.asarray(rope.freq_divisors, dtype=np.float32))
+    for name, t in tensors.items():
+        array, raw_dtype = _encode(name, t, dtype)
+        w.add_tensor(name, array, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
