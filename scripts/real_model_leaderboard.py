@@ -10,8 +10,9 @@
 The checkpoint is loaded once; each row of the sweep (a method chain and its parameters) is patched in memory at
 each factor (target = factor x trained context) and removed again (``ctxext.patch.patch_model``), so nothing is
 written but results. A row may instead name saved checkpoints, one per factor (``{checkpoint: {2: DIR, 4: DIR}}``:
-a ``ctxext search`` result, say), measured as saved. Measurements, each a cell (``ctxext.evals.cells``: one JSON file, written atomically when the
-cell is done, reused by later runs while its spec is unchanged, so a run can stop anywhere and go on elsewhere):
+a ``ctxext search`` result, say), measured as saved. Measurements, each a cell (``ctxext.evals.cells``: one JSON
+file, written atomically when the cell is done, reused by later runs while its spec is unchanged, so a run can stop
+anywhere and go on elsewhere):
 
 * ``ppl-<text>@L``: one forward over the first L = factor x context tokens of the longest documents of each text;
   the next-token NLL of every position (LM head in chunks: no [L, vocab] logits), summed per position bucket; the
@@ -342,14 +343,14 @@ def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, 
               for kind in ("perplexity", "retrieval")}
     pretend = "" if context == checkpoint_context else f" (pretended: the checkpoint's is {checkpoint_context:,})"
     done = [c for c in cells if c["name"] in records]
-    lines = [f"# Training-free leaderboard: {args.model or sweep.model} past its trained context", "",
-             f"Config: `{args.config}`. Model `{args.model or sweep.model}`, trained context {context:,}{pretend}; "
-             f"each method patched in memory at factors {', '.join(f'x{f:g}' for f in sweep.factors)} "
-             f"(target = factor x context), no fine-tuning; model dtype {dtypes['perplexity']} for perplexity, "
-             f"{dtypes['retrieval'] or 'none'} for retrieval. "
+    intro = (f"Config: `{args.config}`. Model `{args.model or sweep.model}`, trained context {context:,}{pretend}; "
+             f"each method patched in memory (or loaded, for checkpoint rows) at factors "
+             f"{', '.join(f'x{f:g}' for f in sweep.factors)} (target = factor x context), no fine-tuning; model dtype "
+             f"{dtypes['perplexity']} for perplexity, {dtypes['retrieval'] or 'none'} for retrieval. "
              f"{len(done)} of {len(cells)} cells measured (page written {time.strftime('%Y-%m-%d')}); "
              f"\"{NOT_MEASURED}\" marks the others; `python scripts/real_model_leaderboard.py --config {args.config}` "
-             "measures them (add `--device cuda` on a GPU) and rewrites this page.", ""]
+             "measures them (add `--device cuda` on a GPU) and rewrites this page.")
+    lines = [f"# Training-free leaderboard: {args.model or sweep.model} past its trained context", "", intro, ""]
     for name, t in texts.items():
         docs = ", ".join(f"`{d['name']}` ({d['tokens']:,} tokens in all)" for d in t["documents"])
         lines.append(f"- Perplexity text `{name}`: `{t['source']}`, the first factor x context tokens of {docs} "
@@ -357,10 +358,10 @@ def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, 
                      f"trained context / at and beyond it, one forward over the whole input.")
     retrieval = sweep.retrieval
     trials = {task: args.trials or n for task, n in retrieval.trials.items()}
-    lines += [f"- Retrieval: {', '.join(f'{t} ({n} prompts per depth)' for t, n in trials.items())} at depths "
-              f"{', '.join(f'{d:g}' for d in args.depths or retrieval.depths)}, filler `{retrieval.filler}`, seed "
-              f"{retrieval.seed}, the same prompts for every model; prompt lengths up to each row's target. Cells: "
-              "correct / prompts over all depths [Wilson 95% interval]; per depth in the cell files.", ""]
+    lines += [(f"- Retrieval: {', '.join(f'{t} ({n} prompts per depth)' for t, n in trials.items())} at depths "
+               f"{', '.join(f'{d:g}' for d in args.depths or retrieval.depths)}, filler `{retrieval.filler}`, seed "
+               f"{retrieval.seed}, the same prompts for every model; prompt lengths up to each row's target. Cells: "
+               "correct / prompts over all depths [Wilson 95% interval]; per depth in the cell files."), ""]
     for factor in sweep.factors:
         target = round(factor * context)
         lengths = sorted({c["length"] for c in cells if c["kind"] != "ppl" and c["length"] <= target})
@@ -375,8 +376,8 @@ def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, 
                                  if (row, m, L) in by_key else ("-", "-") for m, L in cols))
             lines.append(f"| {row} | " + " | ".join(texts_) + " |")
             seconds.append(f"| {row} | " + " | ".join(secs) + " |")
-        lines += ["", f"Seconds per cell (x{factor:g}; wall clock, and on CPU the process's CPU time, which other "
-                  "jobs on a shared machine do not inflate):", "", *seconds, ""]
+        lines += ["", (f"Seconds per cell (x{factor:g}; wall clock, and on CPU the process's CPU time, which other "
+                       "jobs on a shared machine do not inflate):"), "", *seconds, ""]
     devices = sorted({r["device"] for r in records.values()})
     commands = sorted({(r["command"], r["date"]) for r in records.values()}, key=lambda x: x[1])
     lines += [f"Measured on: {', '.join(devices) or 'nothing yet'}. Commands that measured these cells:", ""]
