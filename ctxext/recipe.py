@@ -136,6 +136,22 @@ class Sweep(_Strict):
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
+class TrainingFreeRow(BaseModel):
+    """A row of a training-free sweep: a method chain patched in memory, or a checkpoint made beforehand (a
+    ``ctxext search`` result, one per factor); neither: the unextended model. Other keys are method parameters."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    method: str | None = Field(None, description="method chain; null: the unextended model (or a checkpoint row)")
+    checkpoint: str | dict[float, str] | None = Field(None, description="an extended checkpoint folder, or "
+                                                      "{factor: folder}; its cells are measured on it as saved")
+
+    @model_validator(mode="after")
+    def _method_or_checkpoint(self):
+        if self.checkpoint is not None and (self.method is not None or self.model_extra):
+            raise ValueError("a checkpoint row takes no method and no method parameters (the checkpoint holds them)")
+        return self
+
+
 class PerplexityPlan(_Strict):
     texts: dict[str, str] = Field(..., min_length=1, description="name: data source (see ctxext.data); each row is "
                                   "scored on the longest documents of each")
@@ -182,7 +198,7 @@ class TrainingFreeSweep(_Strict):
     factors: list[float] = Field(..., min_length=1)
     perplexity: PerplexityPlan
     retrieval: RetrievalPlan
-    methods: dict[str, SweepRow] = Field(..., min_length=1)
+    methods: dict[str, TrainingFreeRow] = Field(..., min_length=1)
 
     @model_validator(mode="after")
     def _per_factor_values_cover_every_factor(self):
@@ -193,19 +209,21 @@ class TrainingFreeSweep(_Strict):
                 self.row(name, factor)
         return self
 
-    def row(self, name: str, factor: float) -> tuple[str | None, dict]:
-        """``(chain, params)`` of row ``name`` at ``factor`` (per-factor values resolved)."""
+    def row(self, name: str, factor: float) -> tuple[str | None, dict, str | None]:
+        """``(chain, params, checkpoint)`` of row ``name`` at ``factor`` (per-factor values resolved)."""
         row = self.methods[name]
-        params = {}
-        for key, value in (row.model_extra or {}).items():
-            if isinstance(value, dict):
-                by_factor = {float(k): v for k, v in value.items()}
-                if float(factor) not in by_factor:
-                    raise ValueError(f"methods.{name}.{key}: no value for factor {factor:g} (given for "
-                                     f"{', '.join(f'{k:g}' for k in by_factor)})")
-                value = by_factor[float(factor)]
-            params[key] = value
-        return row.method, params
+
+        def at_factor(key: str, value):
+            if not isinstance(value, dict):
+                return value
+            by_factor = {float(k): v for k, v in value.items()}
+            if float(factor) not in by_factor:
+                raise ValueError(f"methods.{name}.{key}: no value for factor {factor:g} (given for "
+                                 f"{', '.join(f'{k:g}' for k in by_factor)})")
+            return by_factor[float(factor)]
+
+        params = {key: at_factor(key, value) for key, value in (row.model_extra or {}).items()}
+        return row.method, params, at_factor("checkpoint", row.checkpoint)
 
 
 SWEEP_KINDS = {"finetune": Sweep, "training-free": TrainingFreeSweep}

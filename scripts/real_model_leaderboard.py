@@ -9,8 +9,10 @@
 
 The checkpoint is loaded once; each row of the sweep (a method chain and its parameters) is patched in memory at
 each factor (target = factor x trained context) and removed again (``ctxext.patch.patch_model``), so nothing is
-written but results. Measurements, each a cell (``ctxext.evals.cells``: one JSON file, written atomically when the
-cell is done, reused by later runs while its spec is unchanged, so a run can stop anywhere and go on elsewhere):
+written but results. A row may instead name saved checkpoints, one per factor (``{checkpoint: {2: DIR, 4: DIR}}``:
+a ``ctxext search`` result, say), measured as saved. Measurements, each a cell (``ctxext.evals.cells``: one JSON
+file, written atomically when the cell is done, reused by later runs while its spec is unchanged, so a run can stop
+anywhere and go on elsewhere):
 
 * ``ppl-<text>@L``: one forward over the first L = factor x context tokens of the longest documents of each text;
   the next-token NLL of every position (LM head in chunks: no [L, vocab] logits), summed per position bucket; the
@@ -143,10 +145,13 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
     cells = {}
     for row in sweep.methods:
         for factor in sweep.factors:
-            chain, params = sweep.row(row, factor)
+            chain, params, checkpoint = sweep.row(row, factor)
             target = round(factor * context)
-            model_key = row if chain is None else f"{row}-x{factor:g}"
-            model_spec = {**common, "chain": chain, "params": params, "target": None if chain is None else target}
+            extended = chain is not None or checkpoint is not None
+            model_key = f"{row}-x{factor:g}" if extended else row
+            model_spec = {**common, "chain": chain, "params": params, "target": target if extended else None}
+            if checkpoint is not None:  # the rope it was saved with: a re-searched checkpoint is measured again
+                model_spec |= {"checkpoint": checkpoint, "checkpoint_rope": saved_rope(checkpoint)}
             measures = [(f"ppl-{name}", "ppl", target, {"dtype": dtypes["ppl"], "text": t["source"],
                                                         "text_sha256": t["sha256"],
                                                         "documents": [d["name"] for d in t["documents"]]})
@@ -158,11 +163,21 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
             for measure, kind, length, extra in measures:
                 name = f"{extra['dtype']}/context{context}/{model_key}/{measure}@{length}"
                 cell = cells.setdefault(name, {"name": name, "row": row, "chain": chain, "params": params,
-                                               "target": model_spec["target"], "measure": measure, "kind": kind,
+                                               "checkpoint": checkpoint, "target": model_spec["target"],
+                                               "measure": measure, "kind": kind,
                                                "length": length, "dtype": extra["dtype"], "factors": [],
                                                "spec": {**model_spec, "measure": measure, "length": length, **extra}})
                 cell["factors"].append(factor)
     return list(cells.values()), texts, streams
+
+
+def saved_rope(checkpoint: str) -> dict | None:
+    """The rope parameters in a checkpoint row's config.json (None while the folder is missing)."""
+    path = Path(checkpoint) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return config.get("rope_parameters") or config.get("rope_scaling")
 
 
 # ---------------------------------------------------------------- measuring one cell
@@ -217,16 +232,23 @@ def describe_device(device) -> str:
 
 
 def check_rows(source: str, context: int, groups: dict[tuple, list[dict]]) -> None:
-    """Plan every patch from the config alone, so a bad row fails before the model loads."""
+    """Plan every patch from the config alone and find every checkpoint row's folder, so a bad row fails before
+    the model loads."""
     from transformers import AutoConfig
 
-    from ctxext.errors import MethodError
+    from ctxext.errors import CheckpointError, MethodError
+    from ctxext.hub import check_source
     from ctxext.patch import plan_patch
 
     config = AutoConfig.from_pretrained(source)
     config.max_position_embeddings = context
-    for (_, row, target), group in groups.items():
-        if group[0]["chain"]:
+    for (_, row, target, checkpoint), group in groups.items():
+        if checkpoint is not None:
+            record = getattr(AutoConfig.from_pretrained(check_source(checkpoint)), "ctxext", None) or {}
+            if record.get("original_context", context) != context:
+                raise CheckpointError(f"row {row}: {checkpoint} was extended from context "
+                                      f"{record['original_context']}, not {context}")
+        elif group[0]["chain"]:
             try:
                 plan_patch(config, group[0]["chain"], target_length=target, **group[0]["params"])
             except MethodError as err:
@@ -240,7 +262,7 @@ def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, toke
 
     from ctxext.evals.cells import load_cell, save_cell
     from ctxext.evals.report import pick_device
-    from ctxext.hub import load_model
+    from ctxext.hub import check_source, load_model
     from ctxext.patch import patch_model
 
     todo = [c for c in cells if load_cell(root, c["name"], c["spec"]) is None]
@@ -249,19 +271,22 @@ def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, toke
     if not todo:
         return
     groups: dict[tuple, list[dict]] = {}
-    for c in sorted(todo, key=lambda c: c["dtype"] != "float32"):  # float32 first: the checkpoint's own dtype
-        groups.setdefault((c["dtype"], c["row"], c["target"]), []).append(c)
+    # float32 first (the checkpoint's own dtype), and within a dtype the rows patched in memory before the saved ones
+    for c in sorted(todo, key=lambda c: (c["dtype"] != "float32", c["checkpoint"] is not None)):
+        groups.setdefault((c["dtype"], c["row"], c["target"], c["checkpoint"]), []).append(c)
     check_rows(source, context, groups)
     device = pick_device(args.device)
     batch_size = args.batch_size or (8 if device.type == "cuda" else 1)
     where = describe_device(device)
     bucket = max(1, context // sweep.perplexity.buckets_per_context)
-    model = None
-    for (dtype, row, target), group in groups.items():
-        if model is None or model.dtype != getattr(torch, dtype):
+    model, loaded = None, None
+    for (dtype, row, target, checkpoint), group in groups.items():
+        if loaded != (dtype, checkpoint):
             del model  # one model in memory: a fresh load per dtype (a cast would round the rotary buffers too)
-            model = load_model(source, dtype=dtype).to(device)
-            model.config.max_position_embeddings = context  # the checkpoint's, unless --context pretends
+            model = load_model(check_source(checkpoint or source), dtype=dtype).to(device)
+            if checkpoint is None:
+                model.config.max_position_embeddings = context  # the checkpoint's, unless --context pretends
+            loaded = (dtype, checkpoint)
         chain, params = group[0]["chain"], group[0]["params"]
         patched = patch_model(model, chain, target_length=target, **params) if chain else contextlib.nullcontext()
         with patched:
@@ -318,14 +343,14 @@ def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, 
               for kind in ("perplexity", "retrieval")}
     pretend = "" if context == checkpoint_context else f" (pretended: the checkpoint's is {checkpoint_context:,})"
     done = [c for c in cells if c["name"] in records]
-    lines = [f"# Training-free leaderboard: {args.model or sweep.model} past its trained context", "",
-             f"Config: `{args.config}`. Model `{args.model or sweep.model}`, trained context {context:,}{pretend}; "
-             f"each method patched in memory at factors {', '.join(f'x{f:g}' for f in sweep.factors)} "
-             f"(target = factor x context), no fine-tuning; model dtype {dtypes['perplexity']} for perplexity, "
-             f"{dtypes['retrieval'] or 'none'} for retrieval. "
+    intro = (f"Config: `{args.config}`. Model `{args.model or sweep.model}`, trained context {context:,}{pretend}; "
+             f"each method patched in memory (or loaded, for checkpoint rows) at factors "
+             f"{', '.join(f'x{f:g}' for f in sweep.factors)} (target = factor x context), no fine-tuning; model dtype "
+             f"{dtypes['perplexity']} for perplexity, {dtypes['retrieval'] or 'none'} for retrieval. "
              f"{len(done)} of {len(cells)} cells measured (page written {time.strftime('%Y-%m-%d')}); "
              f"\"{NOT_MEASURED}\" marks the others; `python scripts/real_model_leaderboard.py --config {args.config}` "
-             "measures them (add `--device cuda` on a GPU) and rewrites this page.", ""]
+             "measures them (add `--device cuda` on a GPU) and rewrites this page.")
+    lines = [f"# Training-free leaderboard: {args.model or sweep.model} past its trained context", "", intro, ""]
     for name, t in texts.items():
         docs = ", ".join(f"`{d['name']}` ({d['tokens']:,} tokens in all)" for d in t["documents"])
         lines.append(f"- Perplexity text `{name}`: `{t['source']}`, the first factor x context tokens of {docs} "
@@ -333,10 +358,10 @@ def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, 
                      f"trained context / at and beyond it, one forward over the whole input.")
     retrieval = sweep.retrieval
     trials = {task: args.trials or n for task, n in retrieval.trials.items()}
-    lines += [f"- Retrieval: {', '.join(f'{t} ({n} prompts per depth)' for t, n in trials.items())} at depths "
-              f"{', '.join(f'{d:g}' for d in args.depths or retrieval.depths)}, filler `{retrieval.filler}`, seed "
-              f"{retrieval.seed}, the same prompts for every model; prompt lengths up to each row's target. Cells: "
-              "correct / prompts over all depths [Wilson 95% interval]; per depth in the cell files.", ""]
+    lines += [(f"- Retrieval: {', '.join(f'{t} ({n} prompts per depth)' for t, n in trials.items())} at depths "
+               f"{', '.join(f'{d:g}' for d in args.depths or retrieval.depths)}, filler `{retrieval.filler}`, seed "
+               f"{retrieval.seed}, the same prompts for every model; prompt lengths up to each row's target. Cells: "
+               "correct / prompts over all depths [Wilson 95% interval]; per depth in the cell files."), ""]
     for factor in sweep.factors:
         target = round(factor * context)
         lengths = sorted({c["length"] for c in cells if c["kind"] != "ppl" and c["length"] <= target})
@@ -351,8 +376,8 @@ def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, 
                                  if (row, m, L) in by_key else ("-", "-") for m, L in cols))
             lines.append(f"| {row} | " + " | ".join(texts_) + " |")
             seconds.append(f"| {row} | " + " | ".join(secs) + " |")
-        lines += ["", f"Seconds per cell (x{factor:g}; wall clock, and on CPU the process's CPU time, which other "
-                  "jobs on a shared machine do not inflate):", "", *seconds, ""]
+        lines += ["", (f"Seconds per cell (x{factor:g}; wall clock, and on CPU the process's CPU time, which other "
+                       "jobs on a shared machine do not inflate):"), "", *seconds, ""]
     devices = sorted({r["device"] for r in records.values()})
     commands = sorted({(r["command"], r["date"]) for r in records.values()}, key=lambda x: x[1])
     lines += [f"Measured on: {', '.join(devices) or 'nothing yet'}. Commands that measured these cells:", ""]

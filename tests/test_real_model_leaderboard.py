@@ -148,6 +148,13 @@ def test_bad_rows_and_flags_exit_2_before_anything_is_measured(script, tmp_path,
     with pytest.raises(SystemExit) as exit_:
         run(script, tmp_path, "--context", "4096")
     assert exit_.value.code == 2 and "beyond the checkpoint's trained context 256" in capsys.readouterr().err
+    write_sweep(tmp_path, lengths="[256]", extra="  gone: {checkpoint: /nonexistent/longrope}\n")
+    assert run(script, tmp_path, "--methods", "gone") == 2
+    assert "/nonexistent/longrope" in capsys.readouterr().err and not (tmp_path / "cells").exists()
+    write_sweep(tmp_path, lengths="[256]", extra="  both: {method: yarn, checkpoint: /somewhere}\n")
+    assert run(script, tmp_path, "--methods", "both") == 2
+    assert "a checkpoint row takes no method" in capsys.readouterr().err
+    write_sweep(tmp_path, lengths="[256]", extra="  selfextend: {method: selfextend, window: 512, group_size: 4}\n")
     assert run(script, tmp_path, "--methods", "baseline", "--stop-after", "0") == 0
     assert "--stop-after 0 s reached" in capsys.readouterr().out and not list((tmp_path / "cells").rglob("*.json"))
     assert "0 of 8 cells measured" in (tmp_path / "out" / "REAL_MODEL.md").read_text()
@@ -175,10 +182,25 @@ def test_the_shipped_sweep_plans_every_row_at_every_factor():
                          rope_theta=100000.0)
     for factor in sweep.factors:
         for name in sweep.methods:
-            chain, params = sweep.row(name, factor)
+            chain, params, checkpoint = sweep.row(name, factor)
+            assert checkpoint is None  # checkpoint rows (a later longrope search) are commented out until they exist
             if chain:
                 plan = plan_patch(config, chain, target_length=round(factor * 8192), **params)
                 assert plan.record["context"] >= factor * 8192, name
+
+
+def test_a_checkpoint_row_measures_the_saved_model_like_the_same_patch_in_memory(script, tmp_path):
+    """The slot for methods that need more than a config (a ctxext search result): {checkpoint: {factor: folder}}."""
+    from ctxext.hub import patch_checkpoint
+    from ctxext.reference import resolve_model
+
+    saved = patch_checkpoint(resolve_model("reference"), tmp_path / "yarn2", "yarn", factor=2)
+    write_sweep(tmp_path, lengths="[256]", extra=f"  saved: {{checkpoint: {{2: {saved}}}}}\n")
+    assert run(script, tmp_path, "--methods", "yarn,saved", "--measure", "ppl") == 0
+    root = tmp_path / "cells" / "float32" / "context256"
+    in_memory, from_disk = (json.loads((root / m / "ppl-code@512.json").read_text()) for m in ("yarn-x2", "saved-x2"))
+    assert from_disk["spec"]["checkpoint_rope"]["rope_type"] == "yarn"
+    assert from_disk["result"]["all"]["nll_sum"] == pytest.approx(in_memory["result"]["all"]["nll_sum"], rel=1e-5)
 
 
 @pytest.mark.slow
