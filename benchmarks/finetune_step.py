@@ -9,19 +9,19 @@ LoRA r=16 on q/k/v/o, SDPA, gradient checkpointing on in both. Baseline = what a
 cross-entropy 1,024 tokens at a time, gradients computed in the forward pass: ``ctxext.loss``). Every (implementation, length) runs in its own process; each process times
 one step (after a warm-up step on GPU). Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size
 (ru_maxrss) minus the resident size after the model is built, i.e. what the step itself needs, with glibc's mmap
-threshold fixed (see WORKER_ENV) so that the resident set follows live tensors.
+threshold fixed (``ctxext.memory.MALLOC_ENV``) so that the resident set follows live tensors.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ctxext.memory import MALLOC_ENV, peak_rss_bytes, rss_bytes
 
 SHAPES = {
     "smollm-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -35,15 +35,8 @@ SHAPES = {
 }
 
 
-# glibc's default mmap threshold grows when large blocks are freed, after which freed tensors stay in the heap and
-# the resident set keeps growing (measured: 861 MB "peak" for a step whose live tensors peak near 136 MB). A fixed
-# threshold returns freed tensors to the OS, so the peak RSS tracks live memory, for both implementations alike.
-WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
 def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    return rss_bytes() / 2**20
 
 
 def worker(impl: str, seq_len: int, shape: str, checkpointing: bool = True) -> dict:
@@ -91,7 +84,7 @@ def worker(impl: str, seq_len: int, shape: str, checkpointing: bool = True) -> d
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+        peak = peak_rss_bytes() / 2**20 - base_rss
     return {"impl": impl, "seq_len": seq_len, "device": device.type, "peak_mb": round(peak, 1),
             "tokens_per_s": round(seq_len / seconds, 1), "step_seconds": round(seconds, 2), "loss": loss}
 
@@ -111,7 +104,7 @@ def main() -> int:
     for seq_len in [int(x) for x in args.lengths.split(",")]:
         for impl in ("baseline", "ctxext"):
             proc = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--worker", impl, str(seq_len)],
-                                  capture_output=True, text=True, env=WORKER_ENV)
+                                  capture_output=True, text=True, env=MALLOC_ENV)
             if proc.returncode != 0:
                 rows.append({"impl": impl, "seq_len": seq_len, "error": proc.stderr.strip().splitlines()[-1]})
             else:

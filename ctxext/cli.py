@@ -7,6 +7,8 @@
     ctxext eval ppl reference out/yarn8 --lengths 256,512,1024,2048
     ctxext eval passkey out/yarn8 --lengths 512,1024,2048 --trials 10
     ctxext analyze freq reference --compare out/prope
+    ctxext search reference out/longrope8 --target-length 2048 --budget 160
+    ctxext plan configs/llama3.2-1b-128k-cp.yaml --shape llama3-1b --gpu-memory 80
     ctxext demo
 """
 
@@ -16,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 
 
@@ -201,8 +204,9 @@ def cmd_analyze_freq(args) -> int:
     return 0
 
 
-def _add_eval_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default="ctxext-eval", help="folder for JSON results and PNG plots")
+def _add_eval_common(p: argparse.ArgumentParser, output: bool = True) -> None:
+    if output:
+        p.add_argument("--output", default="ctxext-eval", help="folder for JSON results and PNG plots")
     p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet rows holding the text")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -223,6 +227,32 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .config import load_config
+    from .memory import GiB, plan
+
+    cfg = load_config(args.config, args.overrides)
+    res = plan(cfg, shape=args.shape, devices=args.devices, cp_size=args.cp, device_gib=args.gpu_memory)
+    if args.json:
+        print(json.dumps({**res, "shape": dataclasses.asdict(res["shape"])}, indent=2))
+        return 0
+    layout = f"{res['devices']} device(s)" + (", FSDP2" if res["sharding"] == "fsdp" else "") + (
+        f", context parallel {res['cp_size']}" if res["cp_size"] > 1 else "")
+    print(f"{res['model']}: {res['params'] / 1e9:.2f}B parameters ({res['dtype']}), {res['tuning']} "
+          f"({res['trainable'] / 1e6:,.1f}M trainable), {layout}")
+    fits = res["device_gib"] is not None
+    print(f"{'seq_len':>8} {'peak GiB/device':>16} {'at':>16}" + (f" {'fits ' + str(res['device_gib']) + ' GiB':>14}" if fits else ""))
+    for st in res["stages"]:
+        print(f"{st['seq_len']:>8} {st['peak_bytes'] / GiB:>16.2f} {st['phase']:>16}"
+              + (f" {'yes' if st['fits'] else 'NO':>14}" if fits else ""))
+    last = max(res["stages"], key=lambda st: st["peak_bytes"])
+    print(f"largest stage (seq_len {last['seq_len']}), {last['phase']}:")
+    for name, value in last["parts"].items():
+        print(f"  {name:<34} {value / GiB:>8.2f} GiB")
+    print("not counted: the CUDA context and workspaces (~0.5-1 GiB), fragmentation; 'fits' keeps 10% free")
+    return 0 if not fits or all(st["fits"] for st in res["stages"]) else 1
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -232,6 +262,47 @@ def cmd_demo(args) -> int:
     print(f"\n{summary['headline']}")
     print(f"report: {summary['report']} ({summary['minutes']:.1f} min)")
     return 0
+
+
+def cmd_search(args) -> int:
+    from .longrope import search_checkpoint
+
+    res = search_checkpoint(
+        args.src, args.out, target_length=args.target_length, data=args.data, budget=args.budget, seed=args.seed,
+        population=args.population, window=args.window, windows=args.windows, attention_factor=args.attention_factor,
+        resume=args.resume, force=args.force, text_field=args.text_field, device=args.device, dtype=args.dtype,
+    )
+    cal = res["calibration"]
+    print(f"calibration perplexity at {args.target_length} ({cal['windows']} x {cal['window']} tokens of "
+          f"{cal['data']}{', PoSE proxy' if cal['proxy'] else ''}):")
+    for origin, fitness in res["seeds"].items():
+        if fitness is not None:
+            print(f"  seed {origin:<28} {math.exp(fitness):>10.3f}")
+    best = res["best"]
+    print(f"  searched ({res['generations']} generations)  {best['perplexity']:>10.3f}  attention factor "
+          f"{best['attention_factor']:.3f}")
+    print(f"wrote {args.out} (rope_type longrope; loads with stock transformers); curve: {args.out}/search.json, "
+          f"{args.out}/search.png")
+    return 0
+
+
+SEARCH_HELP = (
+    "Search per-pair RoPE rescale factors and the attention factor (LongRoPE, Ding et al. 2024) that minimise "
+    "perplexity at --target-length on calibration text, by evolution: the first population from PI / NTK / YaRN "
+    "factor shapes plus mutations, then per generation the best half as parents, mutations and crossovers. Factors "
+    "are non-decreasing from high to low frequency, >= 1 and <= 1.25 x the extension. OUT is a checkpoint with the "
+    "native rope_type longrope (short_factor all ones: inputs within the trained context keep the original "
+    "frequencies; long_factor: the searched factors), search.json and search.png. The state is saved after every "
+    "generation in OUT.search-state.json; --resume continues it to the same result.\n\n"
+    "Cost and proxy: every evaluation runs --windows forwards of --window tokens. By default the window is the "
+    "target length (exact: 2048 tokens on the reference model take ~0.7 s on one CPU thread). Where a forward at "
+    "the target costs minutes (SmolLM2 at 16k on a CPU), give a shorter --window: a cheap proxy with PoSE-style "
+    "windows (Zhu et al. 2023) whose second half jumps ahead in position, so each window spans the target length's "
+    "rotation angles for the cost of --window tokens; attention then spreads over --window tokens only, so the "
+    "attention factor is not searched but fixed at LongRoPE's sqrt(1 + ln s / ln L) (or --attention-factor). "
+    "Measured on the reference model x8, the proxy's factors did not beat YaRN on held-out text while the exact "
+    "search's did (docs/LONGROPE.md): check proxy-searched factors at the target with `ctxext eval ppl`."
+)
 
 
 # --- GGUF in and out (ctxext/gguf) ---------------------------------------------------------------------------
@@ -379,6 +450,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_common(p)
     p.set_defaults(func=cmd_analyze_freq)
 
+    p = sub.add_parser("search", help="search LongRoPE rescale factors for a target length (no training) and save "
+                       "them as native longrope", description=SEARCH_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="checkpoint folder with plain RoPE, 'reference', or a GGUF source such as smollm2")
+    p.add_argument("out", help="output folder (must not exist unless --force)")
+    p.add_argument("--target-length", type=int, required=True, help="the context to search for (> the trained one)")
+    p.add_argument("--data", default="stdlib:train", help="calibration text: stdlib:train (default; disjoint from "
+                   "the default evaluation text stdlib:held_out), package:NAME, a file/folder "
+                   "(.txt/.py/.md/.jsonl/.parquet) or a hub dataset")
+    p.add_argument("--budget", type=int, default=160, help="perplexity evaluations in all (default 160); the first "
+                   "generation takes --population of them, each later one --population / 2")
+    p.add_argument("--population", type=int, default=16, help="population size (default 16; LongRoPE: 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, help="calibration window tokens (default: the target length; shorter: "
+                   "the PoSE proxy, see above)")
+    p.add_argument("--windows", type=int, default=4, help="calibration windows per evaluation (default 4)")
+    p.add_argument("--attention-factor", type=float, help="fix the attention factor instead of searching it")
+    p.add_argument("--resume", action="store_true", help="continue the search saved in OUT.search-state.json")
+    p.add_argument("--force", action="store_true", help="replace OUT and start over from scratch")
+    _add_eval_common(p, output=False)
+    p.set_defaults(func=cmd_search)
+
     p = sub.add_parser(
         "finetune", help="progressive-length LoRA fine-tuning from a YAML config (accelerate; resumable)",
         description="Fine-tune a patched model stage by stage at growing sequence lengths. Runs with python on one "
@@ -389,6 +482,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="run folder (default: output_dir of the config)")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "plan", help="predicted peak memory per device of a fine-tuning config, per stage (does it fit?)",
+        description="Predict the peak memory per device of every stage of a fine-tuning config before launching "
+        "it: weights, gradients, AdamW states, activations under checkpointing, the chunked loss, FSDP2 sharding "
+        "and context parallel (docs/SCALING.md has the formulas and their check). Reads only the model's "
+        "config.json (or --shape). Exit code 1 when --gpu-memory is given and a stage does not fit.")
+    p.add_argument("config", help="YAML fine-tuning config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distributed.sharding=fsdp tuning=full")
+    p.add_argument("--devices", type=int, help="processes / GPUs (default: distributed.num_processes, else 1)")
+    p.add_argument("--cp", type=int, help="context-parallel size (default: distributed.cp_size); implies FSDP2")
+    p.add_argument("--shape", help="a built-in model shape instead of reading config.json: llama3-1b, llama3-8b, "
+                   "llama3-70b")
+    p.add_argument("--gpu-memory", type=float, help="memory per device in GiB: say whether each stage fits")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(
         "demo",

@@ -159,6 +159,29 @@ class LoggingSection(_Strict):
     save_every: int = Field(50, gt=0, description="training checkpoint every N steps")
 
 
+class DistributedSection(_Strict):
+    """How several processes share the work (docs/SCALING.md). The launcher starts the processes
+    (``accelerate launch`` / ``torchrun``); this section says what they do."""
+
+    sharding: Literal["none", "fsdp"] = Field("none", description="none: every process holds the whole model (DDP "
+                                              "with several processes); fsdp: FSDP2 shards weights, gradients and "
+                                              "optimizer states over the processes")
+    cp_size: int = Field(1, ge=1, description="context parallel: split every sequence over this many GPUs (needs "
+                         "sharding: fsdp and SDPA; accelerate's ParallelismConfig(cp_size=...))")
+    num_processes: int | None = Field(None, gt=0, description="processes (one per device) the run is planned for; "
+                                      "checked at launch and used by `ctxext plan` (None: whatever is launched)")
+
+    @model_validator(mode="after")
+    def _cp_needs_fsdp(self):
+        if self.cp_size > 1 and self.sharding != "fsdp":
+            raise ValueError(f"cp_size={self.cp_size} needs sharding: fsdp (accelerate runs context parallel only "
+                             "on FSDP2); set distributed.sharding: fsdp, or cp_size: 1")
+        if self.num_processes is not None and self.num_processes % self.cp_size:
+            raise ValueError(f"num_processes={self.num_processes} is not a multiple of cp_size={self.cp_size}: every "
+                             "sequence goes to a group of cp_size processes")
+        return self
+
+
 class FinetuneConfig(_Strict):
     model: ModelSection = ModelSection()
     patch: PatchSection
@@ -169,6 +192,7 @@ class FinetuneConfig(_Strict):
     data: DataSection = DataSection()
     optimization: OptimizationSection = OptimizationSection()
     logging: LoggingSection = LoggingSection()
+    distributed: DistributedSection = DistributedSection()
     seed: int = 0
     output_dir: str = "runs/finetune"
 
@@ -182,6 +206,17 @@ class FinetuneConfig(_Strict):
                 what = "window" if s.window else "seq_len"
                 raise ValueError(f"stages.{i}.{what}={s.block_len} exceeds optimization.tokens_per_step="
                                  f"{self.optimization.tokens_per_step}; raise tokens_per_step")
+        cp = self.distributed.cp_size
+        if cp > 1:
+            if self.model.attn_implementation != "sdpa":
+                raise ValueError(f"distributed.cp_size={cp} needs model.attn_implementation: sdpa (context parallel "
+                                 f"replaces SDPA), not {self.model.attn_implementation!r}")
+            for i, s in enumerate(self.stages):
+                if s.block_len % (2 * cp):
+                    what = "window" if s.window else "seq_len"
+                    raise ValueError(f"stages.{i}.{what}={s.block_len} is not divisible by 2 x distributed.cp_size = "
+                                     f"{2 * cp}: context parallel cuts every sequence into 2 x cp_size equal chunks "
+                                     "(two per process, for causal load balance)")
         return self
 
     def stage_steps(self, index: int) -> int:

@@ -1,12 +1,15 @@
 """Text every machine has: the running Python's standard-library source, split by file into train / held-out.
 
 The split is a pure function of each file's path relative to the stdlib root (a SHA-256 bucket), so it is the
-same on every machine and run: ``held_out`` files never appear in ``train``.
+same on every machine and run: ``held_out`` files never appear in ``train``. The files themselves differ between
+Python versions; ``$CTXEXT_STDLIB_ROOT`` names another copy of a standard library (e.g. the held-out files of the
+Python a measurement was made with, copied to a machine with another Python) to read instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from pathlib import Path
 
@@ -14,7 +17,8 @@ HELD_OUT_PERCENT = 10
 
 
 def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
+    """``$CTXEXT_STDLIB_ROOT`` if set, else the running Python's standard library."""
+    return Path(os.environ.get("CTXEXT_STDLIB_ROOT") or sysconfig.get_paths()["stdlib"])
 
 
 def split_of(relative_path: str) -> str:

@@ -11,8 +11,10 @@ A SOURCE is one of
   * otherwise a hub dataset name for ``datasets.load_dataset`` (needs a network connection).
 
 Fine-tuning tokenizes a source once (``datasets`` map, batched, on disk) into a flat token file of uint32 ids
-(documents joined with EOS) that is memory-mapped, so corpora larger than RAM work; ``PackedBlocks`` cuts it into
-blocks of a stage's length in a seeded order that a resumed run reproduces.
+(documents joined with EOS) that is memory-mapped, so corpora larger than RAM work, plus the offsets where its
+documents start. ``stage_blocks`` cuts it into blocks of a stage's length that never cut a document short enough to
+fit one (a passkey document keeps its key and its question together), read in a seeded order that a resumed run
+reproduces.
 """
 
 from __future__ import annotations
@@ -174,11 +176,12 @@ def _text_dataset(source: str, text_field: str, max_documents: int | None):
 
 def write_token_file(tokenizer, source: str, path: str | Path, *, text_field: str = "text",
                      max_documents: int | None = None, progress: bool = True) -> Path:
-    """Tokenize ``source`` once into ``path`` (uint32 ids, documents joined with EOS) plus ``path.json`` (counts).
+    """Tokenize ``source`` once into ``path`` (uint32 ids, documents joined with EOS), ``path.starts`` (uint64
+    offsets where the documents start) and ``path.json`` (counts).
 
-    Written atomically: an interrupted run leaves no half file, and an existing file is reused as it is."""
+    Written atomically: an interrupted run leaves no half file, and existing files are reused as they are."""
     path = Path(path)
-    if path.is_file() and path.with_suffix(".json").is_file():
+    if all(p.is_file() for p in (path, _starts_path(path), path.with_suffix(".json"))):
         return path
     dataset = _text_dataset(source, text_field, max_documents)
     if len(dataset) == 0:
@@ -189,18 +192,25 @@ def write_token_file(tokenizer, source: str, path: str | Path, *, text_field: st
     ids = dataset.map(lambda batch: {"ids": tokenize_documents(tokenizer, batch["text"])}, batched=True,
                       remove_columns=dataset.column_names, desc="tokenizing", keep_in_memory=len(dataset) < 100_000)
     counts = {"documents": len(ids), "tokens": 0}
+    starts: list[int] = []
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:
             for batch in ids.iter(batch_size=1000):
-                joined = [t for doc in batch["ids"] for t in (*doc, eos)]
-                np.asarray(joined, dtype=TOKEN_DTYPE).tofile(f)
-                counts["tokens"] += len(joined)
+                for doc in batch["ids"]:
+                    starts.append(counts["tokens"])
+                    counts["tokens"] += len(doc) + 1
+                np.asarray([t for doc in batch["ids"] for t in (*doc, eos)], dtype=TOKEN_DTYPE).tofile(f)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, write)
+    atomic_write(_starts_path(path), lambda tmp: np.asarray(starts, dtype=np.uint64).tofile(tmp))
     atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps({"source": source, **counts})))
     return path
+
+
+def _starts_path(path: Path) -> Path:
+    return path.with_suffix(".starts")
 
 
 def open_token_file(path: str | Path) -> np.ndarray:
@@ -209,6 +219,43 @@ def open_token_file(path: str | Path) -> np.ndarray:
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=TOKEN_DTYPE)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def document_starts(path: str | Path) -> np.ndarray:
+    """Where the documents of the token file ``path`` start (token offsets, increasing, the first 0)."""
+    return np.fromfile(_starts_path(Path(path)), dtype=np.uint64).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A stage's training blocks: the windows ``tokens[s : s + length]`` for ``s`` in ``starts``."""
+
+    tokens: np.ndarray
+    starts: np.ndarray
+    length: int
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def stage_blocks(tokens: np.ndarray, doc_starts: np.ndarray, length: int) -> Blocks:
+    """Consecutive blocks of ``length`` tokens, except that a document which a block's end would cut and which fits
+    in one block starts the next block instead, so it is trained on whole.
+
+    A block is then read again from that document's start: its head appears twice (at the end of one block and
+    the start of the next) while nothing is lost. Documents longer than a block are cut as in plain packing.
+    """
+    starts, total = [], len(tokens)
+    doc_starts = doc_starts[doc_starts < total]
+    doc_ends = np.append(doc_starts[1:], total)
+    s = 0
+    while s + length <= total:
+        starts.append(s)
+        end = s + length
+        i = int(np.searchsorted(doc_starts, end, side="left")) - 1  # the document that holds token end - 1
+        cut = i >= 0 and doc_ends[i] > end and doc_starts[i] > s and doc_ends[i] - doc_starts[i] <= length
+        s = int(doc_starts[i]) if cut else end
+    return Blocks(tokens, np.asarray(starts, dtype=np.int64), length)
 
 
 @dataclass
@@ -224,19 +271,18 @@ def block_order(n_blocks: int, seed: int, stage: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, stage, epoch]).permutation(n_blocks)
 
 
-def next_blocks(stream: np.ndarray, seq_len: int, count: int, where: Cursor, seed: int) -> torch.Tensor:
-    """The next ``count`` packed blocks ``[count, seq_len]`` (int64) of the stage; advances ``where`` (wraps into
-    a new epoch with a new order)."""
-    n_blocks = len(stream) // seq_len
+def next_blocks(blocks: Blocks, count: int, where: Cursor, seed: int) -> torch.Tensor:
+    """The next ``count`` blocks ``[count, blocks.length]`` (int64) of the stage; advances ``where`` (wraps into a
+    new epoch with a new order)."""
     rows: list[np.ndarray] = []
     order = None
     for _ in range(count):
-        if where.cursor >= n_blocks:
+        if where.cursor >= len(blocks):
             where.cursor, where.epoch, order = 0, where.epoch + 1, None
         if order is None:
-            order = block_order(n_blocks, seed, where.stage, where.epoch)
-        b = int(order[where.cursor])
-        rows.append(np.asarray(stream[b * seq_len : (b + 1) * seq_len], dtype=np.int64))
+            order = block_order(len(blocks), seed, where.stage, where.epoch)
+        s = int(blocks.starts[order[where.cursor]])
+        rows.append(np.asarray(blocks.tokens[s : s + blocks.length], dtype=np.int64))
         where.cursor += 1
     return torch.from_numpy(np.stack(rows))
 

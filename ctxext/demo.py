@@ -27,13 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def build_finetune_data(tokenizer, path: Path, lengths: list[int], n_passkey: int, train_docs: int | None,
-                        seed: int = 0, edge_depth_share: float = 0.2, task_documents: dict[str, int] | None = None,
-                        code: bool = True) -> Path:
+                        seed: int = 0, edge_depth_share: float = 0.2, full_length_share: float = 0.0,
+                        task_documents: dict[str, int] | None = None, code: bool = True) -> Path:
     """stdlib train files (``code``) plus retrieval documents up to the fine-tuning lengths, as JSONL (a document a
     row).
 
-    Passkey documents are 1/4 to 1 of a stage length long; ``edge_depth_share`` of them put the key exactly at the
-    start or the end (the depths 0 and 1 that evaluation asks for and a uniform depth almost never gives).
+    Passkey documents are 1/4 to 1 of a stage length long, or (``full_length_share`` of them) a whole stage block,
+    so that keys as far back as evaluation asks for are trained on (fine-tuning never cuts a document that fits a
+    block: ``data.stage_blocks``); ``edge_depth_share`` of them put the key exactly at the start or the end (the
+    depths 0 and 1 that evaluation asks for and a uniform depth almost never gives).
     ``task_documents`` adds RULER-style task documents (``ctxext.evals.retrieval``) with their own seed; the filler
     is stdlib *train* code, so no training document repeats an evaluation prompt (held-out filler)."""
     from .corpus import read_texts, stdlib_files
@@ -49,8 +51,8 @@ def build_finetune_data(tokenizer, path: Path, lengths: list[int], n_passkey: in
     for _ in range(n_passkey):
         length = rng.choice(lengths)
         start = rng.randrange(0, len(filler) - 2 * length)
-        doc = passkey.training_document(tokenizer, filler[start : start + 2 * length], rng, rng.randint(length // 4, length - 16),
-                                       edge_depth_share)
+        size = length - 16 if rng.random() < full_length_share else rng.randint(length // 4, length - 16)
+        doc = passkey.training_document(tokenizer, filler[start : start + 2 * length], rng, size, edge_depth_share)
         rows.append({"text": tokenizer.decode(doc)})
     task_rng = random.Random(f"training-tasks-{seed}")  # never the evaluation seeds (f"{task}-{seed}")
     for task, count in (task_documents or {}).items():

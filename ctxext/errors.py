@@ -42,6 +42,11 @@ class TrainingError(CtxextError, RuntimeError):
         self.exit_code = exit_code
 
 
+class SearchError(CtxextError, ValueError):
+    """A factor search that cannot run: a target length, budget or population out of range, a checkpoint without
+    plain RoPE, or a state file that belongs to another search."""
+
+
 class OutputError(CtxextError, RuntimeError):
     """An output that cannot be written now (another run is writing it, the disk is full); the message says what
     is kept and what to do."""

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -127,8 +127,9 @@ def load_model(src: str, *, dtype: str = "auto", allow_pickle: bool = False):
 
 
 def save_checkpoint(model, out: str | os.PathLike, *, source: str | None = None, tokenizer=None,
-                    force: bool = False) -> Path:
-    """Write ``model`` as a complete safetensors checkpoint atomically, with ``tokenizer`` or SRC's tokenizer files."""
+                    force: bool = False, extra: Callable[[Path], object] | None = None) -> Path:
+    """Write ``model`` as a complete safetensors checkpoint atomically, with ``tokenizer`` or SRC's tokenizer files;
+    ``extra(folder)`` writes more files into it before it appears under its final name."""
     out = check_output(out, force)
     with atomic_folder(out, replace=force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -140,6 +141,8 @@ def save_checkpoint(model, out: str | os.PathLike, *, source: str | None = None,
             for f in Path(source).iterdir():
                 if TOKENIZER_FILES.match(f.name) and f.is_file():
                     shutil.copy2(f, tmp / f.name)
+        if extra is not None:
+            extra(tmp)
     return out
 
 

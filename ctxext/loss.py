@@ -11,6 +11,35 @@ from __future__ import annotations
 import torch
 
 
+def _chunk_loss(h, weight, t, softcap: float | None, grad_hidden, grad_weight) -> torch.Tensor:
+    """Summed NLL of one chunk; writes its gradients into ``grad_hidden`` (a view of the chunk's rows) and adds
+    them to ``grad_weight``. Its [chunk, vocab] buffers die when it returns, before the next chunk's exist."""
+    logits = (h @ weight.T).float()
+    if softcap:
+        tanh = logits.div_(softcap).tanh_()
+        logits = tanh * softcap
+    valid = t != -100
+    safe = t.clamp(min=0)
+    # log-softmax and its gradient in place: one [chunk, vocab] buffer and one exp pass (torch.logsumexp would
+    # add two temporaries of that size, and the softmax a second exp)
+    logits.sub_(logits.amax(dim=-1, keepdim=True))
+    target_logit = logits.gather(1, safe[:, None]).squeeze(1)
+    sum_exp = logits.exp_().sum(dim=-1)
+    nll = ((sum_exp.log() - target_logit) * valid).sum()
+    if grad_hidden is None and grad_weight is None:
+        return nll
+    grad = logits.div_(sum_exp[:, None])  # softmax; d loss / d logits = softmax - onehot
+    grad[torch.arange(len(t), device=t.device), safe] -= 1.0
+    grad *= valid[:, None]
+    if softcap:
+        grad *= tanh.square_().neg_().add_(1)  # d softcap*tanh(x/softcap) / dx, in place
+    if grad_hidden is not None:
+        grad_hidden.copy_(grad.to(weight.dtype) @ weight)
+    if grad_weight is not None:
+        grad_weight.addmm_(grad.T, h.float())
+    return nll
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, softcap: float | None):
@@ -19,26 +48,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk):
-            h, t = hidden[s : s + chunk], targets[s : s + chunk]
-            logits = (h @ weight.T).float()
-            if softcap:
-                tanh = torch.tanh(logits / softcap)
-                logits = softcap * tanh
-            valid = t != -100
-            safe = t.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d loss / d logits = softmax - onehot
-            grad[torch.arange(len(t), device=t.device), safe] -= 1.0
-            grad *= valid[:, None]
-            if softcap:
-                grad *= 1 - tanh**2
-            if grad_hidden is not None:
-                grad_hidden[s : s + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += grad.T @ h.float()
+            rows = slice(s, s + chunk)
+            total += _chunk_loss(hidden[rows], weight, targets[rows], softcap,
+                                 grad_hidden[rows] if grad_hidden is not None else None, grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -69,7 +81,17 @@ class ChunkedLMLoss(torch.nn.Module):
         super().__init__()
         self.model, self.chunk = model, chunk
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The decoder layer classes: accelerate's FSDP2 wraps these one by one."""
+        from .models import causal_lm
+
+        return list(causal_lm(self.model)._no_split_modules or [])
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels``: targets already shifted (``labels[:, i]`` is the token after ``input_ids[:, i]``, -100 to
+        ignore), for a block split along the sequence (context parallel); default: the block's next tokens."""
         from torch.nn import functional as F
         from torch.utils.checkpoint import checkpoint
 
@@ -79,8 +101,11 @@ class ChunkedLMLoss(torch.nn.Module):
         # documents and masks each chunk off from the others: an all-ones mask keeps it one causal sequence
         mask = torch.ones_like(input_ids) if position_ids is not None else None
         hidden = decoder_body(self.model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                          use_cache=False).last_hidden_state[:, :-1]
-        targets = input_ids[:, 1:]
+                                          use_cache=False).last_hidden_state
+        if labels is None:
+            hidden, targets = hidden[:, :-1], input_ids[:, 1:]
+        else:
+            targets = labels
         head = lm_head(self.model)
         softcap = logit_softcap(causal_lm(self.model).config)
         if type(head) is torch.nn.Linear and head.bias is None:

@@ -77,20 +77,27 @@ def _is_plain(params: dict[str, Any]) -> bool:
     return params.get("rope_type", "default") == "default" and params.get("partial_rotary_factor", 1.0) == 1.0
 
 
-def universal_form(source: dict[str, Any], result: RopeState, ctx: RopeContext) -> dict[str, Any]:
-    """``longrope`` with equal short/long factors: exact for any static per-pair frequency change."""
+def universal_form(source: dict[str, Any], result: RopeState, ctx: RopeContext, *, short: RopeState | None = None,
+                   factor: float = 1.0) -> dict[str, Any]:
+    """``longrope`` with equal short/long factors: exact for any static per-pair frequency change.
+
+    With ``short``, transformers uses ``short``'s frequencies for forwards whose positions stay within
+    ``ctx.context_length`` and ``result``'s beyond (the attention factor, ``result``'s, applies to both);
+    ``factor`` only documents the extension (the attention factor is explicit)."""
     default = ctx.default_inv_freq()
-    factors = [
-        float(d / n) if n > 0 else REMOVED_PAIR_FACTOR for d, n in zip(default.tolist(), result.inv_freq.tolist())
-    ]
+
+    def factors(state: RopeState) -> list[float]:
+        return [float(d / n) if n > 0 else REMOVED_PAIR_FACTOR for d, n in zip(default.tolist(), state.inv_freq.tolist())]
+
+    long = factors(result)
     return {
         "rope_type": "longrope",
         "rope_theta": float(source["rope_theta"]),
-        "factor": 1.0,
+        "factor": float(factor),
         "attention_factor": float(result.attention_factor),
         "original_max_position_embeddings": int(ctx.context_length),
-        "short_factor": factors,
-        "long_factor": list(factors),
+        "short_factor": factors(short) if short is not None else long,
+        "long_factor": list(long),
     }
 
 

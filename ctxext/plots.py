@@ -103,3 +103,99 @@ def plot_frequency_usage(panels: dict[str, np.ndarray], wavelengths: np.ndarray,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_search(result: dict, path: Path) -> Path:
+    """A factor search (``ctxext search``): every evaluation's calibration perplexity, the best so far and the best
+    seed of each method (PI / NTK / YaRN shapes); the right panel zooms on the best so far against the best seed."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ppl = np.exp([e["fitness"] for e in result["evaluations"]])
+    best = np.exp(result["best_so_far"])
+    best_seed: dict[str, float] = {}
+    for origin, fitness in result["seeds"].items():
+        if fitness is not None:
+            method = origin.split()[0]
+            best_seed[method] = min(best_seed.get(method, np.inf), float(np.exp(fitness)))
+    colours = {m: plt.get_cmap("tab10")(i + 1) for i, m in enumerate(sorted(best_seed))}
+    ax = axes[0]
+    ax.scatter(np.arange(len(ppl)), ppl, c=[e["generation"] for e in result["evaluations"]], cmap="viridis", s=12,
+               label="candidate (colour: generation)")
+    finite = ppl[np.isfinite(ppl)]
+    if finite.size:
+        top = min(finite.max(), max(best_seed.values()) * 1.1) if best_seed else finite.max()
+        ax.set_ylim(finite.min() * 0.97, top * 1.03)
+    ax.set_yscale("log")
+    ax.set_ylabel("calibration perplexity (log scale)")
+    ax.set_title("every evaluation", fontsize=9)
+    zoom = axes[1]
+    if best_seed:
+        seed_best = min(best_seed.values())
+        zoom.set_ylim(best[-1] * 0.995, seed_best * 1.02)
+        zoom.set_title(f"best so far: {best[-1]:.3f}, {best[-1] / seed_best - 1:+.1%} against the best seed",
+                       fontsize=9)
+    for a in axes:
+        a.plot(best, color="k", label="best so far")
+        for method, value in best_seed.items():
+            a.axhline(value, color=colours[method], linestyle="--", label=f"best {method} seed")
+        a.set_xlabel("evaluation")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=8)
+    cal = result["calibration"]
+    fig.suptitle(f"factor search x{result['scale']:g} to {result['target_length']} ({cal['windows']} x "
+                 f"{cal['window']} tokens of {cal['data']}{', PoSE proxy' if cal.get('proxy') else ''})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_by_position_and_length(perplexity: dict[str, dict[str, dict[int, float]]],
+                                 accuracy: dict[str, dict[str, dict[int, tuple[float, float, float]]]], path: Path, *,
+                                 title: str, trained_context: int, accuracy_label: str = "retrieval accuracy") -> Path:
+    """One column per group (e.g. per extension factor), one colour per method in every panel.
+
+    Top: perplexity of the tokens in each position bucket (x: the bucket's end position) against the position;
+    bottom: accuracy against prompt length with Wilson intervals (``(accuracy, low, high)`` per length).
+    """
+    groups = list(dict.fromkeys([*perplexity, *accuracy]))
+    fig, axes = plt.subplots(2, len(groups), figsize=(5.5 * len(groups), 8), squeeze=False)
+    names = list(dict.fromkeys(n for panels in (perplexity, accuracy) for g in panels.values() for n in g))
+    colours = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    for col, group in enumerate(groups):
+        top, bottom = axes[0][col], axes[1][col]
+        for name, points in perplexity.get(group, {}).items():
+            xs = sorted(points)
+            top.plot(xs, [points[x] for x in xs], marker="o", markersize=3, label=name, color=colours[name])
+        if perplexity.get(group):
+            top.axvline(trained_context, color="grey", linestyle=":")
+        top.set_yscale("log")
+        top.set_xlabel("position (end of bucket)")
+        top.set_title(f"{group}: perplexity by position")
+        curves = accuracy.get(group, {})
+        for i, (name, points) in enumerate(curves.items()):
+            xs = sorted(points)
+            acc = np.array([points[x][0] for x in xs])
+            err = np.array([[points[x][0] - points[x][1] for x in xs], [points[x][2] - points[x][0] for x in xs]])
+            shift = 2 ** (0.04 * (i - (len(curves) - 1) / 2))  # methods side by side, not on top of each other
+            bottom.errorbar([x * shift for x in xs], acc, yerr=err, marker="o", capsize=3, label=name,
+                            color=colours[name])
+        ticks = sorted({x for points in accuracy.get(group, {}).values() for x in points})
+        if ticks:
+            bottom.set_xscale("log", base=2)
+            bottom.set_xticks(ticks, [str(t) for t in ticks])
+        bottom.set_ylim(-0.05, 1.05)
+        bottom.set_xlabel("prompt length (tokens)")
+        bottom.set_title(f"{group}: {accuracy_label} (Wilson 95%)")
+        for ax in (top, bottom):
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="grey")
+    axes[0][0].set_ylabel("perplexity (log scale)")
+    axes[1][0].set_ylabel("accuracy")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

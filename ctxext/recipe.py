@@ -1,19 +1,22 @@
 """Recipes: a whole experiment (extend, fine-tune, evaluate) as one YAML file, e.g. ``configs/recipes/demo.yaml``.
 
 ``ctxext demo`` and ``scripts/leaderboard.py`` read a recipe; its ``finetune`` section becomes a fine-tuning config
-(``ctxext.config.FinetuneConfig``) once the model, the method and the data are known.
+(``ctxext.config.FinetuneConfig``) once the model, the method and the data are known. Sweeps (``configs/sweeps/``)
+are rows of methods: ``kind: finetune`` (default; a recipe, ``scripts/leaderboard.py``) or ``kind: training-free``
+(factors and an evaluation plan, no fine-tuning: ``scripts/real_model_leaderboard.py``).
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .config import (FinetuneConfig, LoggingSection, LoraSection, OptimizationSection, apply_overrides, load_config,
                      read_config_file, validate)
+from .errors import ConfigError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_RECIPE = "configs/recipes/demo.yaml"
@@ -26,6 +29,8 @@ class _Strict(BaseModel):
 class RecipeData(_Strict):
     passkey_documents: int = Field(2000, ge=0, description="passkey documents mixed into the stdlib train files")
     edge_depth_share: float = Field(0.2, ge=0, le=1, description="share of passkey documents with the key at an edge")
+    full_length_share: float = Field(0.0, ge=0, le=1, description="share of passkey documents as long as their stage's "
+                                     "blocks (keys up to a whole block back); the others are 1/4 to 1 block long")
     train_documents: int | None = Field(None, gt=0, description="stdlib train files used (None: all)")
     task_documents: dict[str, int] = Field(default_factory=dict, description="RULER-style training documents per "
                                            "task (multikey, multivalue, vartrack), from training seeds")
@@ -100,14 +105,15 @@ class Recipe(_Strict):
         d = self.data
         data = build_finetune_data(tokenizer, folder / "finetune.jsonl", stage_lengths, d.passkey_documents,
                                    d.train_documents, edge_depth_share=d.edge_depth_share,
-                                   task_documents=d.task_documents)
+                                   full_length_share=d.full_length_share, task_documents=d.task_documents)
         phase = self.finetune.retrieval_phase
         if phase is None:
             return data, None
         tasks = {t: phase.documents // (len(d.task_documents) + 1) for t in d.task_documents}
         retrieval = build_finetune_data(tokenizer, folder / "retrieval.jsonl", [target],
                                         phase.documents - sum(tasks.values()), d.train_documents, seed=1,
-                                        edge_depth_share=d.edge_depth_share, task_documents=tasks, code=False)
+                                        edge_depth_share=d.edge_depth_share, full_length_share=d.full_length_share,
+                                        task_documents=tasks, code=False)
         return data, retrieval
 
 
@@ -119,6 +125,7 @@ class SweepRow(BaseModel):
 class Sweep(_Strict):
     """A leaderboard sweep (``configs/sweeps/*.yaml``): rows of methods on one recipe."""
 
+    kind: Literal["finetune"] = Field("finetune", description="finetune: every row without and with fine-tuning")
     model: str = "reference"
     factor: float = Field(8.0, gt=1)
     recipe: str = Field(DEFAULT_RECIPE, description="the fine-tuning and evaluation budget, relative to the repository")
@@ -126,8 +133,91 @@ class Sweep(_Strict):
     methods: dict[str, SweepRow] = Field(..., min_length=1)
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    return validate(Sweep, read_config_file(path, "sweep", "model, factor, recipe, overrides, methods"), f"sweep {path}")
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class PerplexityPlan(_Strict):
+    texts: dict[str, str] = Field(..., min_length=1, description="name: data source (see ctxext.data); each row is "
+                                  "scored on the longest documents of each")
+    documents: int = Field(1, gt=0, description="documents per text, the longest ones (first factor x context tokens "
+                           "of each, for the largest factor)")
+    buckets_per_context: int = Field(4, gt=0, description="position buckets per trained context in the report")
+    dtype: Dtype = Field("float32", description="model dtype for these cells")
+
+
+class RetrievalPlan(_Strict):
+    lengths: list[int] = Field(..., min_length=1, description="prompt lengths; a row measures those up to its "
+                               "extended context (factor x context)")
+    depths: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    trials: dict[str, int] = Field(..., min_length=1, description="task (passkey or a ctxext.evals.retrieval task): "
+                                   "prompts per depth")
+    filler: str = "stdlib:held_out"
+    seed: int = 0
+    dtype: Dtype = Field("float32", description="model dtype for these cells")
+
+    @field_validator("trials")
+    @classmethod
+    def _known_tasks(cls, trials: dict[str, int]) -> dict[str, int]:
+        from .evals.retrieval import TASKS
+
+        unknown = [t for t in trials if t != "passkey" and t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; valid: passkey, {', '.join(TASKS)}")
+        if any(n < 1 for n in trials.values()):
+            raise ValueError("trials must be >= 1 per task")
+        return trials
+
+
+class TrainingFreeSweep(_Strict):
+    """A training-free sweep (``configs/sweeps/smollm2.yaml``): every row patched in memory at every factor and
+    evaluated without fine-tuning (``scripts/real_model_leaderboard.py``).
+
+    A row parameter may be a mapping ``{factor: value}`` (``group_size: {2: 3, 4: 5}``): the value for each factor.
+    """
+
+    kind: Literal["training-free"]
+    model: str = Field(..., description="checkpoint folder, .gguf file or GGUF source name (smollm2)")
+    context: int | None = Field(None, gt=1, description="trained context (None: the checkpoint's); a smaller value "
+                                "pretends the model was trained that short, for quick runs of the pipeline")
+    factors: list[float] = Field(..., min_length=1)
+    perplexity: PerplexityPlan
+    retrieval: RetrievalPlan
+    methods: dict[str, SweepRow] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _per_factor_values_cover_every_factor(self):
+        for factor in self.factors:
+            if factor <= 1:
+                raise ValueError(f"factors: {factor} is not an extension; give factors > 1")
+            for name in self.methods:
+                self.row(name, factor)
+        return self
+
+    def row(self, name: str, factor: float) -> tuple[str | None, dict]:
+        """``(chain, params)`` of row ``name`` at ``factor`` (per-factor values resolved)."""
+        row = self.methods[name]
+        params = {}
+        for key, value in (row.model_extra or {}).items():
+            if isinstance(value, dict):
+                by_factor = {float(k): v for k, v in value.items()}
+                if float(factor) not in by_factor:
+                    raise ValueError(f"methods.{name}.{key}: no value for factor {factor:g} (given for "
+                                     f"{', '.join(f'{k:g}' for k in by_factor)})")
+                value = by_factor[float(factor)]
+            params[key] = value
+        return row.method, params
+
+
+SWEEP_KINDS = {"finetune": Sweep, "training-free": TrainingFreeSweep}
+
+
+def load_sweep(path: str | Path) -> Sweep | TrainingFreeSweep:
+    """A sweep of either kind (the ``kind`` key; default ``finetune``)."""
+    raw = read_config_file(path, "sweep", "kind, model, factor(s), recipe or perplexity/retrieval, methods")
+    kind = raw.get("kind", "finetune")
+    if kind not in SWEEP_KINDS:
+        raise ConfigError(f"sweep {path}: kind {kind!r} is unknown; valid: {', '.join(SWEEP_KINDS)}")
+    return validate(SWEEP_KINDS[kind], raw, f"sweep {path}")
 
 
 def stage_lengths(context: int, target: int) -> list[int]:

@@ -2,8 +2,10 @@
 checkpoint -> save.
 
     ctxext finetune configs/tiny.yaml                    # one CPU process
-    accelerate launch --num_processes 4 -m ctxext.cli finetune configs/llama3.2-1b-32k.yaml   # DDP / FSDP / DS
+    accelerate launch --num_processes 4 -m ctxext.cli finetune configs/llama3.2-1b-32k.yaml   # DDP
+    accelerate launch --num_processes 8 -m ctxext.cli finetune configs/llama3.2-1b-128k-cp.yaml  # FSDP2 + CP
     accelerate launch --multi_gpu --num_processes 2 -m ctxext.cli finetune configs/tiny.yaml  # 2 CPU processes (gloo)
+    torchrun --nproc_per_node 2 -m ctxext.cli finetune configs/tiny.yaml distributed.sharding=fsdp  # FSDP2 on CPU
 
 (On a machine without GPUs, ``accelerate launch --cpu`` starts a single process unless MPI is set up; use
 ``--multi_gpu --num_processes N``, which starts N CPU processes with the gloo backend.)
@@ -14,7 +16,9 @@ A run is a list of stages of growing ``seq_len``. The data is tokenized once int
 and micro-batches. The loss never materializes full fp32 logits (``ctxext.loss.ChunkedLMLoss``). Checkpoints
 (trainable weights, optimizer, scheduler, RNG of every process, data position) are written atomically every
 ``save_every`` steps; ``--resume`` continues the same loss curve. The end result is a merged full checkpoint that
-``from_pretrained`` loads as the extended model, plus the adapter alone.
+``from_pretrained`` loads as the extended model, plus the adapter alone. The ``distributed`` section shards the
+model (FSDP2) and splits sequences over GPUs (context parallel): ``ctxext.sharding``; ``ctxext plan`` predicts
+the memory per device (``ctxext.memory``).
 
 Reliability: the model, its tokenizer, the data and the config are checked before the run folder is created (a
 refused fresh run leaves nothing behind); the run folder is locked (``ctxext.lock``: a second run into it is
@@ -44,11 +48,14 @@ from tqdm.auto import tqdm
 
 from .atomic import TMP_MARK, abandon_on_error, atomic_folder, atomic_write_text, commit_folder, disk_full
 from .config import FinetuneConfig
-from .data import Cursor, first_blocks, next_blocks, open_token_file, pose_position_ids, write_token_file
+from .data import (Blocks, Cursor, document_starts, first_blocks, next_blocks, open_token_file, pose_position_ids,
+                   stage_blocks, write_token_file)
 from .errors import CtxextError, OutputError, TrainingError
 from .lock import output_lock
 from .loss import ChunkedLMLoss
 from .schedule import lr_multiplier
+from .sharding import (check_launch, clip_gradients, data_split, gathered_model, gradient_sync, load_sharded,
+                       make_accelerator, prepare, save_sharded, sequence_split, shard, shards_itself, shifted_labels)
 
 log = logging.getLogger(__name__)
 EXIT_DIVERGED = 3
@@ -63,12 +70,12 @@ class Position(Cursor):
 
 def finetune(cfg: FinetuneConfig, *, output_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
     """Run (or resume) the fine-tuning described by ``cfg``; returns the paths of the results and the last metrics."""
-    from accelerate import Accelerator
-
     run = Path(output_dir or cfg.output_dir)
-    # the global batch is split over processes, so the scheduler steps once per optimizer step (not per process)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    check_launch(cfg)  # process count and context parallel against the distributed section
+    accelerator = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
+
+    # ---- setup: run folder, model, data, optimizer (FSDP2: sharded weights and states), resume point
     check_config(cfg)
     with contextlib.ExitStack() as held_lock:
         refusal = None
@@ -115,19 +122,18 @@ def _finetune(cfg: FinetuneConfig, run: Path, resume: bool, progress: bool, acce
     model, tokenizer = build_model(cfg)
     created = open_run_folder(run, cfg, accelerator)
     try:
-        streams, held = build_data(cfg, tokenizer, run, accelerator)
+        blocks, held = build_data(cfg, tokenizer, run, accelerator)
     except CtxextError:
         if created and accelerator.is_main_process:  # a refused fresh run leaves nothing behind
             shutil.rmtree(run, ignore_errors=True)
         raise
-    loss_module = ChunkedLMLoss(model, cfg.optimization.loss_chunk_tokens)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optimization.lr, betas=cfg.optimization.betas,
-                            weight_decay=cfg.optimization.weight_decay)
+    loss_module = shard(ChunkedLMLoss(model, cfg.optimization.loss_chunk_tokens), cfg, accelerator)
+    opt = torch.optim.AdamW([p for p in loss_module.parameters() if p.requires_grad], lr=cfg.optimization.lr,
+                            betas=cfg.optimization.betas, weight_decay=cfg.optimization.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: stage_lr(cfg, step))
-    loss_module, opt, sched = accelerator.prepare(loss_module, opt, sched)
+    loss_module, opt, sched, params = prepare(accelerator, cfg, loss_module, opt, sched)
     accelerator.register_save_state_pre_hook(_keep_trainable_only(accelerator))
-    pos = resume_position(run, accelerator, sched, cfg) if resume else Position()
+    pos = resume_position(run, accelerator, sched, cfg, loss_module, opt) if resume else Position()
     metrics = MetricsLog(run / "metrics.jsonl", accelerator.is_main_process, keep_until=pos.step)
 
     # ---- stages
@@ -144,10 +150,10 @@ def _finetune(cfg: FinetuneConfig, run: Path, resume: bool, progress: bool, acce
         handle = patch_for_stage(model, cfg, stage_index, handle)
         stage = cfg.stages[stage_index]
         while pos.step < stage_ends[stage_index]:
-            record = train_step(loss_module, opt, sched, params, streams[stage_index], cfg, pos, accelerator, run)
+            record = train_step(loss_module, opt, sched, params, blocks[stage_index], cfg, pos, accelerator, run)
             if pos.step % cfg.logging.eval_every == 0 or pos.step == stage_ends[stage_index]:
                 record["held_out_loss"] = held_out_loss(loss_module, held, stage.seq_len, cfg.logging.eval_blocks,
-                                                        accelerator)
+                                                        accelerator, cfg)
             if pos.step % cfg.logging.log_every == 0 or "held_out_loss" in record:
                 metrics.write(record)
             last = record
@@ -156,15 +162,16 @@ def _finetune(cfg: FinetuneConfig, run: Path, resume: bool, progress: bool, acce
                             loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             # checkpoint
             if pos.step % cfg.logging.save_every == 0 or pos.step == stage_ends[-1]:
-                save_training_state(accelerator, run, pos)
+                save_training_state(accelerator, run, pos, cfg, loss_module, opt)
     bar.close()
     metrics.close()
 
-    # ---- save: the adapter alone, then the merged checkpoint
+    # ---- save: the adapter alone, then the merged checkpoint (sharded: gathered into a fresh copy first)
     result = {"run": str(run), "metrics": str(metrics.path), "last": last}
     accelerator.wait_for_everyone()
+    trained = gathered_model(accelerator, loss_module, lambda: fresh_model(cfg))
     if accelerator.is_main_process:
-        result.update(save_results(accelerator.unwrap_model(loss_module).model, tokenizer, run))
+        result.update(save_results(trained, tokenizer, run))
     accelerator.wait_for_everyone()
     return result
 
@@ -173,7 +180,8 @@ def _finetune(cfg: FinetuneConfig, run: Path, resume: bool, progress: bool, acce
 
 
 def check_config(cfg: FinetuneConfig) -> None:
-    """What the schema cannot see: data sources exist, and PoSE stages go with a method that PoSE can train."""
+    """What the schema cannot see: data sources exist, PoSE stages and context parallel go with a method they
+    can train."""
     from .rope.chain import chain_classes
 
     windowed = [i for i, s in enumerate(cfg.stages) if s.window]
@@ -183,6 +191,12 @@ def check_config(cfg: FinetuneConfig) -> None:
             raise TrainingError(f"stages {windowed} use PoSE windows, which skip position ids; {', '.join(odd)} "
                                 "depends on the sequence itself (attention slots or its length) and would not see the "
                                 "skips. Drop window from those stages or use a static method (pi, ntk, yarn, ...)")
+    if cfg.distributed.cp_size > 1:
+        odd = [m.name for m in chain_classes(cfg.patch.method) if m.role == "attention"]
+        if odd:
+            raise TrainingError(f"distributed.cp_size={cfg.distributed.cp_size} with {', '.join(odd)}: the method "
+                                "replaces the attention function, and context parallel splits only SDPA; use a "
+                                "frequency method (pi, ntk, yarn, ...) or cp_size: 1")
     sources = [cfg.data.source, cfg.data.held_out, *(s.source for s in cfg.stages)]
     for source in filter(None, sources):
         if not source.startswith(("stdlib:", "package:")) and "/" not in source.strip("./") and not Path(source).exists():
@@ -225,6 +239,13 @@ def build_model(cfg: FinetuneConfig):
     return tuned, tokenizer
 
 
+def fresh_model(cfg: FinetuneConfig) -> nn.Module:
+    """An unsharded copy of the model as it ends training (last stage's patch), to load gathered weights into."""
+    model, _ = build_model(cfg)
+    patch_for_stage(model, cfg, len(cfg.stages) - 1, None)
+    return model
+
+
 def add_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -241,8 +262,8 @@ def add_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     return peft_model
 
 
-def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[list[np.ndarray], np.ndarray]:
-    """The token stream of every stage and the held-out stream (memory-mapped token files in the run folder,
+def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[list[Blocks], np.ndarray]:
+    """The training blocks of every stage and the held-out stream (memory-mapped token files in the run folder,
     written once per source: ``train.bin``, ``held_out.bin``, ``stage-<i>.bin`` for a stage with its own source)."""
     files = {"train": (cfg.data.source, cfg.data.max_documents)}
     if cfg.data.held_out is not None:
@@ -260,12 +281,15 @@ def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[
     else:
         cut = int(len(streams["train"]) * (1 - cfg.data.held_out_fraction))
         streams["train"], held = streams["train"][:cut], streams["train"][cut:]
+    blocks = []
     for i, (stage, name) in enumerate(zip(cfg.stages, stage_file)):
         if len(streams[name]) < stage.block_len:
             raise TrainingError(f"the training data of stage {i} has {len(streams[name]):,} tokens, fewer than one "
                                 f"block (seq_len {stage.block_len}); give more data ({files[name][0]}) or shorter "
                                 "stages")
-    return [streams[name] for name in stage_file], held
+        starts = document_starts(run / "tokens" / f"{name}.bin")
+        blocks.append(stage_blocks(streams[name], starts, stage.block_len))
+    return blocks, held
 
 
 def stage_lr(cfg: FinetuneConfig, step: int) -> float:
@@ -305,38 +329,37 @@ def patch_for_stage(model: nn.Module, cfg: FinetuneConfig, stage: int, handle):
 # ---------------------------------------------------------------- one optimizer step
 
 
-def train_step(loss_module, opt, sched, params, train: np.ndarray, cfg: FinetuneConfig, pos: Position,
+def train_step(loss_module, opt, sched, params, train: Blocks, cfg: FinetuneConfig, pos: Position,
                accelerator, run: Path) -> dict:
     """One optimizer step over ``tokens_per_step`` tokens of the current stage; advances ``pos``."""
     stage = cfg.stages[pos.stage]
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
+    rank, groups = data_split(accelerator, cfg)  # context parallel: a group of processes shares each sequence
     n_seq = cfg.sequences_per_step(pos.stage)
     t0 = time.perf_counter()
-    blocks = next_blocks(train, stage.block_len, n_seq, pos, cfg.seed)
+    blocks = next_blocks(train, n_seq, pos, cfg.seed)
     positions = None
     if stage.window:  # PoSE: the same skips on every process, seeded by the step (a resumed run draws them again)
         rng = np.random.default_rng([cfg.seed, pos.step])
         positions = torch.stack([pose_position_ids(stage.window, stage.seq_len, rng) for _ in range(n_seq)])
-    mine = blocks[rank::world]
-    mine_positions = positions[rank::world] if positions is not None else None
+    mine = blocks[rank::groups]
+    mine_positions = positions[rank::groups] if positions is not None else None
     global_targets = n_seq * (stage.block_len - 1)
     size = cfg.optimization.micro_batch_size
     micro = [mine[i : i + size] for i in range(0, len(mine), size)]
     local_sum = torch.zeros((), device=accelerator.device)
     for j, mb in enumerate(micro):
-        sync = j == len(micro) - 1
-        mb_positions = mine_positions[j * size : (j + 1) * size].to(accelerator.device) if positions is not None else None
-        with accelerator.no_sync(loss_module) if not sync else contextlib.nullcontext():
-            nll = loss_module(mb.to(accelerator.device), mb_positions)
-            accelerator.backward(nll * world / global_targets)  # DDP averages over processes
-        local_sum += nll.detach()
+        mb_positions = mine_positions[j * size : (j + 1) * size] if positions is not None else None
+        with gradient_sync(accelerator, loss_module, sync=j == len(micro) - 1):
+            nll = block_nll(loss_module, mb, mb_positions, accelerator, cfg, backward_scale=world / global_targets)
+        local_sum += nll
     if not micro:  # more processes than sequences: still join the gradient all-reduce
-        accelerator.backward(loss_module(blocks[:1].to(accelerator.device)) * 0.0)
+        block_nll(loss_module, blocks[:1], None, accelerator, cfg, backward_scale=0.0)
     loss = (accelerator.reduce(local_sum, reduction="sum") / global_targets).item()
     if not math.isfinite(loss):
         raise diverged(run, pos, loss, stage.seq_len, accelerator)
     if cfg.optimization.grad_clip:
-        accelerator.clip_grad_norm_(params, cfg.optimization.grad_clip)
+        clip_gradients(accelerator, params, cfg.optimization.grad_clip)
     lr = sched.get_last_lr()[0]
     opt.step()
     sched.step()
@@ -345,6 +368,27 @@ def train_step(loss_module, opt, sched, params, train: np.ndarray, cfg: Finetune
     dt = time.perf_counter() - t0
     return {"step": pos.step, "stage": pos.stage, "seq_len": stage.seq_len, "processes": world, "loss": loss,
             "lr": lr, "tokens": n_seq * stage.block_len, "tokens_per_s": n_seq * stage.block_len / dt}
+
+
+def block_nll(loss_module, blocks: torch.Tensor, positions: torch.Tensor | None, accelerator, cfg,
+              backward_scale: float | None = None) -> torch.Tensor:
+    """Summed next-token NLL of ``blocks`` on this process, and its backward when ``backward_scale`` is given
+    (the scale makes the gradient averaged over processes equal the global mean). With context parallel each
+    process of a group holds a slice of the sequence: the targets are shifted before the split and the sums of
+    the group add up to the whole block's."""
+    blocks = blocks.to(accelerator.device)
+    positions = positions.to(accelerator.device) if positions is not None else None
+    labels, buffers = None, []
+    if cfg.distributed.cp_size > 1:
+        labels = shifted_labels(blocks)
+        if positions is None:
+            positions = torch.arange(blocks.shape[1], device=blocks.device).expand_as(blocks).contiguous()
+        buffers = [blocks, labels, positions]
+    with sequence_split(accelerator, cfg, buffers):  # a no-op without context parallel
+        nll = loss_module(blocks, positions, labels=labels)
+        if backward_scale is not None:
+            accelerator.backward(nll * backward_scale)
+    return nll.detach()
 
 
 def diverged(run: Path, pos: Position, loss: float, seq_len: int, accelerator) -> TrainingError:
@@ -366,17 +410,20 @@ def diverged(run: Path, pos: Position, loss: float, seq_len: int, accelerator) -
 
 
 @torch.no_grad()
-def held_out_loss(loss_module, held: np.ndarray, seq_len: int, n_blocks: int, accelerator) -> float | None:
-    """Mean next-token loss on the first ``n_blocks`` held-out blocks of ``seq_len``."""
+def held_out_loss(loss_module, held: np.ndarray, seq_len: int, n_blocks: int, accelerator, cfg) -> float | None:
+    """Mean next-token loss on the first ``n_blocks`` held-out blocks of ``seq_len`` (every process computes
+    them: a sharded model needs all processes in every forward; context parallel: each its slice)."""
     blocks = list(first_blocks(held, seq_len, n_blocks))
     if not blocks:
         return None
     module = accelerator.unwrap_model(loss_module)
     was_training = module.training
     module.eval()
-    total = sum(module(block.to(accelerator.device)).item() for block in blocks)
+    total = sum(block_nll(module, block, None, accelerator, cfg) for block in blocks)
+    if cfg.distributed.cp_size > 1:  # each group's slices add up to the blocks; every group computed them
+        total = accelerator.reduce(total, reduction="sum") / data_split(accelerator, cfg)[1]
     module.train(was_training)
-    return total / (len(blocks) * (seq_len - 1))
+    return total.item() / (len(blocks) * (seq_len - 1))
 
 
 class MetricsLog:
@@ -419,15 +466,16 @@ def checkpoints(run: Path) -> list[Path]:
 
 def _keep_trainable_only(accelerator):
     def hook(models, weights, output_dir):
-        for i, model in enumerate(models):
+        for i, model in enumerate(models[: len(weights)]):  # accelerate's FSDP saves sharded weights itself
             names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
             weights[i] = {k: v for k, v in weights[i].items() if k in names}
 
     return hook
 
 
-def save_training_state(accelerator, run: Path, pos: Position) -> Path:
-    """``checkpoints/step-N``: trainable weights, optimizer, scheduler, RNG (every process), position. Atomic."""
+def save_training_state(accelerator, run: Path, pos: Position, cfg: FinetuneConfig, loss_module, opt) -> Path:
+    """``checkpoints/step-N``: trainable weights, optimizer, scheduler, RNG (every process), position. Atomic.
+    Sharded on CPU: accelerate saves scheduler and RNG, every process its weight and optimizer shards (DCP)."""
     final = run / "checkpoints" / f"step-{pos.step:06d}"
     tmp = final.parent / f".{final.name}{TMP_MARK}"  # one name that every process knows
     if accelerator.is_main_process:
@@ -436,6 +484,8 @@ def save_training_state(accelerator, run: Path, pos: Position) -> Path:
     accelerator.wait_for_everyone()
     with abandon_on_error(tmp, final):
         accelerator.save_state(str(tmp))
+        if shards_itself(cfg, accelerator):
+            save_sharded(tmp, loss_module, opt)
         accelerator.wait_for_everyone()  # every process has written its RNG state before the folder moves
         if accelerator.is_main_process:
             (tmp / "position.json").write_text(json.dumps(asdict(pos)))
@@ -444,7 +494,7 @@ def save_training_state(accelerator, run: Path, pos: Position) -> Path:
     return final
 
 
-def resume_position(run: Path, accelerator, sched, cfg: FinetuneConfig) -> Position:
+def resume_position(run: Path, accelerator, sched, cfg: FinetuneConfig, loss_module, opt) -> Position:
     """Load the last checkpoint into the prepared objects; the run's position (a fresh one when none exists). The
     learning rate is the config's (a diverged run resumes with a lower ``optimization.lr``)."""
     found = checkpoints(run)
@@ -452,6 +502,8 @@ def resume_position(run: Path, accelerator, sched, cfg: FinetuneConfig) -> Posit
         return Position()
     try:
         accelerator.load_state(str(found[-1]), strict=False)
+        if shards_itself(cfg, accelerator):
+            load_sharded(found[-1], loss_module, opt)
         pos = Position(**json.loads((found[-1] / "position.json").read_text()))
     except Exception as err:  # a checkpoint damaged outside ctxext (its writes are atomic)
         raise TrainingError(f"{found[-1]} cannot be loaded ({type(err).__name__}: {err}); move it out of "

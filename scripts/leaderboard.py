@@ -135,6 +135,8 @@ def main(argv=None) -> int:
         return 0
     config_path = Path(args.config) if Path(args.config).is_absolute() else REPO / args.config
     sweep = load_sweep(config_path)
+    if sweep.kind != "finetune":
+        p.error(f"{args.config} is a {sweep.kind} sweep: run it with scripts/real_model_leaderboard.py")
     config_name = config_path.relative_to(REPO).as_posix() if config_path.is_relative_to(REPO) else str(config_path)
     names = args.methods.split(",") if args.methods else list(sweep.methods)
     unknown = [n for n in names if n not in sweep.methods]

@@ -54,8 +54,12 @@ LOGITS_CHUNK = 1024  # positions per LM-head chunk: [chunk, vocab] fp32 logits a
 
 
 @torch.no_grad()
-def window_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOGITS_CHUNK) -> torch.Tensor:
+def window_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOGITS_CHUNK, *,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Summed next-token NLL of ``ids [B, L]`` against ``targets [B, L-1]`` (-100 ignored), fp32.
+
+    ``position_ids [B, L]`` (default ``0 .. L-1``) may jump ahead (PoSE-style windows); an all-ones mask then keeps
+    transformers from reading the jumps as packed documents.
 
     The decoder body runs once and the LM head + cross-entropy run ``chunk`` positions at a time
     (``ctxext.loss.linear_cross_entropy``), so full ``[L, vocab]`` logits never exist; same numbers as
@@ -66,14 +70,42 @@ def window_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOG
     from ..loss import linear_cross_entropy
 
     body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    positions = {} if position_ids is None else {"position_ids": position_ids, "attention_mask": torch.ones_like(ids)}
     if body is not None and type(head) is nn.Linear and head.bias is None:
-        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        hidden = body(input_ids=ids, use_cache=False, **positions).last_hidden_state[:, :-1]
         softcap = getattr(model.config, "final_logit_softcapping", None)
         # detached: parameters keep requires_grad under no_grad, and linear_cross_entropy would compute their grads
         return linear_cross_entropy(hidden.flatten(0, 1).detach(), head.weight.detach(), targets.flatten(), chunk=chunk,
                                     softcap=softcap)
-    logits = model(input_ids=ids).logits[:, :-1].float()
+    logits = model(input_ids=ids, **positions).logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+@torch.no_grad()
+def position_nll(model, ids: torch.Tensor, chunk: int = LOGITS_CHUNK) -> torch.Tensor:
+    """Next-token NLL at every position of ``ids [B, L]``: ``[B, L - 1]`` fp32, entry ``t`` scores token ``t + 1``.
+
+    For perplexity by position (``scripts/real_model_leaderboard.py``): one forward over the whole input, the LM
+    head run ``chunk`` positions at a time as in ``window_nll``, so ``[L, vocab]`` logits never exist.
+    """
+    from torch import nn
+
+    from ..models import causal_lm, decoder_body, lm_head, logit_softcap
+
+    head, targets = lm_head(model), ids[:, 1:]
+    if type(head) is not nn.Linear or head.bias is not None:
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    hidden = decoder_body(model)(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    softcap = logit_softcap(causal_lm(model).config)
+    nll = torch.empty(targets.shape, dtype=torch.float32, device=ids.device)
+    for s in range(0, targets.shape[1], chunk):
+        logits = (hidden[:, s : s + chunk] @ head.weight.T).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        picked = logits.gather(-1, targets[:, s : s + chunk, None]).squeeze(-1)
+        nll[:, s : s + chunk] = torch.logsumexp(logits, dim=-1) - picked
+    return nll
 
 
 @torch.no_grad()

@@ -157,6 +157,12 @@ def _filler_texts(filler: str, text_field: str, seed: int, trials: int) -> list[
     return texts
 
 
+def filler_stream(tokenizer, filler: str = DEFAULT_EVAL_SOURCE, *, seed: int = 0, text_field: str = "text") -> list[int]:
+    """The token stream that ``evaluate_passkey`` / ``evaluate_retrieval`` cut their prompts from (same seed, same
+    prompts), for callers that hold a loaded model (``passkey_accuracy``, ``task_accuracy``)."""
+    return join_documents(tokenizer, _filler_texts(filler, text_field, seed, 1)).tolist()
+
+
 def _each_model(models: list[str], labels: list[str] | None, texts: list[str], device: str, dtype: str):
     """``(label, model, tokenizer, path, filler ids)`` per model, loaded one at a time."""
     used: set[str] = set()

@@ -104,10 +104,12 @@ def _probe_max_positions(params: dict[str, Any], max_position_embeddings: int) -
     return max(int(original) + 1, round(int(original) * float(params.get("factor") or 1.0)))
 
 
-def compute_inv_freq(params: dict[str, Any], head_dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+def compute_inv_freq(params: dict[str, Any], head_dim: int, max_position_embeddings: int,
+                     seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """transformers' own fp32 ``(inv_freq, attention_factor)`` for one flat rope-parameter dict.
 
     Uses transformers' ``ROPE_INIT_FUNCTIONS`` on a throw-away Llama config, so it applies to every family.
+    ``seq_len``: the frequencies of a forward that long (``longrope``: the long factors beyond the original context).
     """
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -126,7 +128,7 @@ def compute_inv_freq(params: dict[str, Any], head_dim: int, max_position_embeddi
         max_position_embeddings=_probe_max_positions(params, max_position_embeddings),
         rope_parameters=copy.deepcopy(params),
     )
-    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](probe, None)
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](probe, None, **({"seq_len": seq_len} if seq_len else {}))
     return inv_freq.float(), float(attention_factor)
 
 
@@ -192,6 +194,11 @@ def causal_lm(model: nn.Module) -> nn.Module:
 def decoder_body(model: nn.Module) -> nn.Module:
     """The decoder stack (embeddings, layers, final norm) that returns ``last_hidden_state``."""
     return causal_lm(model).model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers, in order (the units FSDP shards one at a time)."""
+    return list(decoder_body(model).layers)
 
 
 def lm_head(model: nn.Module) -> nn.Module:

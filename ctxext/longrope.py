@@ -1,0 +1,376 @@
+"""``ctxext search``: LongRoPE factor search on a checkpoint, saved as transformers' native ``longrope``.
+
+    search_checkpoint("reference", "out/longrope8", target_length=2048, data="stdlib:train", budget=160)
+
+Fitness of a candidate (``ctxext/search.py``): the mean next-token NLL (log perplexity) of the checkpoint, with the
+candidate's frequencies, on ``windows`` calibration windows of ``window`` tokens: the first ``window`` tokens of
+documents of ``data`` at least that long, evenly spaced over them. The default data, ``stdlib:train``, is disjoint
+from the default evaluation text (``stdlib:held_out``), so an evaluation after the search is on unseen text.
+
+Cheap proxy for long targets. ``window`` defaults to the target length: the fitness is then the perplexity at the
+target itself (the reference model x8: a 2048-token forward takes about 0.7 s on one CPU thread). When one forward
+at the target costs minutes (SmolLM2-135M at 16k on this CPU), ``window`` < target gives PoSE-style windows (Zhu et
+al. 2023): the first half of a window keeps positions ``0 .. window/2 - 1`` and the second half jumps ahead, window
+``k`` of ``K`` by ``(target - window) (k + 1) / K``, the last one ending at position ``target - 1``. Every window
+thus makes transformers use the long factors (its largest position is beyond the trained context) and
+exercises rotation angles of distances up to the target, for the cost of ``window`` tokens. What it cannot
+exercise is attention spread over ``target`` tokens, which is what the attention factor compensates for, so in
+proxy mode the attention factor is not searched: it is fixed at LongRoPE's ``sqrt(1 + ln s / ln L)`` (or
+``attention_factor``). Measured on the reference model x8 (docs/LONGROPE.md), the proxy's factors did not beat
+YaRN on full-length held-out text while the exact search's did, so proxy-searched factors must be checked at the
+target length.
+
+Output OUT: a safetensors checkpoint whose ``rope_parameters`` are ``longrope`` with ``short_factor`` all ones (a
+forward whose positions stay within the trained context keeps the original frequencies; the attention factor
+applies at every length, as transformers computes it once), ``long_factor`` the searched factors,
+``max_position_embeddings`` the target; plus ``search.json`` (the search curve and settings) and ``search.png``.
+The search state is written atomically after every generation to ``OUT.search-state.json`` beside OUT;
+``resume=True`` continues from it to the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .atomic import atomic_write_text
+from .errors import DataError, SearchError
+from .models import compute_inv_freq, family_of, head_dim_of, rebuild_rotary
+from .models.base import get_rope_parameters
+from .native import universal_form
+from .patch import RECORD_KEY
+from .rope.registry import RopeContext, RopeState
+from .search import (
+    Candidate,
+    EvolutionConfig,
+    SearchSpace,
+    SearchState,
+    evolve,
+    longrope_attention_factor,
+    seed_candidates,
+    summary,
+    yarn_attention_factor,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA = "stdlib:train"  # disjoint from the default evaluation text, stdlib:held_out
+DEFAULT_WINDOWS = 4
+DEFAULT_BUDGET = 160
+ATTENTION_LOW = 1.0
+ATTENTION_HIGH = 1.5  # at least; raised above YaRN's own factor for very large extensions
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SearchProblem:
+    """What the search optimises for one checkpoint (all but the evolution's sizes).
+
+    Attributes:
+        source: the checkpoint folder.
+        context_length: its trained context ``L``.
+        target_length: the context searched for ``N > L``.
+        head_dim / rope_theta: its plain RoPE.
+        window / windows: calibration window tokens and count; ``window < target_length`` is the PoSE proxy.
+        data / text_field: the calibration text source.
+        attention_factor: fixed attention factor, or None to search it (direct windows only).
+    """
+
+    source: str
+    context_length: int
+    target_length: int
+    head_dim: int
+    rope_theta: float
+    window: int
+    windows: int
+    data: str
+    text_field: str = "text"
+    attention_factor: float | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.target_length / self.context_length
+
+    @property
+    def proxy(self) -> bool:
+        return self.window < self.target_length
+
+    @property
+    def ctx(self) -> RopeContext:
+        return RopeContext(head_dim=self.head_dim, rope_theta=self.rope_theta, context_length=self.context_length)
+
+    def space(self) -> SearchSpace:
+        if self.attention_factor is not None:
+            attention: float | tuple[float, float] = self.attention_factor
+        elif self.proxy:
+            attention = longrope_attention_factor(self.scale, self.context_length)
+        else:
+            attention = (ATTENTION_LOW, max(ATTENTION_HIGH, yarn_attention_factor(self.scale) + 0.1))
+        return SearchSpace.for_extension(self.head_dim // 2, self.scale, attention)
+
+    def rope_parameters(self, candidate: Candidate) -> dict[str, Any]:
+        """Native ``longrope`` parameters: original frequencies within the trained context, ``candidate``'s beyond."""
+        ctx = self.ctx
+        long = RopeState(ctx.default_inv_freq() / torch.tensor(candidate.factors, dtype=torch.float64),
+                         candidate.attention_factor)
+        return universal_form({"rope_theta": self.rope_theta}, long, ctx, short=RopeState(ctx.default_inv_freq()),
+                              factor=self.scale)
+
+
+# ---------------------------------------------------------------- checks (before anything is loaded or written)
+
+
+def check_searchable(config, target_length: Any) -> tuple[int, dict[str, Any]]:
+    """``(trained context, rope parameters)`` of a config the search applies to; ``SearchError`` otherwise."""
+    family = family_of(config)
+    if family.per_layer_type:
+        raise SearchError(f"{family.name} keeps separate rope parameters per layer type; the factor search handles "
+                          "checkpoints with one plain RoPE shared by all layers (llama, mistral, qwen2, qwen3)")
+    params = get_rope_parameters(config, None)
+    if params.get("rope_type", "default") != "default" or params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise SearchError(f"the factor search needs a checkpoint with plain RoPE (rope_type 'default' on every "
+                          f"dimension); this one has rope_type {params.get('rope_type')!r}"
+                          f"{', partial_rotary_factor ' + str(params['partial_rotary_factor']) if params.get('partial_rotary_factor', 1.0) != 1.0 else ''}. "
+                          "Search on the original checkpoint")
+    context = int(config.max_position_embeddings)
+    if isinstance(target_length, bool) or not isinstance(target_length, int) or target_length <= context:
+        raise SearchError(f"target_length={target_length!r} is invalid; valid range: an integer > the checkpoint's "
+                          f"trained context {context}")
+    return context, params
+
+
+def check_window(window: Any, windows: Any, target_length: int) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or not 2 <= window <= target_length:
+        raise SearchError(f"window={window!r} is invalid; valid range: 2 <= window <= target_length ({target_length})")
+    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
+        raise SearchError(f"windows={windows!r} is invalid; valid range: an integer >= 1")
+
+
+def state_path(out: str | os.PathLike) -> Path:
+    """Where the search state of OUT lives: ``OUT.search-state.json`` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".search-state.json")
+
+
+# ---------------------------------------------------------------- calibration windows and the fitness
+
+
+def calibration_ids(texts: list[str], tokenize: Callable[[list[str]], list[list[int]]], window: int,
+                    count: int) -> torch.Tensor:
+    """``[K, window]``: the first ``window`` tokens of ``count`` documents at least that long (fewer if fewer are).
+
+    Documents are tried evenly spaced over those with at least ``window`` UTF-8 bytes (a token covers at least one
+    byte, so shorter ones cannot qualify), then the rest in order, and tokenized only until ``count`` qualify."""
+    sized = [t for t in texts if len(t.encode("utf-8")) + 1 >= window]  # +1: a tokenizer's inserted prefix space
+    spread = [int(i) for i in np.linspace(0, len(sized) - 1, min(count, len(sized))).round()] if sized else []
+    order = list(dict.fromkeys([*spread, *range(len(sized))]))
+    found: list[list[int]] = []
+    for begin in range(0, len(order), count):
+        batch = tokenize([sized[i] for i in order[begin : begin + count]])
+        found += [ids[:window] for ids in batch if len(ids) >= window][: count - len(found)]
+        if len(found) == count:
+            break
+    if not found:
+        raise DataError(f"no calibration document has {window} tokens ({len(texts)} documents); give longer "
+                        "documents or a shorter --window")
+    if len(found) < count:
+        log.warning("only %d calibration documents have %d tokens; using %d windows", len(found), window, len(found))
+    return torch.tensor(found, dtype=torch.long)
+
+
+def proxy_skips(window: int, target_length: int, count: int) -> list[int]:
+    """How far the second half of each proxy window jumps ahead (the last one ends at ``target_length - 1``)."""
+    return [round((target_length - window) * (k + 1) / count) for k in range(count)]
+
+
+def proxy_position_ids(window: int, target_length: int, count: int) -> torch.Tensor | None:
+    """PoSE-style position ids ``[count, window]`` (see the module docstring), or None when ``window`` is the target."""
+    if window >= target_length:
+        return None
+    half = window // 2
+    return torch.stack([torch.cat([torch.arange(half), torch.arange(half, window) + skip])
+                        for skip in proxy_skips(window, target_length, count)])
+
+
+def use_rope_parameters(model, params: dict[str, Any], max_position_embeddings: int) -> None:
+    """Give ``model`` these rope parameters, rebuilding its rotary module as ``from_pretrained`` would."""
+    model.config.rope_parameters = copy.deepcopy(params)
+    model.config.max_position_embeddings = max_position_embeddings
+    rebuild_rotary(model)
+
+
+class CalibrationObjective:
+    """Fitness: mean next-token NLL of ``model`` on ``ids`` (one window per forward) with a candidate's rope."""
+
+    def __init__(self, model, problem: SearchProblem, ids: torch.Tensor, position_ids: torch.Tensor | None):
+        self.model, self.problem = model, problem
+        device = next(model.parameters()).device
+        self.ids = ids.to(device)
+        self.position_ids = position_ids.to(device) if position_ids is not None else None
+
+    def __call__(self, candidate: Candidate) -> float:
+        from .evals.perplexity import window_nll
+
+        use_rope_parameters(self.model, self.problem.rope_parameters(candidate), self.problem.target_length)
+        total = 0.0
+        for k in range(self.ids.shape[0]):
+            row = self.ids[k : k + 1]
+            positions = self.position_ids[k : k + 1] if self.position_ids is not None else None
+            total += window_nll(self.model, row, row[:, 1:], position_ids=positions).item()
+        return total / (self.ids.shape[0] * (self.ids.shape[1] - 1))
+
+
+def tokens_digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- state file
+
+
+def settings_of(problem: SearchProblem, config: EvolutionConfig, space: SearchSpace, digest: str) -> dict[str, Any]:
+    """Everything a resumed search must share with the one it continues (the budget may grow)."""
+    evolution = {k: v for k, v in asdict(config).items() if k != "budget"}
+    settings = {"problem": asdict(problem), "evolution": evolution, "space": asdict(space), "calibration_sha256": digest}
+    return json.loads(json.dumps(settings))  # as it reads back from the state file
+
+
+def read_state(path: Path, settings: dict[str, Any], budget: int) -> SearchState:
+    try:
+        saved = json.loads(path.read_text())
+        state = SearchState.from_json(saved["state"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SearchError(f"cannot read the search state {path}: {err}; delete it to start over") from err
+    if saved.get("format") != STATE_FORMAT or saved.get("settings") != settings:
+        old = saved.get("settings") or {}
+        differ = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
+        raise SearchError(f"{path} belongs to another search (different {', '.join(differ) or 'format'}); resume with "
+                          "the same checkpoint, target, data, window and seed, or pass --force to start over")
+    if budget < state.evaluations:
+        raise SearchError(f"budget={budget} is smaller than the {state.evaluations} evaluations {path} already holds; "
+                          f"give a budget >= {state.evaluations}")
+    return state
+
+
+def write_state(path: Path, settings: dict[str, Any], budget: int, state: SearchState) -> None:
+    payload = {"format": STATE_FORMAT, "settings": settings, "budget": budget, "state": state.to_json()}
+    atomic_write_text(path, json.dumps(payload))
+
+
+# ---------------------------------------------------------------- the command
+
+
+def search_checkpoint(
+    src: str, out: str | os.PathLike, *, target_length: int, data: str = DEFAULT_DATA, budget: int = DEFAULT_BUDGET,
+    seed: int = 0, population: int = 16, window: int | None = None, windows: int = DEFAULT_WINDOWS,
+    attention_factor: float | None = None, resume: bool = False, force: bool = False, text_field: str = "text",
+    device: str = "auto", dtype: str = "auto", progress: bool = True,
+) -> dict[str, Any]:
+    """Search LongRoPE factors for ``src`` at ``target_length`` and write OUT (see the module docstring).
+
+    Returns the search summary (also OUT/search.json). Every check runs before a weight is loaded or a file written.
+    """
+    from transformers import AutoTokenizer
+
+    from .data import load_texts, tokenize_documents
+    from .evals.report import pick_device
+    from .hub import (
+        check_output,
+        check_source,
+        load_config,
+        load_model,
+        save_checkpoint,
+    )
+    from .reference import resolve_model
+
+    src = check_source(resolve_model(src))
+    config = load_config(src)
+    context, params = check_searchable(config, target_length)
+    window = target_length if window is None else window
+    check_window(window, windows, target_length)
+    if attention_factor is not None and not (isinstance(attention_factor, (int, float)) and attention_factor > 0):
+        raise SearchError(f"attention_factor={attention_factor!r} is invalid; valid range: > 0")
+    evolution = EvolutionConfig.sized(budget, population, seed)
+    problem = SearchProblem(src, context, target_length, head_dim_of(config), float(params["rope_theta"]), window,
+                            windows, data, text_field, attention_factor)
+    space = problem.space()
+    out = check_output(out, force)
+    state_file = state_path(out)
+    if resume and not state_file.is_file():
+        raise SearchError(f"nothing to resume: {state_file} does not exist (run without --resume to start)")
+    if state_file.is_file() and not resume and not force:
+        raise SearchError(f"{state_file} holds an earlier search; pass --resume to continue it or --force to start over")
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    texts = load_texts(data, text_field=text_field)
+    ids = calibration_ids(texts, lambda batch: tokenize_documents(tokenizer, batch), window, windows)
+    positions = proxy_position_ids(window, target_length, ids.shape[0])
+    settings = settings_of(problem, evolution, space, tokens_digest(ids))
+    state = read_state(state_file, settings, budget) if resume else None
+
+    model = load_model(src, dtype=dtype).to(pick_device(device))
+    objective = CalibrationObjective(model, problem, ids, positions)
+    seeds = seed_candidates(problem.ctx, problem.scale, space)
+    started = time.time()
+    state = evolve(objective, space, evolution, seeds, state=state, progress=progress,
+                   on_generation=lambda s: write_state(state_file, settings, budget, s))
+    seconds = time.time() - started
+
+    best = state.best.candidate
+    rope = problem.rope_parameters(best)
+    check_rope_parameters(rope, problem, best)
+    use_rope_parameters(model, rope, target_length)
+    previous = getattr(model.config, RECORD_KEY, None) or {}
+    step = {"chain": [{"method": "longrope_search", "budget": budget, "seed": seed, "data": data, "window": window,
+                       "windows": int(ids.shape[0])}],
+            "spec": f"longrope (searched: {budget} evaluations, seed {seed})", "scope": "all",
+            "from_context": context, "to_context": target_length}
+    setattr(model.config, RECORD_KEY, {"version": __version__, "original_context": previous.get("original_context", context),
+                                       "context": target_length, "steps": [*previous.get("steps", []), step]})
+    result = {
+        "source": src, "target_length": target_length, "context_length": context, "scale": problem.scale,
+        "budget": budget, "seed": seed,
+        "calibration": {"data": data, "text_field": text_field, "windows": int(ids.shape[0]), "window": window,
+                        "proxy": "PoSE-style windows: second half jumps ahead" if problem.proxy else None,
+                        "proxy_skips": proxy_skips(window, target_length, int(ids.shape[0])) if problem.proxy else None,
+                        "sha256": settings["calibration_sha256"]},
+        "evolution": asdict(evolution), "space": asdict(space),
+        "fitness": "mean next-token NLL on the calibration windows (perplexity = exp(fitness))",
+        "seconds_this_run": seconds, "date": time.strftime("%Y-%m-%d"), "ctxext": __version__,
+        **summary(state, seeds),
+    }
+    result["best"]["perplexity"] = math.exp(result["best"]["fitness"])
+
+    def write_curve(folder: Path) -> None:
+        from .plots import plot_search
+
+        (folder / "search.json").write_text(json.dumps(result, indent=2))
+        plot_search(result, folder / "search.png")
+
+    save_checkpoint(model, out, source=src, force=force, extra=write_curve)
+    log.info("searched factors: calibration perplexity %.3f; wrote %s", result["best"]["perplexity"], out)
+    return result
+
+
+def check_rope_parameters(params: dict[str, Any], problem: SearchProblem, candidate: Candidate) -> None:
+    """transformers' own code gives the original frequencies within the trained context and the candidate's beyond."""
+    ctx = problem.ctx
+    short, _ = compute_inv_freq(params, problem.head_dim, problem.target_length)
+    long, attention = compute_inv_freq(params, problem.head_dim, problem.target_length, seq_len=problem.target_length)
+    expected = ctx.default_inv_freq() / torch.tensor(candidate.factors, dtype=torch.float64)
+    if not (torch.allclose(short.double(), ctx.default_inv_freq(), rtol=1e-5, atol=0)
+            and torch.allclose(long.double(), expected, rtol=1e-5, atol=0)
+            and abs(attention - candidate.attention_factor) < 1e-6):
+        raise RuntimeError("internal error: the longrope parameters do not reproduce the searched frequencies")
