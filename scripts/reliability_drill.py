@@ -8,8 +8,8 @@ output, a diverging fine-tune. Prints the table that docs/RELIABILITY.md reports
 Everything runs on tiny checkpoints built here (a 2-layer Llama with the reference model's tokenizer), in a work
 folder (``--work``, default a temporary one). Each case is judged from the outside:
 
-* inputs: every command that reads the file (patch, info, eval, analyze, finetune, demo, convert, export) runs as
-  ``ctxext.cli.main(argv)`` (what ``python -m ctxext.cli`` runs, in this process to save the start-up time; an
+* inputs: every command that reads the file (patch, info, eval, analyze, search, finetune, demo, convert, export)
+  runs as ``ctxext.cli.main(argv)`` (what ``python -m ctxext.cli`` runs, in this process to save start-up time; an
   exception that escapes is a traceback). Handled: exit 2, a message naming the file and the problem, no
   traceback, nothing written (no output, no temporary or lock file beside it).
 * kill: the operation (patch, export, fine-tuning with a checkpoint every step, the merge at the end) runs as a
@@ -168,8 +168,9 @@ def make_fixtures(root: Path) -> Fixtures:
 
 # ---------------------------------------------------------------- part 1: hostile inputs
 
-CHECKPOINT_COMMANDS = ("patch", "info", "eval", "analyze", "finetune", "demo", "export")
-TOKENIZER_COMMANDS = ("eval", "analyze", "finetune", "demo", "export")  # patch and info need no tokenizer
+CHECKPOINT_COMMANDS = ("patch", "info", "eval", "analyze", "search", "finetune", "demo", "export")
+TOKENIZER_COMMANDS = ("eval", "analyze", "search", "finetune", "demo", "export")  # patch and info need no tokenizer
+DATA_COMMANDS = ("finetune", "eval", "search")
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,10 @@ def command_argv(command: str, kind: str, bad: Path, fx: Fixtures, out: Path) ->
         return ["eval", "ppl", src, "--lengths", "32", "--data", data, "--max-documents", "2", "--output", out], out
     if command == "analyze":
         return ["analyze", "freq", src, "--max-tokens", "256", "--output", out], out
+    if command == "search":
+        data = bad if kind == "data" else "stdlib:train"
+        return ["search", src, out, "--target-length", "128", "--data", data, "--budget", "4", "--population", "4",
+                "--windows", "1"], out
     if command == "finetune":
         config = bad if kind == "yaml" else TINY_YAML
         extra = [f"data.source={bad}", "data.held_out=null"] if kind == "data" else []
@@ -331,12 +336,12 @@ HOSTILE = [
             r"stages\.0\.steps: Input should be greater than 0", ("finetune",)),
     Hostile("YAML: huge steps (10^12)", "yaml", _yaml(lambda c: c["stages"][0].update(steps=10**12)), "",
             r"stages\.0\.steps: Input should be less than or equal to 10000000", ("finetune",)),
-    Hostile("data: empty file", "data", _data(b""), "", r"is empty", ("finetune", "eval")),
-    Hostile("data: binary file", "data", _data(bytes(range(256)) * 64), "", r"is binary", ("finetune", "eval")),
+    Hostile("data: empty file", "data", _data(b""), "", r"is empty", DATA_COMMANDS),
+    Hostile("data: binary file", "data", _data(bytes(range(256)) * 64), "", r"is binary", DATA_COMMANDS),
     Hostile("data: not UTF-8", "data", _data("café au lait, déjà vu\n".encode("latin-1") * 200), "",
-            r"is not UTF-8", ("finetune", "eval")),
+            r"is not UTF-8", DATA_COMMANDS),
     Hostile("data: too short for one block", "data", _data(b"x = 1\n", ".py"), "",
-            r"fewer than one block|no document has at least", ("finetune", "eval")),
+            r"fewer than one block|no document has at least", DATA_COMMANDS),
 ]
 
 
