@@ -59,7 +59,7 @@ def disk_full(err: BaseException, path: str | os.PathLike) -> OutputError | None
     if not said and not (wordless and usage is not None and usage.free < FULL_BELOW):
         return None
     space = f" ({_human(usage.free)} free of {_human(usage.total)})" if usage is not None else ""
-    return OutputError(f"no space left on the disk that holds {path}{space} while writing it. Free some space or "
+    return OutputError(f"no space left on the disk that holds {path}{space} while writing it; free some space or "
                        "choose an output folder on another disk, then run the command again")
 
 
@@ -70,12 +70,12 @@ def abandon_on_error(tmp: Path, final: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except BaseException as err:
+        full = disk_full(err, final)  # before the cleanup frees space: "less than 1 MiB free" is one of its tests
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        full = disk_full(err, final)
         if full is None:
             raise
         kept = f"{final} is unchanged" if Path(final).exists() else f"{final} was not created"
-        raise OutputError(f"{full} Nothing was written: {kept}") from err
+        raise OutputError(f"{full}. Nothing was written: {kept}") from err
 
 
 def fsync_tree(path: Path) -> None:

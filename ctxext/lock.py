@@ -13,6 +13,7 @@ one process (the demo evaluates into its own folder).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -81,12 +82,14 @@ def _acquire(out: Path, path: Path, command: str) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder(fd)
+            holder, inode = _holder(fd), os.fstat(fd).st_ino
             os.close(fd)
             pid = holder.get("pid")
             if isinstance(pid, int) and holder.get("host") == socket.gethostname() and not pid_alive(pid):
                 log.warning("taking over the lock of pid %s, which is not running: %s", pid, path)
-                path.unlink(missing_ok=True)  # its flock lives on in an orphaned child; a new file is a new lock
+                with contextlib.suppress(FileNotFoundError):  # its flock lives on in an orphaned child: a new file
+                    if os.stat(path).st_ino == inode:  # is a new lock (unless another run replaced it already)
+                        path.unlink()
                 continue
             raise _refusal(out, path, holder) from None
         try:

@@ -272,18 +272,25 @@ def write_state(path: Path, settings: dict[str, Any], budget: int, state: Search
 # ---------------------------------------------------------------- the command
 
 
-def search_checkpoint(
+def search_checkpoint(src: str, out: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """Search LongRoPE factors for ``src`` at ``target_length`` and write OUT (see the module docstring); OUT (and
+    its search state beside it) is locked while the search runs (``ctxext.lock``: a second search into OUT is
+    refused, naming this one).
+
+    Returns the search summary (also OUT/search.json). Every check runs before a weight is loaded or a file written.
+    """
+    from .lock import output_lock
+
+    with output_lock(out, "ctxext search"):
+        return _search_checkpoint(src, out, **kwargs)
+
+
+def _search_checkpoint(
     src: str, out: str | os.PathLike, *, target_length: int, data: str = DEFAULT_DATA, budget: int = DEFAULT_BUDGET,
     seed: int = 0, population: int = 16, window: int | None = None, windows: int = DEFAULT_WINDOWS,
     attention_factor: float | None = None, resume: bool = False, force: bool = False, text_field: str = "text",
     device: str = "auto", dtype: str = "auto", progress: bool = True,
 ) -> dict[str, Any]:
-    """Search LongRoPE factors for ``src`` at ``target_length`` and write OUT (see the module docstring).
-
-    Returns the search summary (also OUT/search.json). Every check runs before a weight is loaded or a file written.
-    """
-    from transformers import AutoTokenizer
-
     from .data import load_texts, tokenize_documents
     from .evals.report import pick_device
     from .hub import (
@@ -294,6 +301,7 @@ def search_checkpoint(
         save_checkpoint,
     )
     from .reference import resolve_model
+    from .validate import load_tokenizer
 
     src = check_source(resolve_model(src))
     config = load_config(src)
@@ -313,7 +321,7 @@ def search_checkpoint(
     if state_file.is_file() and not resume and not force:
         raise SearchError(f"{state_file} holds an earlier search; pass --resume to continue it or --force to start over")
 
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = load_tokenizer(src, config.vocab_size)
     texts = load_texts(data, text_field=text_field)
     ids = calibration_ids(texts, lambda batch: tokenize_documents(tokenizer, batch), window, windows)
     positions = proxy_position_ids(window, target_length, ids.shape[0])

@@ -100,6 +100,7 @@ def _from_main_process(accelerator, value):
 
 @contextlib.contextmanager
 def _disk_full_names_the_last_checkpoint(run: Path):
+    """A full disk anywhere in the run (a checkpoint, metrics.jsonl, a token file) names the checkpoint to resume."""
     try:
         yield
     except Exception as err:

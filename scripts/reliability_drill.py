@@ -8,8 +8,8 @@ output, a diverging fine-tune. Prints the table that docs/RELIABILITY.md reports
 Everything runs on tiny checkpoints built here (a 2-layer Llama with the reference model's tokenizer), in a work
 folder (``--work``, default a temporary one). Each case is judged from the outside:
 
-* inputs: every command that reads the file (patch, info, eval, analyze, finetune, demo, convert, export) runs as
-  ``ctxext.cli.main(argv)`` (what ``python -m ctxext.cli`` runs, in this process to save the start-up time; an
+* inputs: every command that reads the file (patch, info, eval, analyze, search, finetune, demo, convert, export)
+  runs as ``ctxext.cli.main(argv)`` (what ``python -m ctxext.cli`` runs, in this process to save start-up time; an
   exception that escapes is a traceback). Handled: exit 2, a message naming the file and the problem, no
   traceback, nothing written (no output, no temporary or lock file beside it).
 * kill: the operation (patch, export, fine-tuning with a checkpoint every step, the merge at the end) runs as a
@@ -168,8 +168,9 @@ def make_fixtures(root: Path) -> Fixtures:
 
 # ---------------------------------------------------------------- part 1: hostile inputs
 
-CHECKPOINT_COMMANDS = ("patch", "info", "eval", "analyze", "finetune", "demo", "export")
-TOKENIZER_COMMANDS = ("eval", "analyze", "finetune", "demo", "export")  # patch and info need no tokenizer
+CHECKPOINT_COMMANDS = ("patch", "info", "eval", "analyze", "search", "finetune", "demo", "export")
+TOKENIZER_COMMANDS = ("eval", "analyze", "search", "finetune", "demo", "export")  # patch and info need no tokenizer
+DATA_COMMANDS = ("finetune", "eval", "search")
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,10 @@ def command_argv(command: str, kind: str, bad: Path, fx: Fixtures, out: Path) ->
         return ["eval", "ppl", src, "--lengths", "32", "--data", data, "--max-documents", "2", "--output", out], out
     if command == "analyze":
         return ["analyze", "freq", src, "--max-tokens", "256", "--output", out], out
+    if command == "search":
+        data = bad if kind == "data" else "stdlib:train"
+        return ["search", src, out, "--target-length", "128", "--data", data, "--budget", "4", "--population", "4",
+                "--windows", "1"], out
     if command == "finetune":
         config = bad if kind == "yaml" else TINY_YAML
         extra = [f"data.source={bad}", "data.held_out=null"] if kind == "data" else []
@@ -331,12 +336,12 @@ HOSTILE = [
             r"stages\.0\.steps: Input should be greater than 0", ("finetune",)),
     Hostile("YAML: huge steps (10^12)", "yaml", _yaml(lambda c: c["stages"][0].update(steps=10**12)), "",
             r"stages\.0\.steps: Input should be less than or equal to 10000000", ("finetune",)),
-    Hostile("data: empty file", "data", _data(b""), "", r"is empty", ("finetune", "eval")),
-    Hostile("data: binary file", "data", _data(bytes(range(256)) * 64), "", r"is binary", ("finetune", "eval")),
+    Hostile("data: empty file", "data", _data(b""), "", r"is empty", DATA_COMMANDS),
+    Hostile("data: binary file", "data", _data(bytes(range(256)) * 64), "", r"is binary", DATA_COMMANDS),
     Hostile("data: not UTF-8", "data", _data("café au lait, déjà vu\n".encode("latin-1") * 200), "",
-            r"is not UTF-8", ("finetune", "eval")),
+            r"is not UTF-8", DATA_COMMANDS),
     Hostile("data: too short for one block", "data", _data(b"x = 1\n", ".py"), "",
-            r"fewer than one block|no document has at least", ("finetune", "eval")),
+            r"fewer than one block|no document has at least", DATA_COMMANDS),
 ]
 
 
@@ -847,30 +852,37 @@ def two_finetunes_at_once(fx: Fixtures) -> Outcome:
 
 
 def part_diverge(fx: Fixtures, args) -> list[Outcome]:
-    """Stage 2 at learning rate 1e30: step 7 wrecks the weights, step 8's loss is NaN. Exit 3; the checkpoint of
-    step 7 (the wrecked weights) is set aside; step 6 is the last good one: finite, and --resume with a sane
-    learning rate continues from it to the end."""
+    """Stage 2 at learning rate 1e30 (no clipping): its first update wrecks the weights and the next loss is not
+    finite. Exit 3; the checkpoint whose weights gave that loss is set aside; the one before it is named as the last
+    good one, holds finite weights, and --resume with a sane learning rate continues from it to the end, keeping the
+    curve up to it."""
     import torch
     from safetensors.torch import load_file
 
+    from ctxext.config import load_config
+
+    total = sum(load_config(TINY_YAML).stage_steps(i) for i in range(len(load_config(TINY_YAML).stages)))
     run = fx.out("diverge")
-    argv = finetune_argv(fx, run, "stages.1.lr=1e30", "optimization.grad_clip=null")
-    rc, err = cli_subprocess(argv)
-    good = run / "checkpoints" / "step-000006"
-    problems = [what for what, ok in ((f"exit code {rc}", rc == 3), ("no divergence message", "loss became" in err),
+    rc, err = cli_subprocess(finetune_argv(fx, run, "stages.1.lr=1e30", "optimization.grad_clip=null"))
+    found = re.search(r"loss became (?:nan|inf|-inf) at step (\d+)", err)
+    step = int(found.group(1)) if found else 0
+    good = run / "checkpoints" / f"step-{step - 2:06d}"
+    problems = [what for what, ok in ((f"exit code {rc}", rc == 3), ("no divergence message", found is not None),
                                       ("last good checkpoint not named", f"Last good checkpoint: {good}" in err),
                                       ("wrecked checkpoint not set aside",
-                                       (run / "checkpoints" / "diverged-step-000007").is_dir()))
+                                       (run / "checkpoints" / f"diverged-step-{step - 1:06d}").is_dir()))
                 if not ok]
     finite = good.is_dir() and all(torch.isfinite(t).all() for t in load_file(good / "model.safetensors").values())
-    problems += [] if finite else ["the last good checkpoint holds non-finite weights"]
+    problems += [] if finite else [f"the last good checkpoint {good.name} is missing or holds non-finite weights"]
+    before = losses(run)[: step - 2] if (run / "metrics.jsonl").exists() else []
     rc2, err2 = cli(finetune_argv(fx, run, "stages.1.lr=1e-3", "optimization.grad_clip=null", resume=True))
-    curve = losses(run) if (run / "metrics.jsonl").exists() else []
-    resumed = rc2 == 0 and len(curve) == 12 and all(math.isfinite(x) for x in curve) and \
-        checkpoint_is(run / "merged", patched_logits(run / "merged")) is None
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if rc2 == 0 else []
+    resumed = ([r["step"] for r in records] == list(range(1, total + 1)) and all(math.isfinite(r["loss"]) for r in records)
+               and [r["loss"] for r in records[: step - 2]] == before
+               and checkpoint_is(run / "merged", patched_logits(run / "merged")) is None)
     problems += [] if resumed else [f"resume failed ({rc2}): {err2.strip()[-300:]}"]
-    return [Outcome("diverge", "loss NaN at step 8: exit 3, last good checkpoint loads and resumes", not problems,
-                    corrupted=not finite, lost=not resumed,
+    return [Outcome("diverge", f"loss not finite at step {step}: exit 3, last good checkpoint loads and resumes",
+                    not problems, corrupted=not finite, lost=not resumed,
                     note="; ".join(problems) + " | " + (err.strip().splitlines() or [""])[-1][:300])]
 
 
