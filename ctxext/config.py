@@ -136,6 +136,8 @@ class DataSection(_Strict):
     held_out: str | None = Field("stdlib:held_out", description="held-out source (None: last held_out_fraction of source)")
     held_out_fraction: float = Field(0.02, gt=0, lt=1)
     max_documents: int | None = Field(None, gt=0)
+    answer_weight: float = Field(1.0, ge=0, le=1000, description="loss weight of answer tokens: a table row's "
+                                 "'answers' character spans, e.g. the key a retrieval document asks for (1: none)")
 
 
 class OptimizationSection(_Strict):

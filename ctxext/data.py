@@ -22,7 +22,7 @@ from __future__ import annotations
 import codecs
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from .errors import DataError
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst"}
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DEFAULT_EVAL_SOURCE = "stdlib:held_out"
+ANSWERS = "answers"  # a table row's optional [[start, end], ...] character spans weighted by data.answer_weight
 BINARY_SHARE = 0.1  # a file whose first 64 KiB are more than this share control characters is binary
 _CONTROL = bytes(c for c in range(32) if chr(c) not in "\t\n\r\f\v")
 
@@ -167,11 +168,30 @@ def _text_dataset(source: str, text_field: str, max_documents: int | None):
         ds = _load_dataset(source, split="train")
     if text_field not in ds.column_names:
         raise DataError(f"{source}: no field {text_field!r}; its fields are {', '.join(ds.column_names)}")
-    ds = ds.select_columns([text_field]).filter(lambda b: [isinstance(t, str) and bool(t) for t in b[text_field]],
-                                                batched=True)
+    keep = [text_field] + ([ANSWERS] if ANSWERS in ds.column_names and text_field != ANSWERS else [])
+    ds = ds.select_columns(keep).filter(lambda b: [isinstance(t, str) and bool(t) for t in b[text_field]],
+                                        batched=True)
     if max_documents:
         ds = ds.select(range(min(max_documents, len(ds))))
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
+
+
+def _answer_token_spans(tokenizer, texts: list[str], answers: list) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Token ids per document and, per document, the [start, end) token ranges that overlap its ``answers``
+    character spans (a row without answers has none)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"the data's {ANSWERS!r} spans need a fast tokenizer (character offsets); "
+                        f"{type(tokenizer).__name__} is not one: drop the {ANSWERS!r} field or set answer_weight 1")
+    enc = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=True)
+    spans = []
+    for offsets, doc_answers in zip(enc["offset_mapping"], answers):
+        mine = []
+        for a, b in doc_answers or []:
+            hit = [i for i, (s, e) in enumerate(offsets) if s < b and e > a]
+            if hit:
+                mine.append([hit[0], hit[-1] + 1])
+        spans.append(mine)
+    return enc["input_ids"], spans
 
 
 def write_token_file(tokenizer, source: str, path: str | Path, *, text_field: str = "text",
@@ -189,28 +209,45 @@ def write_token_file(tokenizer, source: str, path: str | Path, *, text_field: st
     eos = eos_id(tokenizer)
     if len(tokenizer) > np.iinfo(TOKEN_DTYPE).max:
         raise DataError(f"vocabulary of {len(tokenizer)} tokens does not fit the uint32 token file")
-    ids = dataset.map(lambda batch: {"ids": tokenize_documents(tokenizer, batch["text"])}, batched=True,
-                      remove_columns=dataset.column_names, desc="tokenizing", keep_in_memory=len(dataset) < 100_000)
+    with_answers = ANSWERS in dataset.column_names
+
+    def tokenize(batch):
+        if not with_answers:
+            return {"ids": tokenize_documents(tokenizer, batch["text"])}
+        ids, spans = _answer_token_spans(tokenizer, batch["text"], batch[ANSWERS])
+        return {"ids": ids, "spans": spans}
+
+    ids = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenizing",
+                      keep_in_memory=len(dataset) < 100_000)
     counts = {"documents": len(ids), "tokens": 0}
     starts: list[int] = []
+    spans: list[list[int]] = []
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:
             for batch in ids.iter(batch_size=1000):
-                for doc in batch["ids"]:
+                doc_spans = batch.get("spans") or [[]] * len(batch["ids"])
+                for doc, mine in zip(batch["ids"], doc_spans):
                     starts.append(counts["tokens"])
+                    spans.extend([counts["tokens"] + a, counts["tokens"] + b] for a, b in mine)
                     counts["tokens"] += len(doc) + 1
                 np.asarray([t for doc in batch["ids"] for t in (*doc, eos)], dtype=TOKEN_DTYPE).tofile(f)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, write)
     atomic_write(_starts_path(path), lambda tmp: np.asarray(starts, dtype=np.uint64).tofile(tmp))
-    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps({"source": source, **counts})))
+    atomic_write(_answers_path(path), lambda tmp: np.asarray(spans, dtype=np.uint64).reshape(-1, 2).tofile(tmp))
+    atomic_write(path.with_suffix(".json"),
+                 lambda tmp: tmp.write_text(json.dumps({"source": source, **counts, "answer_spans": len(spans)})))
     return path
 
 
 def _starts_path(path: Path) -> Path:
     return path.with_suffix(".starts")
+
+
+def _answers_path(path: Path) -> Path:
+    return path.with_suffix(".answers")
 
 
 def open_token_file(path: str | Path) -> np.ndarray:
@@ -226,19 +263,45 @@ def document_starts(path: str | Path) -> np.ndarray:
     return np.fromfile(_starts_path(Path(path)), dtype=np.uint64).astype(np.int64)
 
 
+def answer_spans(path: str | Path) -> np.ndarray:
+    """The [start, end) token ranges of the answers in the token file ``path`` (``[n, 2]``, increasing; empty when
+    its source marked none)."""
+    file = _answers_path(Path(path))
+    spans = np.fromfile(file, dtype=np.uint64) if file.is_file() else np.zeros(0, dtype=np.uint64)
+    return spans.astype(np.int64).reshape(-1, 2)
+
+
 @dataclass(frozen=True)
 class Blocks:
-    """A stage's training blocks: the windows ``tokens[s : s + length]`` for ``s`` in ``starts``."""
+    """A stage's training blocks: the windows ``tokens[s : s + length]`` for ``s`` in ``starts``; ``answers``: the
+    [start, end) token ranges of answers in ``tokens`` (weighted in the loss by ``data.answer_weight``)."""
 
     tokens: np.ndarray
     starts: np.ndarray
     length: int
+    answers: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.starts)
 
+    def read(self, starts: np.ndarray) -> torch.Tensor:
+        """The blocks that start at ``starts``, ``[len(starts), length]`` int64."""
+        return torch.from_numpy(np.stack([np.asarray(self.tokens[s : s + self.length], dtype=np.int64)
+                                          for s in starts]))
 
-def stage_blocks(tokens: np.ndarray, doc_starts: np.ndarray, length: int) -> Blocks:
+    def answer_mask(self, starts: np.ndarray) -> torch.Tensor:
+        """``[len(starts), length]`` bool: True on the tokens of an answer."""
+        mask = np.zeros((len(starts), self.length), dtype=bool)
+        begins, ends = self.answers[:, 0], self.answers[:, 1]
+        for row, s in enumerate(starts):
+            lo = int(np.searchsorted(ends, s, side="right"))  # the first answer that ends after the block starts
+            hi = int(np.searchsorted(begins, s + self.length, side="left"))  # ... and those beginning before its end
+            for a, b in zip(begins[lo:hi], ends[lo:hi]):
+                mask[row, max(a - s, 0) : min(b - s, self.length)] = True
+        return torch.from_numpy(mask)
+
+
+def stage_blocks(tokens: np.ndarray, doc_starts: np.ndarray, length: int, answers: np.ndarray | None = None) -> Blocks:
     """Consecutive blocks of ``length`` tokens, except that a document which a block's end would cut and which fits
     in one block starts the next block instead, so it is trained on whole.
 
@@ -255,7 +318,8 @@ def stage_blocks(tokens: np.ndarray, doc_starts: np.ndarray, length: int) -> Blo
         i = int(np.searchsorted(doc_starts, end, side="left")) - 1  # the document that holds token end - 1
         cut = i >= 0 and doc_ends[i] > end and doc_starts[i] > s and doc_ends[i] - doc_starts[i] <= length
         s = int(doc_starts[i]) if cut else end
-    return Blocks(tokens, np.asarray(starts, dtype=np.int64), length)
+    answers = np.zeros((0, 2), dtype=np.int64) if answers is None else answers[answers[:, 1] <= total]
+    return Blocks(tokens, np.asarray(starts, dtype=np.int64), length, answers)
 
 
 @dataclass
@@ -271,20 +335,19 @@ def block_order(n_blocks: int, seed: int, stage: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, stage, epoch]).permutation(n_blocks)
 
 
-def next_blocks(blocks: Blocks, count: int, where: Cursor, seed: int) -> torch.Tensor:
-    """The next ``count`` blocks ``[count, blocks.length]`` (int64) of the stage; advances ``where`` (wraps into a
-    new epoch with a new order)."""
-    rows: list[np.ndarray] = []
+def next_starts(blocks: Blocks, count: int, where: Cursor, seed: int) -> np.ndarray:
+    """Where the next ``count`` blocks of the stage start; advances ``where`` (wraps into a new epoch with a new
+    order)."""
+    starts = []
     order = None
     for _ in range(count):
         if where.cursor >= len(blocks):
             where.cursor, where.epoch, order = 0, where.epoch + 1, None
         if order is None:
             order = block_order(len(blocks), seed, where.stage, where.epoch)
-        s = int(blocks.starts[order[where.cursor]])
-        rows.append(np.asarray(blocks.tokens[s : s + blocks.length], dtype=np.int64))
+        starts.append(int(blocks.starts[order[where.cursor]]))
         where.cursor += 1
-    return torch.from_numpy(np.stack(rows))
+    return np.asarray(starts, dtype=np.int64)
 
 
 def pose_position_ids(window: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:

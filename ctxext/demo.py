@@ -37,7 +37,8 @@ def build_finetune_data(tokenizer, path: Path, lengths: list[int], n_passkey: in
     block: ``data.stage_blocks``); ``edge_depth_share`` of them put the key exactly at the start or the end (the
     depths 0 and 1 that evaluation asks for and a uniform depth almost never gives).
     ``task_documents`` adds RULER-style task documents (``ctxext.evals.retrieval``) with their own seed; the filler
-    is stdlib *train* code, so no training document repeats an evaluation prompt (held-out filler)."""
+    is stdlib *train* code, so no training document repeats an evaluation prompt (held-out filler). Retrieval rows
+    carry their answer's character span (``answers``), which ``data.answer_weight`` weighs in the loss."""
     from .corpus import read_texts, stdlib_files
     from .data import join_documents
     from .evals import passkey, retrieval
@@ -52,16 +53,15 @@ def build_finetune_data(tokenizer, path: Path, lengths: list[int], n_passkey: in
         length = rng.choice(lengths)
         start = rng.randrange(0, len(filler) - 2 * length)
         size = length - 16 if rng.random() < full_length_share else rng.randint(length // 4, length - 16)
-        doc = passkey.training_document(tokenizer, filler[start : start + 2 * length], rng, size, edge_depth_share)
-        rows.append({"text": tokenizer.decode(doc)})
+        rows.append(_row(tokenizer, *passkey.training_parts(tokenizer, filler[start : start + 2 * length], rng, size,
+                                                            edge_depth_share)))
     task_rng = random.Random(f"training-tasks-{seed}")  # never the evaluation seeds (f"{task}-{seed}")
     for task, count in (task_documents or {}).items():
         for _ in range(count):
             length = task_rng.choice(lengths)
             start = task_rng.randrange(0, len(filler) - 2 * length)
-            doc = retrieval.training_document(tokenizer, filler[start : start + 2 * length], task_rng, task,
-                                              task_rng.randint(length // 2, length))
-            rows.append({"text": tokenizer.decode(doc)})
+            rows.append(_row(tokenizer, *retrieval.training_parts(tokenizer, filler[start : start + 2 * length],
+                                                                  task_rng, task, task_rng.randint(length // 2, length))))
     code_chars = sum(map(len, texts)) if code else 0
     share = 1 - code_chars / sum(len(r["text"]) for r in rows)
     rng.shuffle(rows)
@@ -71,6 +71,13 @@ def build_finetune_data(tokenizer, path: Path, lengths: list[int], n_passkey: in
     log.info("fine-tuning data: %d stdlib files + %d passkey documents%s (%.1f%% of the text) -> %s",
              len(texts) if code else 0, n_passkey, extra, 100 * share, path)
     return path
+
+
+def _row(tokenizer, prompt: list[int], answer: list[int]) -> dict:
+    """A JSONL row: the document's text and the character span of its answer (``data.answer_weight`` weighs the
+    answer's tokens in the loss)."""
+    head, tail = tokenizer.decode(prompt), tokenizer.decode(answer)
+    return {"text": head + tail, "answers": [[len(head), len(head) + len(tail.rstrip())]]}
 
 
 def run_demo(output_dir: str = "ctxext-demo", *, recipe: str | None = None, factor: float | None = None,

@@ -34,6 +34,8 @@ class RecipeData(_Strict):
     train_documents: int | None = Field(None, gt=0, description="stdlib train files used (None: all)")
     task_documents: dict[str, int] = Field(default_factory=dict, description="RULER-style training documents per "
                                            "task (multikey, multivalue, vartrack), from training seeds")
+    answer_weight: float = Field(1.0, ge=0, le=1000, description="loss weight of the answer tokens of retrieval "
+                                 "documents (1: as every other token)")
 
 
 class RecipeEvaluation(_Strict):
@@ -93,7 +95,7 @@ class Recipe(_Strict):
             "model": {"path": base, "dtype": "float32"},
             "patch": {"method": method, "target_length": target, **(params or {})},
             "stages": stages,
-            "data": {"source": str(data), "held_out": "stdlib:held_out"},
+            "data": {"source": str(data), "held_out": "stdlib:held_out", "answer_weight": self.data.answer_weight},
             **self.finetune.model_dump(mode="json", exclude={"stage_steps", "stage_windows", "retrieval_phase"}),
         }
         return load_config(raw=raw)

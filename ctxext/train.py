@@ -48,8 +48,8 @@ from tqdm.auto import tqdm
 
 from .atomic import TMP_MARK, abandon_on_error, atomic_folder, atomic_write_text, commit_folder, disk_full
 from .config import FinetuneConfig
-from .data import (Blocks, Cursor, document_starts, first_blocks, next_blocks, open_token_file, pose_position_ids,
-                   stage_blocks, write_token_file)
+from .data import (Blocks, Cursor, answer_spans, document_starts, first_blocks, next_starts, open_token_file,
+                   pose_position_ids, stage_blocks, write_token_file)
 from .errors import CtxextError, OutputError, TrainingError
 from .lock import output_lock
 from .loss import ChunkedLMLoss
@@ -287,8 +287,8 @@ def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[
             raise TrainingError(f"the training data of stage {i} has {len(streams[name]):,} tokens, fewer than one "
                                 f"block (seq_len {stage.block_len}); give more data ({files[name][0]}) or shorter "
                                 "stages")
-        starts = document_starts(run / "tokens" / f"{name}.bin")
-        blocks.append(stage_blocks(streams[name], starts, stage.block_len))
+        file = run / "tokens" / f"{name}.bin"
+        blocks.append(stage_blocks(streams[name], document_starts(file), stage.block_len, answer_spans(file)))
     return blocks, held
 
 
@@ -337,21 +337,28 @@ def train_step(loss_module, opt, sched, params, train: Blocks, cfg: FinetuneConf
     rank, groups = data_split(accelerator, cfg)  # context parallel: a group of processes shares each sequence
     n_seq = cfg.sequences_per_step(pos.stage)
     t0 = time.perf_counter()
-    blocks = next_blocks(train, n_seq, pos, cfg.seed)
+    starts = next_starts(train, n_seq, pos, cfg.seed)
+    blocks = train.read(starts)
+    weights = None
+    if cfg.data.answer_weight != 1 and len(train.answers):  # weight of each target: the answers' tokens weigh more
+        weights = 1 + (cfg.data.answer_weight - 1) * train.answer_mask(starts)[:, 1:].float()
     positions = None
     if stage.window:  # PoSE: the same skips on every process, seeded by the step (a resumed run draws them again)
         rng = np.random.default_rng([cfg.seed, pos.step])
         positions = torch.stack([pose_position_ids(stage.window, stage.seq_len, rng) for _ in range(n_seq)])
     mine = blocks[rank::groups]
     mine_positions = positions[rank::groups] if positions is not None else None
+    mine_weights = weights[rank::groups] if weights is not None else None
     global_targets = n_seq * (stage.block_len - 1)
     size = cfg.optimization.micro_batch_size
     micro = [mine[i : i + size] for i in range(0, len(mine), size)]
     local_sum = torch.zeros((), device=accelerator.device)
     for j, mb in enumerate(micro):
         mb_positions = mine_positions[j * size : (j + 1) * size] if positions is not None else None
+        mb_weights = mine_weights[j * size : (j + 1) * size] if weights is not None else None
         with gradient_sync(accelerator, loss_module, sync=j == len(micro) - 1):
-            nll = block_nll(loss_module, mb, mb_positions, accelerator, cfg, backward_scale=world / global_targets)
+            nll = block_nll(loss_module, mb, mb_positions, accelerator, cfg, backward_scale=world / global_targets,
+                            weights=mb_weights)
         local_sum += nll
     if not micro:  # more processes than sequences: still join the gradient all-reduce
         block_nll(loss_module, blocks[:1], None, accelerator, cfg, backward_scale=0.0)
@@ -371,21 +378,26 @@ def train_step(loss_module, opt, sched, params, train: Blocks, cfg: FinetuneConf
 
 
 def block_nll(loss_module, blocks: torch.Tensor, positions: torch.Tensor | None, accelerator, cfg,
-              backward_scale: float | None = None) -> torch.Tensor:
-    """Summed next-token NLL of ``blocks`` on this process, and its backward when ``backward_scale`` is given
-    (the scale makes the gradient averaged over processes equal the global mean). With context parallel each
-    process of a group holds a slice of the sequence: the targets are shifted before the split and the sums of
-    the group add up to the whole block's."""
+              backward_scale: float | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token NLL of ``blocks`` on this process (each target times its ``weights`` entry,
+    ``[batch, seq - 1]``, when given), and its backward when ``backward_scale`` is given (the scale makes the
+    gradient averaged over processes equal the global mean). With context parallel each process of a group holds a
+    slice of the sequence: the targets are shifted before the split and the sums of the group add up to the whole
+    block's."""
     blocks = blocks.to(accelerator.device)
     positions = positions.to(accelerator.device) if positions is not None else None
+    weights = weights.to(accelerator.device) if weights is not None else None
     labels, buffers = None, []
     if cfg.distributed.cp_size > 1:
         labels = shifted_labels(blocks)
         if positions is None:
             positions = torch.arange(blocks.shape[1], device=blocks.device).expand_as(blocks).contiguous()
         buffers = [blocks, labels, positions]
+        if weights is not None:  # aligned with the labels (the last position has no target)
+            weights = torch.cat([weights, weights.new_zeros(weights.shape[0], 1)], dim=1)
+            buffers.append(weights)
     with sequence_split(accelerator, cfg, buffers):  # a no-op without context parallel
-        nll = loss_module(blocks, positions, labels=labels)
+        nll = loss_module(blocks, positions, labels=labels, weights=weights)
         if backward_scale is not None:
             accelerator.backward(nll * backward_scale)
     return nll.detach()

@@ -348,3 +348,54 @@ def test_stage_blocks_keep_every_document_that_fits_whole_and_lose_no_token():
     assert len(plain) < 0.8 * len(fits)
     repeated = len(windows) * 64 / windows[-1][1]
     assert repeated < 1.6  # the price: heads of cut documents read twice
+
+
+def test_answer_spans_mark_the_answer_tokens_in_the_token_file_and_the_blocks(tmp_path):
+    import numpy as np
+
+    from ctxext.data import answer_spans, document_starts, open_token_file, stage_blocks, write_token_file
+
+    tokenizer = train_tokenizer(corpus.read_texts(corpus.stdlib_files("train")[:30]), vocab_size=512)
+    rows = [{"text": "def f():\n    return 1\n"}]  # a code row: no answers
+    for i in range(40):
+        head = f"# The pass key is {31000 + 37 * i}. Remember it.\nx = {i}\n" * (1 + i % 3) + "# What is the pass key? The pass key is"
+        answer = f" {31000 + 37 * i}."
+        rows.append({"text": head + answer + "\n", "answers": [[len(head), len(head) + len(answer)]]})
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_token_file(tokenizer, str(data), tmp_path / "tokens" / "train.bin", progress=False)
+    tokens, starts, spans = open_token_file(path), document_starts(path), answer_spans(path)
+    assert len(spans) == 40 and (np.diff(spans.ravel()) >= 0).all()
+    for i, (a, b) in enumerate(spans):
+        assert tokenizer.decode(tokens[a:b].tolist()).strip() == f"{31000 + 37 * i}."
+        assert starts[i + 1] <= a < b < (starts[i + 2] if i + 2 < len(starts) else len(tokens))
+    blocks = stage_blocks(tokens, starts, 32, spans)
+    mask = blocks.answer_mask(blocks.starts).numpy()
+    brute = np.zeros_like(mask)
+    for row, s in enumerate(blocks.starts):
+        for a, b in spans:
+            for j in range(a, b):
+                if s <= j < s + 32:
+                    brute[row, j - s] = True
+    assert mask.any() and (mask == brute).all()
+
+
+@pytest.mark.slow
+def test_answer_weight_reaches_the_training_loss(base, tmp_path):
+    rows = []
+    for i in range(60):
+        head = "".join(f"x_{j} = {i * j}\n" for j in range(20)) + f"# The pass key is {40000 + i}. What is it? It is"
+        answer = f" {40000 + i}."
+        rows.append({"text": head + answer + "\n", "answers": [[len(head), len(head) + len(answer)]]})
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = {}
+    for weight in (1, 10):
+        out = tmp_path / f"w{weight}"
+        proc = subprocess.run(finetune_cmd(base, out, f"data.source={data}", f"data.answer_weight={weight}",
+                                           "stages.0.steps=2", "stages.1.steps=1"),
+                              capture_output=True, text=True, cwd=REPO, env=ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        first[weight] = losses(out)[0]
+    # the same blocks and weights at step 1: the answers' ~4% of the targets count 10x instead of 1x
+    assert 1.1 * first[1] < first[10] < 10 * first[1]

@@ -56,3 +56,41 @@ def test_position_ids_reach_the_model_as_in_its_own_loss():
     assert abs(own.item() - packed.item()) > 1e-4
     ours = ChunkedLMLoss(model, chunk=16)(ids, positions) / (2 * 39)
     torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_target_weights_scale_each_term_and_its_gradient(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 97, (50,))
+    t[[3, 17]] = -100
+    weights = torch.rand(50, dtype=torch.float64) * 10
+    ref = (F.cross_entropy(h @ w.T, t, reduction="none", ignore_index=-100) * weights).sum()
+    ref_gh, ref_gw = torch.autograd.grad(ref, (h, w))
+    got = linear_cross_entropy(h, w, t, chunk=chunk, target_weights=weights)
+    gh, gw = torch.autograd.grad(got, (h, w))
+    torch.testing.assert_close(got, ref.float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-5)  # fp32 logits, terms up to 10x
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora_head", [False, True])
+def test_wrapped_model_weights_match_a_weighted_full_logits_loss(lora_head):
+    """Both paths of ChunkedLMLoss (plain head: fused; adapted head: checkpointed chunks) weigh each target."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    if lora_head:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False))
+    ids = torch.randint(0, 101, (2, 40))
+    weights = torch.ones(2, 39)
+    weights[0, 5:9] = 20.0
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    ref = (F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none") * weights.flatten()).sum()
+    plain = ChunkedLMLoss(model, chunk=16)(ids)
+    ours = ChunkedLMLoss(model, chunk=16)(ids, weights=weights)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
+    assert ours > plain * 1.05  # the weights changed the sum

@@ -76,9 +76,10 @@ def score(generated_text: str, key: str) -> bool:
     return match is not None and match.group(1) == key
 
 
-def training_document(tokenizer, filler_ids: list[int], rng: random.Random, length: int,
-                      edge_depth_share: float = 0.0) -> list[int]:
-    """A passkey document with its answer, for training: ``length`` prompt tokens plus the answer and a newline.
+def training_parts(tokenizer, filler_ids: list[int], rng: random.Random, length: int,
+                   edge_depth_share: float = 0.0) -> tuple[list[int], list[int]]:
+    """A passkey document for training, as (prompt ids, answer ids): ``length`` prompt tokens, then the answer and a
+    newline.
 
     The depth is uniform in [0, 1]; with probability ``edge_depth_share`` it is exactly 0 or 1 instead (a uniform
     depth almost never puts the key line at position 0, which evaluation's depth 0 does).
@@ -88,8 +89,14 @@ def training_document(tokenizer, filler_ids: list[int], rng: random.Random, leng
     if edge_depth_share and rng.random() < edge_depth_share:
         depth = float(rng.random() < 0.5)
     prompt = build_prompt(tokenizer, filler_ids, length, depth, key)
-    answer = tokenizer.encode(ANSWER.format(key=key) + ".\n", add_special_tokens=False)
-    return prompt.input_ids + answer
+    return prompt.input_ids, tokenizer.encode(ANSWER.format(key=key) + ".\n", add_special_tokens=False)
+
+
+def training_document(tokenizer, filler_ids: list[int], rng: random.Random, length: int,
+                      edge_depth_share: float = 0.0) -> list[int]:
+    """``training_parts`` joined: the prompt followed by its answer."""
+    prompt, answer = training_parts(tokenizer, filler_ids, rng, length, edge_depth_share)
+    return prompt + answer
 
 
 @torch.no_grad()

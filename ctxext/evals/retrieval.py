@@ -131,11 +131,19 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def training_document(tokenizer, filler_ids: list[int], rng: random.Random, task: str, length: int) -> list[int]:
-    """A document of ``task`` with its answer, for fine-tuning (use a training rng and the training filler)."""
+def training_parts(tokenizer, filler_ids: list[int], rng: random.Random, task: str,
+                   length: int) -> tuple[list[int], list[int]]:
+    """A document of ``task`` for fine-tuning, as (prompt ids, answer ids) (use a training rng and the training
+    filler)."""
     needles = TASKS[task](rng, rng.random())
     prompt = build_prompt(tokenizer, filler_ids, length, needles)
-    return prompt + tokenizer.encode(needles.answer_text + "\n", add_special_tokens=False)
+    return prompt, tokenizer.encode(needles.answer_text + "\n", add_special_tokens=False)
+
+
+def training_document(tokenizer, filler_ids: list[int], rng: random.Random, task: str, length: int) -> list[int]:
+    """``training_parts`` joined: the prompt followed by its answer."""
+    prompt, answer = training_parts(tokenizer, filler_ids, rng, task, length)
+    return prompt + answer
 
 
 @torch.no_grad()
