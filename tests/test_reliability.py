@@ -299,3 +299,17 @@ def test_the_drill_table_counts_what_it_is_given():
     lines = drill.table(outcomes)
     assert "| inputs | 2 | 1 | 0 | 0 |" in lines and "| kill | 1 | 0 | 1 | 1 |" in lines
     assert lines[-1] == "| **all** | **3** | **1** | **1** | **1** |"
+
+
+PLAN_CASES = [h for h in drill.HOSTILE if h.kind == "checkpoint" and "plan" in h.commands]
+
+
+@pytest.mark.parametrize("hostile", PLAN_CASES, ids=lambda h: h.name)
+def test_plan_refuses_each_hostile_config_json_naming_the_file(hostile, tiny, tmp_path):
+    """`ctxext plan` reads config.json alone: every hostile one is refused as the other commands refuse it."""
+    from ctxext.memory import model_shape
+
+    bad = hostile.build(tmp_path, tiny)
+    with pytest.raises(CheckpointError) as err:
+        model_shape(str(bad))
+    assert str(bad / "config.json") in str(err.value) and re.search(hostile.says, str(err.value)), str(err.value)
