@@ -22,8 +22,6 @@ import math
 import sys
 
 
-
-
 def chain_help() -> str:
     from .rope import METHODS, ROLES
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import resource
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from .errors import ConfigError
@@ -301,7 +301,7 @@ def model_shape(path: str) -> tuple[ModelShape, str | None]:
                               f"or give a shape with --shape ({', '.join(SHAPES)})")
     try:
         return ModelShape.from_config(config), config.get("dtype") or config.get("torch_dtype")
-    except Exception as err:  # not a decoder config ctxext can size
+    except Exception as err:  # noqa: BLE001  (not a decoder config ctxext can size)
         raise ConfigError(f"cannot read the shape of model {path!r} from {config_path} ({type(err).__name__}: "
                           f"{str(err)[:200]}); give one with --shape ({', '.join(SHAPES)})") from None
 
@@ -326,11 +326,11 @@ def hub_config(model_id: str) -> tuple[str, dict]:
             raise ConfigError(f"{file} (config.json of {model_id}) cannot be read: {err}") from None
 
     try:
-        return read(hf_hub_download(model_id, "config.json", local_files_only=True))
-    except ConfigError:
-        raise
-    except Exception:  # not in the cache
-        pass
+        cached = hf_hub_download(model_id, "config.json", local_files_only=True)
+    except Exception:  # noqa: BLE001  (not in the cache, in any of huggingface_hub's wordings)
+        cached = None
+    if cached is not None:
+        return read(cached)
     unreachable = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "")
                    .lower() in ("1", "true", "yes", "on") else hub_unreachable(constants.ENDPOINT))
     if unreachable:
@@ -339,12 +339,11 @@ def hub_config(model_id: str) -> tuple[str, dict]:
                           f"Download the model when online, give a local checkpoint folder, or a shape with --shape "
                           f"({', '.join(SHAPES)})")
     try:
-        return read(hf_hub_download(model_id, "config.json"))
-    except ConfigError:
-        raise
-    except Exception as err:  # gated, missing, no config.json
+        fetched = hf_hub_download(model_id, "config.json")
+    except Exception as err:  # noqa: BLE001  (gated, missing, no config.json, a network error)
         raise ConfigError(f"cannot fetch config.json of model {model_id!r} ({type(err).__name__}: {str(err)[:200]}); "
                           f"give a local checkpoint folder or a shape with --shape ({', '.join(SHAPES)})") from None
+    return read(fetched)
 
 
 def hub_unreachable(endpoint: str, timeout: float = 3.0) -> str | None:

@@ -704,7 +704,8 @@ def small_filesystem(path: Path, size: int):
     """A tmpfs of ``size`` bytes at ``path``; raises PermissionError (with mount's words) where mounting is refused."""
     path.mkdir(parents=True, exist_ok=True)
     size = max(4096, -(-size // 4096) * 4096)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False,
+                          capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise PermissionError(f"cannot mount a tmpfs here: {(proc.stderr or proc.stdout).strip()}")
@@ -824,7 +825,7 @@ def part_lock(fx: Fixtures, args) -> list[Outcome]:
 
 
 def cli_subprocess(argv: list) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "ctxext.cli", *map(str, argv)], cwd=REPO, env=ENV,
+    proc = subprocess.run([sys.executable, "-m", "ctxext.cli", *map(str, argv)], check=False, cwd=REPO, env=ENV,
                           capture_output=True, text=True)
     return proc.returncode, proc.stderr
 

@@ -109,7 +109,7 @@ def test_prediction_matches_a_measured_cpu_peak(tmp_path):
     """Two cases of benchmarks/memory_model.py (LoRA and full, each in its own process): predicted / measured peak
     within 0.8-1.25 (the published table: docs/benchmarks/memory_model.md)."""
     proc = subprocess.run([sys.executable, "benchmarks/memory_model.py", "--cases", "s1-lora-1024,s1-full-1024",
-                           "--output", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+                           "--output", str(tmp_path)], check=False, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "memory_model.json").read_text())
     assert [r["case"] for r in rows] == ["s1-lora-1024", "s1-full-1024"]
