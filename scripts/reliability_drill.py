@@ -174,6 +174,7 @@ TOKENIZER_COMMANDS = ("eval", "analyze", "search", "finetune", "demo", "export")
 YAML_COMMANDS = ("finetune", "plan")  # fine-tuning configs
 ANY_YAML_COMMANDS = YAML_COMMANDS + ("demo",)  # a YAML that no parser may accept is refused as a recipe too
 DATA_COMMANDS = ("finetune", "eval", "analyze", "search")
+GGUF_COMMANDS = ("convert",) + CHECKPOINT_COMMANDS  # every command that takes a checkpoint takes a .gguf file
 
 
 @dataclass(frozen=True)
@@ -329,8 +330,7 @@ HOSTILE = [
     Hostile("tokenizer: tokenizer.json cut short", "checkpoint",
             _checkpoint(edit_tokenizer=lambda text: text[: len(text) // 2]),
             "tokenizer", r"tokenizer of .* cannot be loaded", TOKENIZER_COMMANDS),
-    Hostile("GGUF: truncated file", "gguf", _truncated_gguf, "", r"truncated|corrupt",
-            ("convert", "patch", "export", "info")),
+    Hostile("GGUF: truncated file", "gguf", _truncated_gguf, "", r"truncated|corrupt", GGUF_COMMANDS),
     Hostile("YAML: alias bomb", "yaml", _yaml(text=ALIAS_BOMB), "", r"aliases are not allowed", ANY_YAML_COMMANDS),
     Hostile("YAML: deep nesting", "yaml", _yaml(text="stages: " + "[" * 20000 + "]" * 20000 + "\n"), "",
             r"nested too deeply", ANY_YAML_COMMANDS),
