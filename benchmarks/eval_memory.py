@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0)
+SHAPE = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+         "num_attention_heads": 9,
+             "num_key_value_heads": 3, "tie_word_embeddings": True, "rope_theta": 100000.0}
 WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -90,7 +91,7 @@ def main() -> int:
         for impl in ("ctxext", "baseline"):
             proc = subprocess.run([sys.executable, __file__, "--layers", str(args.layers), "--threads",
                                    str(args.threads), "--worker", impl, str(seq_len)],
-                                  capture_output=True, text=True, env=WORKER_ENV)
+                                  check=False, capture_output=True, text=True, env=WORKER_ENV)
             if proc.returncode != 0:
                 tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
                 rows.append({"impl": impl, "seq_len": seq_len, "error": tail})
@@ -103,10 +104,10 @@ def main() -> int:
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
     by = {(r["impl"], r["seq_len"]): r for r in rows}
     lines = ["# Long-input evaluation memory: ctxext eval ppl scoring vs model(x, labels=x)", "",
-             f"Command: `python benchmarks/eval_memory.py --lengths {args.lengths} --layers {args.layers}` "
-             f"({time.strftime('%Y-%m-%d')}, {rows[0].get('device', '?')}, {args.threads} threads; SmolLM2-135M shape "
-             f"with {args.layers} layers, vocab 49,152, float32, no_grad, batch 1; each run in its own process; "
-             "peak = peak RSS of the scoring call minus RSS before it).", "",
+             (f"Command: `python benchmarks/eval_memory.py --lengths {args.lengths} --layers {args.layers}` "
+              f"({time.strftime('%Y-%m-%d')}, {rows[0].get('device', '?')}, {args.threads} threads; SmolLM2-135M shape "
+              f"with {args.layers} layers, vocab 49,152, float32, no_grad, batch 1; each run in its own process; "
+              "peak = peak RSS of the scoring call minus RSS before it)."), "",
              "| seq_len | model(x, labels=x) peak MB | ctxext peak MB | memory ratio | baseline s | ctxext s | loss (baseline / ctxext) |",
              "|---|---|---|---|---|---|---|"]
     for L in lengths:

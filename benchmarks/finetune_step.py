@@ -24,14 +24,15 @@ from pathlib import Path
 from ctxext.memory import MALLOC_ENV, peak_rss_bytes, rss_bytes
 
 SHAPES = {
-    "smollm-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-    "body-only": dict(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-    "vocab-only": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=True),
+    "smollm-135m": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                        "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
+    "body-only": {"vocab_size": 1000, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                      "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
+    "vocab-only": {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "tiny": {"vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "tie_word_embeddings": True},
 }
 
 
@@ -104,7 +105,7 @@ def main() -> int:
     for seq_len in [int(x) for x in args.lengths.split(",")]:
         for impl in ("baseline", "ctxext"):
             proc = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--worker", impl, str(seq_len)],
-                                  capture_output=True, text=True, env=MALLOC_ENV)
+                                  check=False, capture_output=True, text=True, env=MALLOC_ENV)
             if proc.returncode != 0:
                 rows.append({"impl": impl, "seq_len": seq_len, "error": proc.stderr.strip().splitlines()[-1]})
             else:
@@ -115,9 +116,9 @@ def main() -> int:
     (out / f"finetune_step_{args.shape}.json").write_text(json.dumps(rows, indent=2))
     by = {(r["impl"], r["seq_len"]): r for r in rows}
     lines = [f"# One LoRA training step: ctxext vs baseline ({args.shape})", "",
-             f"Command: `python benchmarks/finetune_step.py --shape {args.shape} --lengths {args.lengths}` "
-             f"({time.strftime('%Y-%m-%d')}, {rows[0].get('device', '?')}; each step in its own process; CPU peak = "
-             "peak RSS minus RSS after model build, with MALLOC_MMAP_THRESHOLD_=65536 for both).", "",
+             (f"Command: `python benchmarks/finetune_step.py --shape {args.shape} --lengths {args.lengths}` "
+              f"({time.strftime('%Y-%m-%d')}, {rows[0].get('device', '?')}; each step in its own process; CPU peak = "
+              "peak RSS minus RSS after model build, with MALLOC_MMAP_THRESHOLD_=65536 for both)."), "",
              "| seq_len | baseline peak MB | ctxext peak MB | memory ratio | baseline tok/s | ctxext tok/s | speed ratio |",
              "|---|---|---|---|---|---|---|"]
     for seq_len in [int(x) for x in args.lengths.split(",")]:

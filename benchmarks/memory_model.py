@@ -138,13 +138,13 @@ LAYOUTS = [("1 GPU", 1, "none", 1), ("8 GPUs, FSDP2", 8, "fsdp", 1), ("8 GPUs, F
 def predictions(output: Path) -> list[str]:
     """Predicted peak GiB per GPU for the Llama-3-like shapes (bf16, checkpointing, LoRA r=16 on q/k/v/o or full,
     loss chunk 1024, one sequence per micro-batch); * = over 80 GiB with the 10% headroom."""
-    from ctxext.memory import GiB, SHAPES, Setup
+    from ctxext.memory import SHAPES, GiB, Setup
 
     lines = ["# Predicted peak memory per GPU (ctxext.memory)", "",
-             f"Command: `python benchmarks/memory_model.py --predictions` ({time.strftime('%Y-%m-%d')}). bf16 "
-             "weights, activation checkpointing, one sequence per micro-batch, loss chunk 1,024 tokens, AdamW; LoRA = "
-             "r 16 on q/k/v/o (adapters and their states fp32), full = every weight with bf16 gradients and states. "
-             "GiB per GPU; **bold** = does not fit an 80 GiB GPU with 10% kept free.", "",
+             (f"Command: `python benchmarks/memory_model.py --predictions` ({time.strftime('%Y-%m-%d')}). bf16 "
+              "weights, activation checkpointing, one sequence per micro-batch, loss chunk 1,024 tokens, AdamW; LoRA = "
+              "r 16 on q/k/v/o (adapters and their states fp32), full = every weight with bf16 gradients and states. "
+              "GiB per GPU; **bold** = does not fit an 80 GiB GPU with 10% kept free."), "",
              "| model | seq_len | tuning | " + " | ".join(label for label, *_ in LAYOUTS) + " |",
              "|---|---|---|" + "---|" * len(LAYOUTS)]
     rows = []
@@ -185,7 +185,8 @@ def main() -> int:
         processes = case_config(CASES[name][1], CASES[name][2]).distributed.num_processes or 1
         launcher = [sys.executable] if processes == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-        proc = subprocess.run([*launcher, __file__, "--worker", name], capture_output=True, text=True, env=MALLOC_ENV)
+        proc = subprocess.run([*launcher, __file__, "--worker", name], check=False, capture_output=True, text=True,
+                              env=MALLOC_ENV)
         if proc.returncode != 0:
             rows.append({"case": name, "error": proc.stderr.strip().splitlines()[-1]})
         else:  # one line per process: the largest peak counts
@@ -194,9 +195,9 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     done = [r for r in rows if "ratio" in r]
     lines = ["# Memory model against measured peaks (CPU, float32 unless noted)", "",
-             f"Command: `python benchmarks/memory_model.py --cases {args.cases}` ({time.strftime('%Y-%m-%d')}, "
-             f"torch {__import__('torch').__version__}, one process per case, {STEPS} steps; measured = peak RSS "
-             "minus RSS before the model is built, with MALLOC_MMAP_THRESHOLD_=65536).", "",
+             (f"Command: `python benchmarks/memory_model.py --cases {args.cases}` ({time.strftime('%Y-%m-%d')}, "
+              f"torch {__import__('torch').__version__}, one process per case, {STEPS} steps; measured = peak RSS "
+              "minus RSS before the model is built, with MALLOC_MMAP_THRESHOLD_=65536)."), "",
              "| case | shape | seq_len | tuning | predicted MB | measured MB | predicted / measured | peak phase |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -23,8 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-SHAPE = dict(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
-             num_key_value_heads=3, tie_word_embeddings=True)
+SHAPE = {"vocab_size": 1000, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 2,
+         "num_attention_heads": 9,
+             "num_key_value_heads": 3, "tie_word_embeddings": True}
 GROUP_SIZE, WINDOW = 8, 1024
 WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
@@ -80,7 +81,8 @@ def main() -> int:
     rows = []
     for seq_len in [int(x) for x in args.lengths.split(",")]:
         for impl in ("sdpa", "selfextend"):
-            proc = subprocess.run([sys.executable, __file__, "--worker", impl, str(seq_len)], capture_output=True,
+            proc = subprocess.run([sys.executable, __file__, "--worker", impl, str(seq_len)], check=False,
+                                  capture_output=True,
                                   text=True, env=WORKER_ENV)
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr)
@@ -93,9 +95,9 @@ def main() -> int:
     lines = [
         "# Self-Extend attention: peak memory against plain SDPA", "",
         "Command: `python benchmarks/selfextend_memory.py` (see its docstring for the model and the protocol).",
-        f"One forward, no grad, {SHAPE['num_hidden_layers']} layers of SmolLM-135M's attention shape (9 heads, 3 kv "
-        f"heads, head_dim 64), fp32, Self-Extend G={GROUP_SIZE}, W={WINDOW}; device {rows[0]['device']}, torch "
-        f"{rows[0]['torch']}. Peak = peak RSS minus RSS after the model is built (MALLOC_MMAP_THRESHOLD_=65536).", "",
+        (f"One forward, no grad, {SHAPE['num_hidden_layers']} layers of SmolLM-135M's attention shape (9 heads, 3 kv "
+         f"heads, head_dim 64), fp32, Self-Extend G={GROUP_SIZE}, W={WINDOW}; device {rows[0]['device']}, torch "
+         f"{rows[0]['torch']}. Peak = peak RSS minus RSS after the model is built (MALLOC_MMAP_THRESHOLD_=65536)."), "",
         "| tokens | SDPA peak MB | Self-Extend peak MB | ratio | SDPA s | Self-Extend s | time ratio |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -7,10 +7,10 @@ torch.
 
 __version__ = "0.1.0"
 
-from .errors import CtxextError, MethodError  # noqa: E402
-from .models.attention import register_with_transformers  # noqa: E402
-from .patch import PatchHandle, PatchPlan, patch_model, plan_patch  # noqa: E402
-from .rope import METHODS, make_method, parse_chain, register_method  # noqa: E402
+from .errors import CtxextError, MethodError
+from .models.attention import register_with_transformers
+from .patch import PatchHandle, PatchPlan, patch_model, plan_patch
+from .rope import METHODS, make_method, parse_chain, register_method
 
 try:
     import transformers  # noqa: F401

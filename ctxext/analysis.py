@@ -110,8 +110,8 @@ def suggest_keep(usage: FrequencyUsage, context_length: int | None = None) -> tu
     keep = kept / pairs
     top = np.argsort(-energy)[:5]
     lines = [
-        f"{int(long.sum())} of {pairs} rotation pairs have a wavelength above the trained context {L} "
-        f"(pairs {int(np.argmax(long)) if long.any() else pairs}..{pairs - 1}); they never complete a rotation in training.",
+        (f"{int(long.sum())} of {pairs} rotation pairs have a wavelength above the trained context {L} "
+         f"(pairs {int(np.argmax(long)) if long.any() else pairs}..{pairs - 1}); they never complete a rotation in training."),
         f"Those pairs carry {share_long:.0%} of the q.k norm product (mean over layers and heads); "
         + ("a large share: they act as semantic channels, which p-RoPE keeps as position-free channels."
            if share_long >= 0.2 else "a small share: removing their rotation costs little."),

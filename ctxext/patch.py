@@ -17,7 +17,7 @@ import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, final
 
 from torch import nn
 
@@ -140,6 +140,7 @@ def plan_patch(
     )
 
 
+@final
 class PatchHandle:
     """Undo handle returned by ``patch_model``; also a context manager."""
 

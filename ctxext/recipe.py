@@ -14,8 +14,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .config import (FinetuneConfig, LoggingSection, LoraSection, OptimizationSection, apply_overrides, load_config,
-                     read_config_file, validate)
+from .config import (
+    FinetuneConfig,
+    LoggingSection,
+    LoraSection,
+    OptimizationSection,
+    apply_overrides,
+    load_config,
+    read_config_file,
+    validate,
+)
 from .errors import ConfigError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -48,14 +48,37 @@ from tqdm.auto import tqdm
 
 from .atomic import TMP_MARK, abandon_on_error, atomic_folder, atomic_write_text, commit_folder, disk_full
 from .config import FinetuneConfig
-from .data import (Blocks, Cursor, answer_spans, document_starts, first_blocks, next_starts, open_token_file,
-                   pose_position_ids, stage_blocks, write_token_file)
+from .data import (
+    Blocks,
+    Cursor,
+    answer_spans,
+    document_starts,
+    first_blocks,
+    next_starts,
+    open_token_file,
+    pose_position_ids,
+    stage_blocks,
+    write_token_file,
+)
 from .errors import CtxextError, OutputError, TrainingError
 from .lock import output_lock
 from .loss import ChunkedLMLoss
 from .schedule import lr_multiplier
-from .sharding import (check_launch, clip_gradients, data_split, gathered_model, gradient_sync, load_sharded,
-                       make_accelerator, prepare, save_sharded, sequence_split, shard, shards_itself, shifted_labels)
+from .sharding import (
+    check_launch,
+    clip_gradients,
+    data_split,
+    gathered_model,
+    gradient_sync,
+    load_sharded,
+    make_accelerator,
+    prepare,
+    save_sharded,
+    sequence_split,
+    shard,
+    shards_itself,
+    shifted_labels,
+)
 
 log = logging.getLogger(__name__)
 EXIT_DIVERGED = 3
@@ -517,7 +540,7 @@ def resume_position(run: Path, accelerator, sched, cfg: FinetuneConfig, loss_mod
         if shards_itself(cfg, accelerator):
             load_sharded(found[-1], loss_module, opt)
         pos = Position(**json.loads((found[-1] / "position.json").read_text()))
-    except Exception as err:  # a checkpoint damaged outside ctxext (its writes are atomic)
+    except Exception as err:  # noqa: BLE001  (damaged outside ctxext: its writes are atomic)
         raise TrainingError(f"{found[-1]} cannot be loaded ({type(err).__name__}: {err}); move it out of "
                             f"{found[-1].parent} to resume from the checkpoint before it") from None
     inner = getattr(sched, "scheduler", sched)  # accelerate wraps it

@@ -76,9 +76,8 @@ def _bad_value(key: str, value: Any) -> str | None:
     """Why ``value`` cannot be the config value ``key`` (None: it can)."""
     if isinstance(value, bool):
         return None if key not in POSITIVE_INTS + POSITIVE_NUMBERS else "a number, not true/false"
-    if key in POSITIVE_INTS and value is not None:
-        if not isinstance(value, int) or value < 1:
-            return "a positive integer"
+    if key in POSITIVE_INTS and value is not None and (not isinstance(value, int) or value < 1):
+        return "a positive integer"
     if isinstance(value, float) and not math.isfinite(value):
         return "a finite number"
     if key in POSITIVE_NUMBERS and isinstance(value, (int, float)) and value <= 0:
@@ -134,7 +133,7 @@ def read_config(src: str | os.PathLike):
         check_config_values(raw, path)
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=False)
-    except Exception as err:  # transformers raises many types on a config it cannot build; all mean "this file"
+    except Exception as err:  # noqa: BLE001  (transformers raises many types; all mean "this file")
         raise CheckpointError(f"cannot read the config of {src} ({type(err).__name__}: {err}); {RESTORE}") from None
     check_config_values(config.to_dict(), path)  # transformers' defaults for what config.json leaves out
     check_config_shape(config, path)
@@ -173,9 +172,9 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
             raise CheckpointError(f"{f} is empty (0 bytes); {RESTORE}")
         try:
             with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
+                for name in sf.keys():  # noqa: SIM118  (safe_open is not iterable)
                     tensors[name] = (f, tuple(sf.get_slice(name).get_shape()))
-        except Exception as err:  # safetensors' Rust error (or OSError): the header or the data region is damaged
+        except Exception as err:  # noqa: BLE001  (safetensors' Rust error or OSError: header or data damaged)
             reason = str(err).removeprefix("Error while deserializing header: ")
             raise CheckpointError(f"{f} is not a readable safetensors file ({reason}; {size:,} bytes): it is truncated "
                                   f"or corrupt; {RESTORE}") from None
@@ -246,7 +245,7 @@ def check_finite_files(checked: CheckedCheckpoint) -> None:
 
     for f in checked.files:
         with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
+            for name in sf.keys():  # noqa: SIM118  (safe_open is not iterable)
                 nan, inf = _nonfinite(sf.get_tensor(name))
                 if nan or inf:
                     raise _nonfinite_error(str(f), name, nan, inf)
@@ -293,7 +292,7 @@ def load_tokenizer(src: str | os.PathLike, vocab_size: int | None = None):
                               "tokenizer files of the model it came from into it")
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
-    except Exception as err:  # transformers/tokenizers raise many types on damaged files
+    except Exception as err:  # noqa: BLE001  (many types on damaged files)
         shown = ", ".join(f for f in files if f.startswith(("tokenizer", "vocab", "merges", "special", "spiece")))
         raise CheckpointError(f"the tokenizer of {src} cannot be loaded ({type(err).__name__}: {str(err)[:200]}); its "
                               f"files ({shown}) are damaged or incomplete: copy them again from the original model")

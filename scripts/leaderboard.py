@@ -21,12 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-
 from ctxext.atomic import atomic_write_text
 from ctxext.evals.report import evaluate_passkey, evaluate_perplexity, evaluate_retrieval, write_markdown_keeping_notes
 from ctxext.hub import patch_checkpoint
 from ctxext.plots import plot_sweep
-from ctxext.recipe import load_sweep, load_recipe, stage_lengths
+from ctxext.recipe import load_recipe, load_sweep, stage_lengths
 from ctxext.reference import resolve_model
 from ctxext.train import finetune
 
@@ -96,8 +95,8 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
     tasks = sorted({t for r in rows.values() for t in r.get("retrieval_worst_depth", {})})
     if tasks:
         trials = meta.get("retrieval_trials")
-        lines += ["", f"RULER-style tasks in code (worst of {len(plan['depths'])} depths, {trials} prompts per cell; "
-                  "per-depth grids in `results.json`):", "",
+        lines += ["", (f"RULER-style tasks in code (worst of {len(plan['depths'])} depths, {trials} prompts per cell; "
+                   "per-depth grids in `results.json`):"), "",
                   "| method | " + " | ".join(f"{t}@{L}" for t in tasks for L in lengths) + " |",
                   "|---|" + "---|" * (len(tasks) * len(lengths))]
         for k, r in rows.items():

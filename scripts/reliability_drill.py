@@ -8,9 +8,9 @@ output, a diverging fine-tune. Prints the table that docs/RELIABILITY.md reports
 Everything runs on tiny checkpoints built here (a 2-layer Llama with the reference model's tokenizer), in a work
 folder (``--work``, default a temporary one). Each case is judged from the outside:
 
-* inputs: every command that reads the file (patch, info, eval, analyze, search, finetune, demo, convert, export)
-  runs as ``ctxext.cli.main(argv)`` (what ``python -m ctxext.cli`` runs, in this process to save start-up time; an
-  exception that escapes is a traceback). Handled: exit 2, a message naming the file and the problem, no
+* inputs: every command that reads the file (patch, info, eval, analyze, search, finetune, plan, demo, convert,
+  export) runs as ``ctxext.cli.main(argv)`` (what ``python -m ctxext.cli`` runs, in this process to save start-up
+  time; an exception that escapes is a traceback). Handled: exit 2, a message naming the file and the problem, no
   traceback, nothing written (no output, no temporary or lock file beside it).
 * kill: the operation (patch, export, fine-tuning with a checkpoint every step, the merge at the end) runs as a
   real subprocess and gets SIGKILL at a random moment: even trials uniformly over its working window (from taking
@@ -169,8 +169,12 @@ def make_fixtures(root: Path) -> Fixtures:
 # ---------------------------------------------------------------- part 1: hostile inputs
 
 CHECKPOINT_COMMANDS = ("patch", "info", "eval", "analyze", "search", "finetune", "demo", "export")
+CONFIG_COMMANDS = CHECKPOINT_COMMANDS + ("plan",)  # plan reads config.json alone (no weights, no tokenizer)
 TOKENIZER_COMMANDS = ("eval", "analyze", "search", "finetune", "demo", "export")  # patch and info need no tokenizer
-DATA_COMMANDS = ("finetune", "eval", "search")
+YAML_COMMANDS = ("finetune", "plan")  # fine-tuning configs
+ANY_YAML_COMMANDS = YAML_COMMANDS + ("demo",)  # a YAML that no parser may accept is refused as a recipe too
+DATA_COMMANDS = ("finetune", "eval", "analyze", "search")
+GGUF_COMMANDS = ("convert",) + CHECKPOINT_COMMANDS  # every command that takes a checkpoint takes a .gguf file
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,8 @@ def command_argv(command: str, kind: str, bad: Path, fx: Fixtures, out: Path) ->
         data = bad if kind == "data" else "stdlib:held_out"
         return ["eval", "ppl", src, "--lengths", "32", "--data", data, "--max-documents", "2", "--output", out], out
     if command == "analyze":
-        return ["analyze", "freq", src, "--max-tokens", "256", "--output", out], out
+        data = bad if kind == "data" else "stdlib:held_out"
+        return ["analyze", "freq", src, "--data", data, "--max-tokens", "256", "--output", out], out
     if command == "search":
         data = bad if kind == "data" else "stdlib:train"
         return ["search", src, out, "--target-length", "128", "--data", data, "--budget", "4", "--population", "4",
@@ -207,7 +212,10 @@ def command_argv(command: str, kind: str, bad: Path, fx: Fixtures, out: Path) ->
         extra = [f"data.source={bad}", "data.held_out=null"] if kind == "data" else []
         return ["finetune", config, f"model.path={src}", *extra, "--output-dir", out], out
     if command == "demo":
-        return ["demo", "--model", src, "--quick", "--output-dir", out], out
+        recipe = ["--recipe", bad] if kind == "yaml" else []
+        return ["demo", "--model", src, *recipe, "--quick", "--output-dir", out], out
+    if command == "plan":
+        return ["plan", bad if kind == "yaml" else TINY_YAML, f"model.path={src}"], None
     if command == "export":
         gguf = out.with_suffix(".gguf")
         return ["export", "gguf", src, gguf], gguf
@@ -300,20 +308,20 @@ HOSTILE = [
     Hostile("weights: inf in a tensor", "checkpoint", _checkpoint(edit_weights=_set("model.norm.weight", 7, float("-inf"))),
             "model.safetensors", r"1 infinite", CHECKPOINT_COMMANDS),
     Hostile("config.json: not valid JSON", "checkpoint", _checkpoint(config_text=lambda text: text[: len(text) // 2]),
-            "config.json", r"not valid JSON", CHECKPOINT_COMMANDS),
+            "config.json", r"not valid JSON", CONFIG_COMMANDS),
     Hostile("config.json: missing fields (hidden_size, num_hidden_layers)", "checkpoint",
             _checkpoint(edit_config=lambda c: [c.pop("hidden_size"), c.pop("num_hidden_layers")]),
-            "config.json", r"does not set hidden_size, num_hidden_layers", CHECKPOINT_COMMANDS),
+            "config.json", r"does not set hidden_size, num_hidden_layers", CONFIG_COMMANDS),
     Hostile("config.json: no model_type", "checkpoint", _checkpoint(edit_config=lambda c: c.pop("model_type")),
-            "config.json", r"no model_type", CHECKPOINT_COMMANDS),
+            "config.json", r"no model_type", CONFIG_COMMANDS),
     Hostile("config.json: head_dim 0", "checkpoint", _checkpoint(edit_config=lambda c: c.update(head_dim=0)),
-            "config.json", r"head_dim is 0", CHECKPOINT_COMMANDS),
+            "config.json", r"head_dim is 0", CONFIG_COMMANDS),
     Hostile("config.json: max_position_embeddings -1", "checkpoint",
             _checkpoint(edit_config=lambda c: c.update(max_position_embeddings=-1)),
-            "config.json", r"max_position_embeddings is -1", CHECKPOINT_COMMANDS),
+            "config.json", r"max_position_embeddings is -1", CONFIG_COMMANDS),
     Hostile("config.json: rope_theta NaN", "checkpoint",
             _checkpoint(edit_config=lambda c: c["rope_parameters"].update(rope_theta=float("nan"))),
-            "config.json", r"rope_theta is nan", CHECKPOINT_COMMANDS),
+            "config.json", r"rope_theta is nan", CONFIG_COMMANDS),
     Hostile("config.json: vocab_size disagrees with the weights", "checkpoint",
             _checkpoint(edit_config=lambda c: c.update(vocab_size=5000)),
             "config.json", r"vocab_size is 5000 in config.json but the weights have 4096 rows", CHECKPOINT_COMMANDS),
@@ -322,20 +330,19 @@ HOSTILE = [
     Hostile("tokenizer: tokenizer.json cut short", "checkpoint",
             _checkpoint(edit_tokenizer=lambda text: text[: len(text) // 2]),
             "tokenizer", r"tokenizer of .* cannot be loaded", TOKENIZER_COMMANDS),
-    Hostile("GGUF: truncated file", "gguf", _truncated_gguf, "", r"truncated|corrupt",
-            ("convert", "patch", "export", "info")),
-    Hostile("YAML: alias bomb", "yaml", _yaml(text=ALIAS_BOMB), "", r"aliases are not allowed", ("finetune",)),
+    Hostile("GGUF: truncated file", "gguf", _truncated_gguf, "", r"truncated|corrupt", GGUF_COMMANDS),
+    Hostile("YAML: alias bomb", "yaml", _yaml(text=ALIAS_BOMB), "", r"aliases are not allowed", ANY_YAML_COMMANDS),
     Hostile("YAML: deep nesting", "yaml", _yaml(text="stages: " + "[" * 20000 + "]" * 20000 + "\n"), "",
-            r"nested too deeply", ("finetune",)),
-    Hostile("YAML: binary file", "yaml", _yaml(text=bytes(range(256)) * 8), "", r"not valid YAML", ("finetune",)),
+            r"nested too deeply", ANY_YAML_COMMANDS),
+    Hostile("YAML: binary file", "yaml", _yaml(text=bytes(range(256)) * 8), "", r"not valid YAML", ANY_YAML_COMMANDS),
     Hostile("YAML: wrong type (lora.r: abc)", "yaml", _yaml(lambda c: c["lora"].update(r="abc")), "",
-            r"lora\.r: Input should be a valid integer", ("finetune",)),
+            r"lora\.r: Input should be a valid integer", YAML_COMMANDS),
     Hostile("YAML: unknown key (optimization.lrr)", "yaml", _yaml(lambda c: c["optimization"].update(lrr=1)), "",
-            r"unknown key optimization\.lrr", ("finetune",)),
+            r"unknown key optimization\.lrr", YAML_COMMANDS),
     Hostile("YAML: negative steps", "yaml", _yaml(lambda c: c["stages"][0].update(steps=-5)), "",
-            r"stages\.0\.steps: Input should be greater than 0", ("finetune",)),
+            r"stages\.0\.steps: Input should be greater than 0", YAML_COMMANDS),
     Hostile("YAML: huge steps (10^12)", "yaml", _yaml(lambda c: c["stages"][0].update(steps=10**12)), "",
-            r"stages\.0\.steps: Input should be less than or equal to 10000000", ("finetune",)),
+            r"stages\.0\.steps: Input should be less than or equal to 10000000", YAML_COMMANDS),
     Hostile("data: empty file", "data", _data(b""), "", r"is empty", DATA_COMMANDS),
     Hostile("data: binary file", "data", _data(bytes(range(256)) * 64), "", r"is binary", DATA_COMMANDS),
     Hostile("data: not UTF-8", "data", _data("café au lait, déjà vu\n".encode("latin-1") * 200), "",
@@ -697,7 +704,8 @@ def small_filesystem(path: Path, size: int):
     """A tmpfs of ``size`` bytes at ``path``; raises PermissionError (with mount's words) where mounting is refused."""
     path.mkdir(parents=True, exist_ok=True)
     size = max(4096, -(-size // 4096) * 4096)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False,
+                          capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise PermissionError(f"cannot mount a tmpfs here: {(proc.stderr or proc.stdout).strip()}")
@@ -817,7 +825,7 @@ def part_lock(fx: Fixtures, args) -> list[Outcome]:
 
 
 def cli_subprocess(argv: list) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "ctxext.cli", *map(str, argv)], cwd=REPO, env=ENV,
+    proc = subprocess.run([sys.executable, "-m", "ctxext.cli", *map(str, argv)], check=False, cwd=REPO, env=ENV,
                           capture_output=True, text=True)
     return proc.returncode, proc.stderr
 
@@ -873,14 +881,20 @@ def part_diverge(fx: Fixtures, args) -> list[Outcome]:
                                        (run / "checkpoints" / f"diverged-step-{step - 1:06d}").is_dir()))
                 if not ok]
     finite = good.is_dir() and all(torch.isfinite(t).all() for t in load_file(good / "model.safetensors").values())
-    problems += [] if finite else [f"the last good checkpoint {good.name} is missing or holds non-finite weights"]
+    whole = training_checkpoints_complete(run)  # weights, optimizer, scheduler, RNG and position all load
+    finite = finite and whole is None
+    problems += [] if finite else [whole or f"the last good checkpoint {good.name} is missing or holds non-finite "
+                                   "weights"]
     before = losses(run)[: step - 2] if (run / "metrics.jsonl").exists() else []
-    rc2, err2 = cli(finetune_argv(fx, run, "stages.1.lr=1e-3", "optimization.grad_clip=null", resume=True))
+    rc2, err2 = cli_subprocess(["-v", *finetune_argv(fx, run, "stages.1.lr=1e-3", "optimization.grad_clip=null",
+                                                     resume=True)])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if rc2 == 0 else []
-    resumed = ([r["step"] for r in records] == list(range(1, total + 1)) and all(math.isfinite(r["loss"]) for r in records)
+    resumed = (f"resumed from {good}\n" in err2  # from that checkpoint, not from scratch
+               and [r["step"] for r in records] == list(range(1, total + 1))
+               and all(math.isfinite(r["loss"]) for r in records)
                and [r["loss"] for r in records[: step - 2]] == before
                and checkpoint_is(run / "merged", patched_logits(run / "merged")) is None)
-    problems += [] if resumed else [f"resume failed ({rc2}): {err2.strip()[-300:]}"]
+    problems += [] if resumed else [f"resume from {good.name} failed ({rc2}): {err2.strip()[-300:]}"]
     return [Outcome("diverge", f"loss not finite at step {step}: exit 3, last good checkpoint loads and resumes",
                     not problems, corrupted=not finite, lost=not resumed,
                     note="; ".join(problems) + " | " + (err.strip().splitlines() or [""])[-1][:300])]

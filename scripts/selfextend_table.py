@@ -5,12 +5,13 @@
 
 import json
 import sys
+from pathlib import Path
 
 from ctxext.evals.retrieval import wilson
 
 
 def main(path: str) -> None:
-    data = json.loads(open(path).read())
+    data = json.loads(Path(path).read_text())
     trials, depths = data["protocol"]["trials"], data["protocol"]["depths"]
     print(f"| model | length | {' | '.join(f'depth {d:g}' for d in depths)} | all depths |")
     print("|---|---:|" + "---:|" * (len(depths) + 1))

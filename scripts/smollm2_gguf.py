@@ -51,7 +51,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from ctxext.data import load_texts
-    from ctxext.gguf.sources import find_gguf, cached_conversion
+    from ctxext.gguf.sources import cached_conversion, find_gguf
     from ctxext.gguf.write import export_gguf
     from ctxext.hub import patch_checkpoint
 

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ctxext import corpus
-from ctxext.evals import passkey
-from ctxext.evals.perplexity import perplexity
 from ctxext.atomic import atomic_folder, atomic_write
 from ctxext.data import join_documents
+from ctxext.evals import passkey
+from ctxext.evals.perplexity import perplexity
 from ctxext.reference import SPECIALS, train_tokenizer
 from ctxext.schedule import lr_multiplier
 
@@ -146,10 +146,11 @@ def gates(result: dict) -> dict[str, bool]:
 def build_model(tokenizer, quick: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=2, head_dim=32) if quick else dict(
-        hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-        head_dim=64)
+    size = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "num_key_value_heads": 2, "head_dim": 32} if quick else {
+        "hidden_size": 256, "intermediate_size": 640, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "head_dim": 64}
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=SEQ_LEN, rope_theta=10000.0,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **size)
@@ -289,7 +290,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "train_files": len(train_files),
         "held_out_files": len(held_files),
-        "train_tokens": int(len(stream)),
+        "train_tokens": len(stream),
         "args": {k: v for k, v in vars(args).items()},
         "phases": phases,
         "evaluation": result,

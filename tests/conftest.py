@@ -10,17 +10,17 @@ HEAD_DIM = 16
 
 
 def tiny_config(model_type: str, **overrides):
-    kwargs = dict(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=HEAD_DIM,
-        max_position_embeddings=CONTEXT,
-        pad_token_id=0,
-    )
+    kwargs = {
+        "vocab_size": 97,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": HEAD_DIM,
+        "max_position_embeddings": CONTEXT,
+        "pad_token_id": 0,
+    }
     if model_type == "gemma3_text":
         kwargs.update(layer_types=["sliding_attention", "full_attention"], sliding_window=16)
     if model_type in ("mistral", "qwen2", "gemma2"):

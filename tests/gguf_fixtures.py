@@ -4,7 +4,6 @@ import shutil
 from pathlib import Path
 
 import torch
-
 from conftest import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,7 +15,7 @@ CONTEXT = 64  # conftest's tiny trained context
 
 def save_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
     """A tiny random Llama (conftest's, q/k scaled up) with head_dim 32, vocab 4096 and the reference tokenizer."""
-    kwargs = dict(vocab_size=VOCAB, head_dim=HEAD_DIM, tie_word_embeddings=False)
+    kwargs = {"vocab_size": VOCAB, "head_dim": HEAD_DIM, "tie_word_embeddings": False}
     kwargs.update(overrides)
     model = tiny_model("llama", seed=seed, **kwargs)
     with torch.no_grad():  # wider logit margins: top-1 must not hinge on float32 rounding

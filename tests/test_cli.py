@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAMILIES, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from conftest import FAMILIES, tiny_model
 from ctxext import patch_model
 from ctxext.cli import main
 
@@ -27,7 +27,8 @@ IDS = torch.randint(1, 97, (1, 150), generator=torch.Generator().manual_seed(7))
 
 
 def run_cli(*args, check_rc=None, **kwargs):
-    proc = subprocess.run([sys.executable, "-m", "ctxext.cli", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "ctxext.cli", *map(str, args)], check=False, capture_output=True,
+                          text=True,
                           cwd=REPO, **kwargs)
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stdout + proc.stderr
@@ -36,7 +37,7 @@ def run_cli(*args, check_rc=None, **kwargs):
 
 def run_fresh(code: str) -> dict:
     """Run python code in a new process (no ctxext import unless the code does it); return its JSON stdout."""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -119,7 +120,8 @@ def test_native_chains_load_with_stock_transformers_in_a_fresh_process(sources, 
         assert "ctxext" not in json.dumps(config.get("rope_parameters"))  # native types only
         assert config["ctxext"]["steps"][0]["spec"].startswith(spec.split("+")[0])
         assert list(out.glob("*.safetensors")) and (out / "generation_config.json").is_file()
-    proc = subprocess.run([sys.executable, "-c", STOCK_LOAD, json.dumps(jobs), str(ids_path)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", STOCK_LOAD, json.dumps(jobs), str(ids_path)], check=False,
+                          capture_output=True,
                           text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import FAMILIES, tiny_model
+
 from ctxext.evals.perplexity import perplexity, window_nll
 
 torch.set_num_threads(1)

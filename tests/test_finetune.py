@@ -25,7 +25,7 @@ COMMON = ["lora.train_embeddings=true", "optimization.lr=1e-2"]
 TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 FSDP = ["distributed.sharding=fsdp", "distributed.num_processes=2"]
-SHARDED_CURVE = dict(rel=1e-5)  # measured: 2.5e-7 relative (reduce-scatter sums in another order than one process)
+SHARDED_CURVE = {"rel": 1e-5}  # measured: 2.5e-7 relative (reduce-scatter sums in another order than one process)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def losses(run: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def reference_run(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "run"
-    proc = subprocess.run(finetune_cmd(base, out), capture_output=True, text=True, cwd=REPO, env=ENV)
+    proc = subprocess.run(finetune_cmd(base, out), check=False, capture_output=True, text=True, cwd=REPO, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -93,7 +93,8 @@ def test_kill_9_then_resume_reproduces_the_loss_curve(base, reference_run, tmp_p
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "merged").exists()
-    resumed = subprocess.run(finetune_cmd(base, out, "--resume"), capture_output=True, text=True, cwd=REPO, env=ENV)
+    resumed = subprocess.run(finetune_cmd(base, out, "--resume"), check=False, capture_output=True, text=True,
+                             cwd=REPO, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(out) == pytest.approx(losses(reference_run), rel=1e-5, abs=1e-6)
 
@@ -102,7 +103,8 @@ def test_kill_9_then_resume_reproduces_the_loss_curve(base, reference_run, tmp_p
 def test_two_cpu_processes_give_the_same_loss_curve(base, reference_run, tmp_path):
     out = tmp_path / "ddp"
     # `accelerate launch --cpu` runs one process without MPI; --multi_gpu on a CPU machine starts 2 gloo processes
-    proc = subprocess.run(finetune_cmd(base, out, launcher=TWO_PROCESSES), capture_output=True, text=True, cwd=REPO,
+    proc = subprocess.run(finetune_cmd(base, out, launcher=TWO_PROCESSES), check=False, capture_output=True,
+                          text=True, cwd=REPO,
                           env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {json.loads(line)["processes"] for line in (out / "metrics.jsonl").read_text().splitlines()} == {2}
@@ -125,7 +127,8 @@ def shard_chunks(checkpoint: Path, name_part: str) -> list:
 def test_fsdp2_on_two_cpu_processes_equals_one_process(base, reference_run, tmp_path):
     """FSDP2 (fully_shard, gloo): the same loss curve, sharded checkpoints, and the same merged model."""
     out = tmp_path / "fsdp"
-    proc = subprocess.run(finetune_cmd(base, out, *FSDP, launcher=TWO_PROCESSES), capture_output=True, text=True,
+    proc = subprocess.run(finetune_cmd(base, out, *FSDP, launcher=TWO_PROCESSES), check=False, capture_output=True,
+                          text=True,
                           cwd=REPO, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {json.loads(line)["processes"] for line in (out / "metrics.jsonl").read_text().splitlines()} == {2}
@@ -156,7 +159,8 @@ def test_fsdp2_kill_9_then_resume_reproduces_the_loss_curve(base, reference_run,
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "merged").exists()
-    resumed = subprocess.run(finetune_cmd(base, out, *FSDP, "--resume", launcher=TWO_PROCESSES), capture_output=True,
+    resumed = subprocess.run(finetune_cmd(base, out, *FSDP, "--resume", launcher=TWO_PROCESSES), check=False,
+                             capture_output=True,
                              text=True, cwd=REPO, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(out) == pytest.approx(losses(reference_run), **SHARDED_CURVE)
@@ -175,7 +179,7 @@ def test_accelerate_fsdp2_and_context_parallel_on_two_gpus_equal_one_gpu(base, r
     both GPUs train on every sequence, each on half of it (pre-shifted labels, maybe_context_parallel)."""
     out = tmp_path / f"cp{cp_size}"
     proc = subprocess.run(finetune_cmd(base, out, *FSDP, f"distributed.cp_size={cp_size}", launcher=TWO_PROCESSES),
-                          capture_output=True, text=True, cwd=REPO, env=ENV)
+                          check=False, capture_output=True, text=True, cwd=REPO, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the ring attention and sharded reductions add in another order than one GPU (float32 model)
     assert losses(out) == pytest.approx(losses(reference_run), rel=1e-4)
@@ -189,7 +193,8 @@ def test_accelerate_fsdp2_and_context_parallel_on_two_gpus_equal_one_gpu(base, r
 def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
     out = tmp_path / "nan"
     proc = subprocess.run(finetune_cmd(base, out, "optimization.lr=1e30", "optimization.grad_clip=null",
-                                       "logging.save_every=1"), capture_output=True, text=True, cwd=REPO, env=ENV)
+                                       "logging.save_every=1"), check=False, capture_output=True, text=True,
+                                       cwd=REPO, env=ENV)
     assert proc.returncode == 3, proc.stderr[-2000:]
     # an update wrecked the weights and the next step's loss is not finite: the checkpoint of the step before holds
     # the wrecked weights, so it is set aside (tests/test_reliability.py resumes from a good one)
@@ -202,13 +207,14 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
 
 @pytest.mark.slow
 def test_bad_data_is_refused_before_training(base, tmp_path):
-    proc = subprocess.run(finetune_cmd(base, tmp_path / "a", f"data.source={tmp_path}/missing"), capture_output=True,
+    proc = subprocess.run(finetune_cmd(base, tmp_path / "a", f"data.source={tmp_path}/missing"), check=False,
+                          capture_output=True,
                           text=True, cwd=REPO, env=ENV)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     small = tmp_path / "small.txt"
     small.write_text("x = 1\n")
     proc = subprocess.run(finetune_cmd(base, tmp_path / "b", f"data.source={small}", "data.held_out=null"),
-                          capture_output=True, text=True, cwd=REPO, env=ENV)
+                          check=False, capture_output=True, text=True, cwd=REPO, env=ENV)
     assert proc.returncode == 2 and "fewer than one block" in proc.stderr
 
 
@@ -261,7 +267,7 @@ def test_config_errors_name_the_field(override, message):
 @pytest.mark.slow
 def test_cli_reports_config_errors_with_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ctxext.cli", "finetune", str(REPO / "configs" / "tiny.yaml"),
-                           "optimization.lrr=1"], capture_output=True, text=True, cwd=REPO, env=ENV)
+                           "optimization.lrr=1"], check=False, capture_output=True, text=True, cwd=REPO, env=ENV)
     assert proc.returncode == 2 and "did you mean 'lr'" in proc.stderr
 
 
@@ -304,7 +310,7 @@ def test_full_tuning_with_a_pose_stage_and_a_stage_source(base, tmp_path):
                                  for i in range(30)))
     out = tmp_path / "full"
     proc = subprocess.run(finetune_cmd(base, out, "tuning=full", "stages.1.window=64", f"stages.1.source={retrieval}"),
-                          capture_output=True, text=True, cwd=REPO, env=ENV)
+                          check=False, capture_output=True, text=True, cwd=REPO, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in records] == [512] * 12 and [r["seq_len"] for r in records][-1] == 128
@@ -394,7 +400,7 @@ def test_answer_weight_reaches_the_training_loss(base, tmp_path):
         out = tmp_path / f"w{weight}"
         proc = subprocess.run(finetune_cmd(base, out, f"data.source={data}", f"data.answer_weight={weight}",
                                            "stages.0.steps=2", "stages.1.steps=1"),
-                              capture_output=True, text=True, cwd=REPO, env=ENV)
+                              check=False, capture_output=True, text=True, cwd=REPO, env=ENV)
         assert proc.returncode == 0, proc.stderr[-3000:]
         first[weight] = losses(out)[0]
     # the same blocks and weights at step 1: the answers' ~4% of the targets count 10x instead of 1x

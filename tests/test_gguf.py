@@ -15,12 +15,13 @@ from transformers import AutoModelForCausalLM
 
 pytest.importorskip("gguf")  # the [gguf] extra; `make test` installs it
 
-from gguf_fixtures import CONTEXT, HEAD_DIM, save_tiny_llama, token_ids  # noqa: E402
-from ctxext.cli import main  # noqa: E402
-from ctxext.gguf.rope import FLT_MAX, GGUFRope, gguf_rope_from_parameters, llamacpp_inv_freq, parameters_from_gguf_rope  # noqa: E402
-from ctxext.gguf.write import permute_rotary_rows  # noqa: E402
-from ctxext.hub import patch_checkpoint  # noqa: E402
-from ctxext.models.base import compute_inv_freq  # noqa: E402
+from gguf_fixtures import CONTEXT, HEAD_DIM, save_tiny_llama, token_ids
+
+from ctxext.cli import main
+from ctxext.gguf.rope import FLT_MAX, GGUFRope, gguf_rope_from_parameters, llamacpp_inv_freq, parameters_from_gguf_rope
+from ctxext.gguf.write import permute_rotary_rows
+from ctxext.hub import patch_checkpoint
+from ctxext.models.base import compute_inv_freq
 
 torch.set_num_threads(1)
 
@@ -187,7 +188,7 @@ def test_unsupported_architecture_and_quantization_are_refused(tmp_path, capsys)
     from gguf.quants import _type_traits  # a type the gguf package cannot dequantize
     qtype = next(t for t in gguf.GGMLQuantizationType if t not in _type_traits and t.name not in ("F32", "F16")
                  and t in gguf.GGML_QUANT_SIZES)
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    _block, size = gguf.GGML_QUANT_SIZES[qtype]
     w = gguf.GGUFWriter(tmp_path / "q.gguf", "llama")
     w.add_tokenizer_model("gpt2")
     w.add_tensor("token_embd.weight", np.zeros((4, size), dtype=np.uint8), raw_dtype=qtype)
@@ -230,9 +231,9 @@ def test_named_source_from_a_wheel_and_the_missing_source_message(tiny_gguf, tmp
 
 def test_pre_tokenizer_is_restored_for_llamacpp_names(tmp_path):
     """transformers' GGUF loader writes plain ByteLevel for `smollm`; the restored one splits digits like llama.cpp."""
+    from gguf_fixtures import REFERENCE
     from tokenizers import Tokenizer
 
-    from gguf_fixtures import REFERENCE
     from ctxext.gguf.tokenizer import detect_pre, restore_pre_tokenizer
 
     data = json.loads((REFERENCE / "tokenizer.json").read_text())

@@ -19,9 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")  # `make test` installs it: these tests run in CI
 
-from gguf_fixtures import CONTEXT, save_tiny_llama, token_ids  # noqa: E402
-from ctxext.gguf.write import export_gguf  # noqa: E402
-from ctxext.hub import patch_checkpoint  # noqa: E402
+from gguf_fixtures import CONTEXT, save_tiny_llama, token_ids
+
+from ctxext.gguf.write import export_gguf
+from ctxext.hub import patch_checkpoint
 
 torch.set_num_threads(1)
 LENGTH = 4 * CONTEXT
@@ -147,8 +148,8 @@ def test_reduced_precision_exports_stay_close(tiny, tmp_path, dtype, min_agree):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from ctxext.gguf.sources import SOURCES, find_installed
     from ctxext.gguf.read import convert_gguf
+    from ctxext.gguf.sources import SOURCES, find_installed
 
     gguf = find_installed(SOURCES["smollm2"])
     if gguf is None:
@@ -181,7 +182,7 @@ def test_smollm2_tokenizer_splits_digits_like_llamacpp(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_f32_export_matches_transformers(smollm2, tmp_path):
-    gguf, hf = smollm2
+    _gguf, hf = smollm2
     patched = patch_checkpoint(hf, tmp_path / "yarn2", "yarn", factor=2)
     out = export_gguf(patched, tmp_path / "yarn2.gguf")
     ids = token_ids(256, seed=3)

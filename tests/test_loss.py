@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ctxext.loss import linear_cross_entropy
-from ctxext.loss import ChunkedLMLoss
+from ctxext.loss import ChunkedLMLoss, linear_cross_entropy
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])

@@ -3,12 +3,12 @@
 import math
 
 import pytest
+import reference as ref
 import torch
+from conftest import CONTEXT, HEAD_DIM, tiny_model
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-import reference as ref
-from conftest import CONTEXT, HEAD_DIM, tiny_model
 from ctxext import patch_model
 from ctxext.models.base import find_rotary
 from ctxext.rope import RopeContext, RopeState, apply_chain, parse_chain

@@ -3,11 +3,11 @@
 import math
 
 import pytest
+import reference as ref
 import torch
+from conftest import CONTEXT, assert_left_padding_matches_unpadded, tiny_model
 from transformers import AutoConfig
 
-import reference as ref
-from conftest import CONTEXT, assert_left_padding_matches_unpadded, tiny_model
 from ctxext import MethodError, patch_model, plan_patch
 from ctxext.errors import UnsupportedModelError
 from ctxext.models.base import find_rotary

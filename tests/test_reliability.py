@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxext.atomic import atomic_write_text, disk_full, temporary_beside
+from ctxext.atomic import disk_full, temporary_beside
 from ctxext.config import ConfigError, load_config
 from ctxext.data import check_data_file
 from ctxext.errors import CheckpointError, DataError, OutputError, TrainingError
@@ -26,7 +26,7 @@ from ctxext.validate import check_checkpoint, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-import reliability_drill as drill  # noqa: E402
+import reliability_drill as drill
 
 CHECKPOINT_CASES = [h for h in drill.HOSTILE if h.kind == "checkpoint"]
 
@@ -118,9 +118,8 @@ def test_the_lock_refuses_a_second_run_naming_the_holder_and_is_free_after_it_di
     holder = ctx.Process(target=_hold, args=(tmp_path / "out", ready, release))
     holder.start()
     assert ready.wait(30)
-    with pytest.raises(OutputError) as err:
-        with output_lock(tmp_path / "out", "second"):
-            pass
+    with pytest.raises(OutputError) as err, output_lock(tmp_path / "out", "second"):
+        pass
     assert f"pid {holder.pid}" in str(err.value) and "(holder, started" in str(err.value)
     assert str(lock_path(tmp_path / "out")) in str(err.value)
     os.kill(holder.pid, signal.SIGKILL)  # the holder dies without cleaning up: its lock file stays, its flock goes
@@ -299,3 +298,17 @@ def test_the_drill_table_counts_what_it_is_given():
     lines = drill.table(outcomes)
     assert "| inputs | 2 | 1 | 0 | 0 |" in lines and "| kill | 1 | 0 | 1 | 1 |" in lines
     assert lines[-1] == "| **all** | **3** | **1** | **1** | **1** |"
+
+
+PLAN_CASES = [h for h in drill.HOSTILE if h.kind == "checkpoint" and "plan" in h.commands]
+
+
+@pytest.mark.parametrize("hostile", PLAN_CASES, ids=lambda h: h.name)
+def test_plan_refuses_each_hostile_config_json_naming_the_file(hostile, tiny, tmp_path):
+    """`ctxext plan` reads config.json alone: every hostile one is refused as the other commands refuse it."""
+    from ctxext.memory import model_shape
+
+    bad = hostile.build(tmp_path, tiny)
+    with pytest.raises(CheckpointError) as err:
+        model_shape(str(bad))
+    assert str(bad / "config.json") in str(err.value) and re.search(hostile.says, str(err.value)), str(err.value)

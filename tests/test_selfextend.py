@@ -5,12 +5,12 @@ errors, and the saved checkpoint (needs `import ctxext`, refused by stock transf
 import json
 
 import pytest
+import reference as ref
 import torch
+from conftest import CONTEXT, HEAD_DIM, assert_left_padding_matches_unpadded, tiny_model
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
-import reference as ref
-from conftest import CONTEXT, HEAD_DIM, assert_left_padding_matches_unpadded, tiny_model
 from ctxext import MethodError, patch_model
 from ctxext.rope.selfextend import selfextend_attention
 

@@ -28,8 +28,8 @@ FSDP = ["distributed.sharding=fsdp"]
         ([*FSDP, "distributed.cp_size=3"], "stages.0.seq_len=64 is not divisible by 2 x distributed.cp_size = 6"),
         ([*FSDP, "distributed.cp_size=2", "stages.1.window=62"], "stages.1.window=62 is not divisible by 2 x"),
         ([*FSDP, "distributed.cp_size=2", "model.attn_implementation=eager"], "needs model.attn_implementation: sdpa"),
-        ([*FSDP, "distributed.cp_size=4", "distributed.num_processes=6"], "num_processes=6 is not a multiple of "
-                                                                          "cp_size=4"),
+        ([*FSDP, "distributed.cp_size=4", "distributed.num_processes=6"], ("num_processes=6 is not a multiple of "
+                                                                           "cp_size=4")),
         (["distributed.sharding=zero3"], "distributed.sharding: Input should be 'none' or 'fsdp'"),
         (["distributed.cp_size=0"], "distributed.cp_size: Input should be greater than or equal to 1"),
     ],

@@ -60,7 +60,7 @@ def _nearest_line_start(tokenizer, ids: list[int], target: int) -> int:
     if target <= 0 or target >= len(ids):
         return max(0, min(target, len(ids)))
     best = None
-    for radius in range(0, len(ids)):
+    for radius in range(len(ids)):
         for i in (target - radius, target + radius):
             if 0 < i < len(ids) and "\n" in tokenizer.decode([ids[i - 1]]):
                 best = i

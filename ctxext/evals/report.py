@@ -250,8 +250,12 @@ def analyze_frequencies(model_name: str, *, data: str = DEFAULT_EVAL_SOURCE, com
         model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
         record = getattr(model.config, "ctxext", None) or {}
         context = context or record.get("original_context", model.config.max_position_embeddings)
-        usage = frequency_usage(model, tokenize_documents(tokenizer, texts), seq_len=seq_len or context,
-                                max_tokens=max_tokens)
+        try:
+            usage = frequency_usage(model, tokenize_documents(tokenizer, texts), seq_len=seq_len or context,
+                                    max_tokens=max_tokens)
+        except DataError as err:  # too little text for one window: name the data
+            raise DataError(f"data {data}: {err} (fewer than one block of {seq_len or context} tokens); give more "
+                            "text with --data") from None
         label = Path(name).name or name
         runs[role] = {"name": name, "path": path, **usage.to_dict()}
         energy = usage.qk_energy()

@@ -52,7 +52,7 @@ def read_gguf(path: str | os.PathLike):
         raise CheckpointError(f"{path} does not exist or is not a file; give the path of a .gguf file")
     try:
         reader = GGUFReader(path)
-    except Exception as err:  # the reader raises ValueError, IndexError, struct errors... on a damaged header
+    except Exception as err:  # noqa: BLE001  (ValueError, IndexError, struct errors... on a damaged header)
         raise CheckpointError(
             f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); it may be truncated or corrupt: "
             "download or export it again"

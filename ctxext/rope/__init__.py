@@ -6,8 +6,11 @@ line below; see ``registry.py``).
 
 from ..errors import MethodError
 from .registry import METHODS, ROLES, MethodConfig, RopeContext, RopeState, make_method, param, register_method
-from . import pi, ntk, dynamic, yarn, llama3, prope, xpos, selfextend  # noqa: E402,F401,I001  (registration, in display order)
-from .chain import apply_chain, format_chain, parse_chain, rescale_factor, validate_chain  # noqa: E402
+
+# isort: off
+from . import pi, ntk, dynamic, yarn, llama3, prope, xpos, selfextend  # noqa: F401  (registration, in display order)
+# isort: on
+from .chain import apply_chain, format_chain, parse_chain, rescale_factor, validate_chain
 
 __all__ = [
     "METHODS",
