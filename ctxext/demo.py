@@ -1,13 +1,17 @@
-"""``ctxext demo``: the main job on the shipped reference model, end to end, in about 8 minutes on 2 CPU cores.
+"""``ctxext demo``: the main job on the shipped reference model, end to end, in about 10 minutes on 2 CPU cores.
 
-1. evaluate the reference model (trained at 256 tokens) at 256 .. 256 x factor: perplexity and passkey;
-2. patch it x factor (default PI) and evaluate again without fine-tuning;
-3. progressive LoRA fine-tune (512 -> 1024 -> 2048 for x8) on stdlib code mixed with passkey documents;
+The recipe (default ``configs/recipes/demo.yaml``) says what runs:
+
+1. evaluate the reference model (trained at 256 tokens) at 256 .. 256 x factor: perplexity, passkey, RULER-style
+   tasks and code outside the training domain;
+2. patch it x factor (the recipe's method, YaRN by default; ``--method pi`` for position interpolation) and
+   evaluate again without fine-tuning;
+3. progressive LoRA fine-tune (512 -> 1024 -> 2048 for x8) on stdlib code mixed with retrieval documents whose
+   answers weigh more in the loss;
 4. evaluate the fine-tuned model; write a report folder (report.md, plots, JSON, the exact commands) and print
    the headline numbers.
 
-Every step is a library call that a CLI command also makes; ``commands.sh`` in the report lists those commands.
-"""
+Every step is a library call that a CLI command also makes; ``commands.sh`` in the report lists those commands."""
 
 from __future__ import annotations
 
