@@ -1,0 +1,158 @@
+"""Self-Extend G x W sweep of passkey retrieval on one checkpoint, without fine-tuning: docs/SELFEXTEND.md.
+
+    python scripts/selfextend_sweep.py --windows 16,32,64,96,128,160 --groups 8,12,16,24,32 \
+        --lengths 2048 --trials 10 --output runs/selfextend/sweep.json
+    python scripts/selfextend_sweep.py --plot runs/selfextend/sweep.json docs/selfextend_sweep.png
+
+Loads the checkpoint once per setting, patches it in memory (``patch_model(model, "selfextend", group_size=G,
+window=W)``, the same as ``ctxext patch --method selfextend``) and scores the passkey grid with
+``passkey_accuracy`` on the same filler stream and seed as ``ctxext eval passkey`` (same prompts for every
+setting). A setting whose reach ``(L - W) * G + W`` is below ``max(lengths)`` is skipped (its largest relative
+position would leave the trained context). Results are written after every setting; a rerun with the same
+``--output`` skips the settings already there (resumable). Prints a markdown table with Wilson 95% intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ctxext.atomic import atomic_write_text
+from ctxext.evals.retrieval import wilson
+
+DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def key(g: int, w: int) -> str:
+    return f"G{g}W{w}"
+
+
+def run(args) -> dict:
+    import torch
+
+    from ctxext import patch_model
+    from ctxext.evals.passkey import passkey_accuracy
+    from ctxext.evals.report import filler_stream, load_for_eval
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    out = Path(args.output)
+    data = json.loads(out.read_text()) if out.exists() else {}
+    protocol = {"model": args.model, "filler": args.filler, "lengths": args.lengths, "depths": args.depths,
+                "trials": args.trials, "seed": args.seed}
+    if data and data["protocol"] != {**data["protocol"], **protocol}:
+        sys.exit(f"{out} holds another protocol ({data['protocol']}); use another --output")
+    data.setdefault("protocol", {**protocol, "date": time.strftime("%Y-%m-%d")})
+    data.setdefault("settings", {})
+    stream = None
+    for w in args.windows:
+        for g in args.groups:
+            name = key(g, w)
+            if name in data["settings"]:
+                continue
+            model, tokenizer, _ = load_for_eval(args.model, device=args.device)
+            context = model.config.max_position_embeddings
+            reach = (context - w) * g + w
+            if w >= context or reach < max(args.lengths):
+                print(f"{name}: reach {reach} < {max(args.lengths)}, skipped", flush=True)
+                continue
+            patch_model(model, "selfextend", group_size=g, window=w)
+            stream = stream or filler_stream(tokenizer, args.filler, seed=args.seed)
+            t0 = time.time()
+            grid = passkey_accuracy(model, tokenizer, stream, args.lengths, args.depths, args.trials, seed=args.seed,
+                                    batch_size=args.batch_size, progress=False)
+            data["settings"][name] = {"group_size": g, "window": w, "reach": reach, "accuracy": grid["accuracy"],
+                                      "examples": [e for e in grid["examples"] if not e["correct"]],
+                                      "seconds": round(time.time() - t0, 1)}
+            atomic_write_text(out, json.dumps(data, indent=1))
+            row = grid["accuracy"][str(max(args.lengths))]
+            print(f"{name} reach {reach}: " + " ".join(f"{row[str(d)]:.0%}" for d in args.depths)
+                  + f"  ({time.time() - t0:.0f}s)", flush=True)
+    return data
+
+
+def table(data: dict) -> str:
+    p = data["protocol"]
+    trials, depths = p["trials"], p["depths"]
+    lines = [f"| G | W | reach | length | {' | '.join(f'depth {d:g}' for d in depths)} | worst | all depths |",
+             "|---:|---:|---:|---:|" + "---:|" * (len(depths) + 2)]
+    rows = []
+    for s in data["settings"].values():
+        for length, acc in s["accuracy"].items():
+            counts = [round(acc[str(d)] * trials) for d in depths]
+            rows.append((s["group_size"], s["window"], s["reach"], int(length), counts))
+    for g, w, reach, length, counts in sorted(rows, key=lambda r: (r[3], -min(r[4]), -sum(r[4]))):
+        cells = [f"{c}/{trials} [{wilson(c, trials)[0]:.2f}, {wilson(c, trials)[1]:.2f}]" for c in counts]
+        lo, hi = wilson(sum(counts), trials * len(depths))
+        lines.append(f"| {g} | {w} | {reach} | {length} | {' | '.join(cells)} | {min(counts)}/{trials} | "
+                     f"{sum(counts)}/{trials * len(depths)} [{lo:.2f}, {hi:.2f}] |")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    p = data["protocol"]
+    length = str(max(p["lengths"]))
+    settings = list(data["settings"].values())
+    gs = sorted({s["group_size"] for s in settings})
+    ws = sorted({s["window"] for s in settings})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (label, f) in zip(axes, [("worst depth", min), ("mean over depths", lambda v: sum(v) / len(v))]):
+        grid = np.full((len(ws), len(gs)), np.nan)
+        for s in settings:
+            grid[ws.index(s["window"]), gs.index(s["group_size"])] = f(list(s["accuracy"][length].values()))
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        for i in range(len(ws)):
+            for j in range(len(gs)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center",
+                            color="w" if grid[i, j] <= 0.6 else "k", fontsize=9)
+        ax.set_xticks(range(len(gs)), [str(g) for g in gs])
+        ax.set_yticks(range(len(ws)), [str(w) for w in ws])
+        ax.set_xlabel("group size G")
+        ax.set_ylabel("neighbour window W")
+        ax.set_title(f"passkey @ {length}, {label}")
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.suptitle(f"Self-Extend on {p['model']}, no fine-tuning ({p['trials']} keys per depth; blank: not run)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ap.add_argument("--model", default="reference")
+    ap.add_argument("--windows", type=ints, default=[16, 32, 64, 96, 128, 160])
+    ap.add_argument("--groups", type=ints, default=[8, 12, 16, 24, 32])
+    ap.add_argument("--lengths", type=ints, default=[2048])
+    ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=DEPTHS)
+    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--filler", default="stdlib:held_out")
+    ap.add_argument("--batch-size", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--output", default="runs/selfextend/sweep.json")
+    ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only plot an existing sweep")
+    ap.add_argument("--table", metavar="JSON", help="only print the table of an existing sweep")
+    args = ap.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot[0]).read_text()), args.plot[1])
+        return
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    data = run(args)
+    print(table(data))
+
+
+if __name__ == "__main__":
+    main()
