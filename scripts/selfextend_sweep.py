@@ -127,7 +127,7 @@ def plot(data: dict, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",")]
     ap.add_argument("--model", default="reference")
     ap.add_argument("--windows", type=ints, default=[16, 32, 64, 96, 128, 160])
     ap.add_argument("--groups", type=ints, default=[8, 12, 16, 24, 32])
