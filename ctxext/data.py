@@ -184,9 +184,14 @@ def _answer_token_spans(tokenizer, texts: list[str], answers: list) -> tuple[lis
                         f"{type(tokenizer).__name__} is not one: drop the {ANSWERS!r} field or set answer_weight 1")
     enc = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=True)
     spans = []
-    for offsets, doc_answers in zip(enc["offset_mapping"], answers):
+    for text, offsets, doc_answers in zip(texts, enc["offset_mapping"], answers):
         mine = []
-        for a, b in doc_answers or []:
+        for span in doc_answers or []:
+            if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(x, int) for x in span)
+                    and 0 <= span[0] < span[1] <= len(text)):
+                raise DataError(f"an {ANSWERS!r} entry must be [start, end] character offsets of its row's text "
+                                f"(0 <= start < end <= {len(text)}); got {span!r}")
+            a, b = span
             hit = [i for i, (s, e) in enumerate(offsets) if s < b and e > a]
             if hit:
                 mine.append([hit[0], hit[-1] + 1])
@@ -217,8 +222,11 @@ def write_token_file(tokenizer, source: str, path: str | Path, *, text_field: st
         ids, spans = _answer_token_spans(tokenizer, batch["text"], batch[ANSWERS])
         return {"ids": ids, "spans": spans}
 
-    ids = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenizing",
-                      keep_in_memory=len(dataset) < 100_000)
+    try:
+        ids = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenizing",
+                          keep_in_memory=len(dataset) < 100_000)
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from None
     counts = {"documents": len(ids), "tokens": 0}
     starts: list[int] = []
     spans: list[list[int]] = []

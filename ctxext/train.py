@@ -312,6 +312,9 @@ def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[
                                 "stages")
         file = run / "tokens" / f"{name}.bin"
         blocks.append(stage_blocks(streams[name], document_starts(file), stage.block_len, answer_spans(file)))
+        if cfg.data.answer_weight != 1 and not len(blocks[-1].answers) and accelerator.is_main_process:
+            log.warning("data.answer_weight is %g but the data of stage %d (%s) marks no answers (rows with an "
+                        "'answers' field): its loss is unweighted", cfg.data.answer_weight, i, files[name][0])
     return blocks, held
 
 

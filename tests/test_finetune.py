@@ -405,3 +405,16 @@ def test_answer_weight_reaches_the_training_loss(base, tmp_path):
         first[weight] = losses(out)[0]
     # the same blocks and weights at step 1: the answers' ~4% of the targets count 10x instead of 1x
     assert 1.1 * first[1] < first[10] < 10 * first[1]
+
+
+@pytest.mark.parametrize("answers", [[[5, 2]], [["a", "b"]], [[0, 999]], [[1, 2, 3]]])
+def test_malformed_answer_spans_name_the_file(tmp_path, answers):
+    from ctxext.data import write_token_file
+    from ctxext.errors import DataError
+
+    tokenizer = train_tokenizer(corpus.read_texts(corpus.stdlib_files("train")[:10]), vocab_size=300)
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "x = 1\n# The key is 12345.\n", "answers": answers}) + "\n")
+    with pytest.raises(DataError, match=f"{data}: an 'answers' entry must be"):
+        write_token_file(tokenizer, str(data), tmp_path / "tokens" / "train.bin", progress=False)
+    assert not (tmp_path / "tokens" / "train.bin").exists()
