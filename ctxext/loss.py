@@ -13,8 +13,9 @@ import torch
 
 
 def _chunk_loss(h, weight, t, w, softcap: float | None, grad_hidden, grad_weight) -> torch.Tensor:
-    """Summed (``w``-weighted) NLL of one chunk; writes its gradients into ``grad_hidden`` (a view of the chunk's rows) and adds
-    them to ``grad_weight``. Its [chunk, vocab] buffers die when it returns, before the next chunk's exist."""
+    """Summed NLL of one chunk (each target's term times ``w`` when given); writes its gradients into
+    ``grad_hidden`` (a view of the chunk's rows) and adds them to ``grad_weight``. Its [chunk, vocab] buffers die
+    when it returns, before the next chunk's exist."""
     logits = (h @ weight.T).float()
     if softcap:
         tanh = logits.div_(softcap).tanh_()
