@@ -8,6 +8,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ctxext.loss import ChunkedLMLoss, linear_cross_entropy
 
 
+def tiny_llama(tie: bool) -> LlamaForCausalLM:
+    return LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+
+
 @pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
 def test_matches_full_logits_cross_entropy_and_gradients(softcap, chunk):
@@ -30,8 +35,7 @@ def test_matches_full_logits_cross_entropy_and_gradients(softcap, chunk):
 
 def test_wrapped_model_loss_equals_transformers_own_loss_and_gradients():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model = tiny_llama(tie=True)
     ids = torch.randint(0, 101, (2, 40))
     own = model(input_ids=ids, labels=ids).loss
     own_grads = torch.autograd.grad(own, list(model.parameters()))
@@ -46,8 +50,7 @@ def test_position_ids_reach_the_model_as_in_its_own_loss():
     """PoSE passes skipped position ids: the chunked loss must see exactly what the model's own forward sees, as one
     causal sequence (transformers reads jumping position ids without a mask or cache as packed documents)."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model = tiny_llama(tie=True)
     ids = torch.randint(0, 101, (2, 40))
     positions = torch.cat([torch.arange(15), torch.arange(15, 40) + 200]).expand(2, -1)
     own = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions, labels=ids).loss
@@ -78,8 +81,7 @@ def test_target_weights_scale_each_term_and_its_gradient(chunk):
 def test_wrapped_model_weights_match_a_weighted_full_logits_loss(lora_head):
     """Both paths of ChunkedLMLoss (plain head: fused; adapted head: checkpointed chunks) weigh each target."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    model = tiny_llama(tie=False)
     if lora_head:
         from peft import LoraConfig, get_peft_model
 
