@@ -179,22 +179,25 @@ def _run_demo(output_dir: str, *, recipe: str | None, factor: float | None, meth
                    f"{context}: original {o:.2f}, {names[tuned]} {t:.2f} ({ood_change:+.1%}) (`ood/ppl.json`)."), ""]
         commands.append(f"ctxext eval ppl {base} {tuned} --lengths {context} --data {ev.ood_data} "
                         f"--max-documents {plan['ppl_docs']} --output {out / 'ood'}")
-    if ev.retrieval_tasks:
-        say(f"RULER-style tasks {ev.retrieval_tasks} at {pk_lengths} ({ev.retrieval_trials} prompts per cell)")
-        ret = evaluate_retrieval([str(base), tuned], tasks=ev.retrieval_tasks, lengths=pk_lengths,
-                                 depths=plan["depths"], trials=ev.retrieval_trials, output=out,
+    if ev.retrieval_tasks:  # at the trained and the target length only (the leaderboard has every length)
+        ruler_lengths, ruler_depths = sorted({context, target}), ev.retrieval_depths or plan["depths"]
+        say(f"RULER-style tasks {ev.retrieval_tasks} at {ruler_lengths} x depths {ruler_depths} "
+            f"({ev.retrieval_trials} prompts per cell)")
+        ret = evaluate_retrieval([str(base), tuned], tasks=ev.retrieval_tasks, lengths=ruler_lengths,
+                                 depths=ruler_depths, trials=ev.retrieval_trials, output=out,
                                  labels=["original", names[tuned]])
-        extra += [(f"RULER-style tasks in code, worst depth ({ev.retrieval_trials} prompts per cell, "
-                   "`retrieval.json`, `retrieval_*.png`):"), "",
-                  "| model | " + " | ".join(f"{t}@{L}" for t in ev.retrieval_tasks for L in pk_lengths) + " |",
-                  "|---|" + "---|" * (len(ev.retrieval_tasks) * len(pk_lengths))]
+        extra += [(f"RULER-style tasks in code, worst of {len(ruler_depths)} depths ({ev.retrieval_trials} prompts per cell, "
+                   "`retrieval.json`, `retrieval_*.png`; every length: the leaderboard):"), "",
+                  "| model | " + " | ".join(f"{t}@{L}" for t in ev.retrieval_tasks for L in ruler_lengths) + " |",
+                  "|---|" + "---|" * (len(ev.retrieval_tasks) * len(ruler_lengths))]
         for label, r in ret["models"].items():
             extra.append(f"| {label} | " + " | ".join(
-                f"{min(r['tasks'][t]['accuracy'][str(L)].values()):.0%}" for t in ev.retrieval_tasks for L in pk_lengths)
-                + " |")
+                f"{min(r['tasks'][t]['accuracy'][str(L)].values()):.0%}" for t in ev.retrieval_tasks
+                for L in ruler_lengths) + " |")
         extra.append("")
         commands.append(f"ctxext eval retrieval {base} {tuned} --tasks {','.join(ev.retrieval_tasks)} --lengths "
-                        f"{','.join(map(str, pk_lengths))} --trials {ev.retrieval_trials} --output {out}")
+                        f"{','.join(map(str, ruler_lengths))} --depths {','.join(map(str, ruler_depths))} "
+                        f"--trials {ev.retrieval_trials} --output {out}")
 
     # report
     rows = []

@@ -54,6 +54,8 @@ class RecipeEvaluation(_Strict):
                                  "context (e.g. package:numpy)")
     retrieval_tasks: list[str] = Field(default_factory=list, description="RULER-style tasks evaluated too")
     retrieval_trials: int = Field(20, gt=0)
+    retrieval_depths: list[float] | None = Field(None, min_length=1, description="depths of the RULER-style tasks "
+                                                 "(null: the passkey depths)")
 
 
 class RetrievalPhase(_Strict):

@@ -10,13 +10,20 @@ embeddings/norms, progressive 512 -> 1024 -> 2048, identical steps and data for 
 perplexity at 256/512/1024/2048, passkey (worst depth) at every length, change at 256 against the original model,
 fine-tuning seconds and tokens; then the targets of the issue, checked for the best fine-tuned method. Text below
 the line "<!-- notes -->" in an existing RESULTS.md is kept when the table is rewritten.
+
+Resumable: each finished row is saved in WORK_DIR/rows/ with a key of everything that determines it (model, factor,
+the row's method, --quick, and the recipe: all of it for a fine-tuned row, its evaluation section for the others);
+a rerun with the same work dir reuses the rows whose key matches and computes
+the rest, so an interrupted sweep loses at most the row in progress.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +66,19 @@ def check_targets(rows: dict, context: int, target: int) -> list[tuple[str, bool
     ]
 
 
+def source_commit() -> str | None:
+    """The repository's commit (``+changes`` when tracked files differ from it): the sweep's recipe files live in the
+    repository and change, so a page says which version ran. None outside a git checkout."""
+    try:
+        git = ["git", "-C", str(REPO)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
     """RESULTS.md (table, targets) and results.png from the measured rows (also: ``--report-from results.json``)."""
     context, target, lengths = meta["context"], meta["target"], meta["lengths"]
@@ -69,7 +89,8 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
                title=f"held-out perplexity, {meta['model']} x{meta['factor']:g} (trained at {context})")
     original = rows["baseline"]["ppl"][str(context)] if "baseline" in rows else None
     lines = ["# Leaderboard: every method on the reference model", "",
-             (f"Command: `{meta['command']}` ({meta['date']}, CPU; sweep: `{meta['config']}`). "
+             (f"Command: `{meta['command']}` ({meta['date']}"
+              + (f", commit {meta['commit']}" if meta.get("commit") else "") + f", CPU; sweep: `{meta['config']}`). "
               f"Model: {meta['model']} (trained at {context}), extended x{meta['factor']:g} to {target}. Fine-tuning: "
               f"identical for every method ({' -> '.join(map(str, meta['stage_lengths']))}, {sum(plan['steps'])} "
               f"steps x {plan['tokens_per_step']:,} tokens, LoRA r16 + embeddings/norms, stdlib code + "
@@ -95,7 +116,8 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
     tasks = sorted({t for r in rows.values() for t in r.get("retrieval_worst_depth", {})})
     if tasks:
         trials = meta.get("retrieval_trials")
-        lines += ["", (f"RULER-style tasks in code (worst of {len(plan['depths'])} depths, {trials} prompts per cell; "
+        depths = meta.get("retrieval_depths") or plan["depths"]
+        lines += ["", (f"RULER-style tasks in code (worst of {len(depths)} depths, {trials} prompts per cell; "
                    "per-depth grids in `results.json`):"), "",
                   "| method | " + " | ".join(f"{t}@{L}" for t in tasks for L in lengths) + " |",
                   "|---|" + "---|" * (len(tasks) * len(lengths))]
@@ -148,6 +170,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     base = resolve_model(model_name)
+    commit = source_commit()  # before the long run: the version that starts is the one that runs
     from transformers import AutoConfig, AutoTokenizer
 
     context = AutoConfig.from_pretrained(base).max_position_embeddings
@@ -164,6 +187,16 @@ def main(argv=None) -> int:
             if (chain is None and tuned) or (args.tuned_only and chain is not None and not tuned):
                 continue
             label = f"{name} + LoRA" if tuned else name
+            tag = label.replace(" ", "")
+            depends = recipe if tuned else recipe.evaluation  # a row without fine-tuning: only how it is evaluated
+            key = hashlib.sha256(json.dumps({
+                "model": str(base), "factor": factor, "recipe": depends.model_dump(mode="json"), "quick": args.quick,
+                "method": row.model_dump(mode="json"), "tuned": tuned}, sort_keys=True).encode()).hexdigest()
+            saved = work / "rows" / f"{tag}.json"
+            if saved.is_file() and json.loads(saved.read_text())["key"] == key:
+                rows[label] = json.loads(saved.read_text())["row"]
+                print(label, "(saved row reused:", saved, ")", flush=True)
+                continue
             started, ft_seconds = time.perf_counter(), 0.0
             if chain is None:
                 model_dir = str(base)
@@ -176,7 +209,6 @@ def main(argv=None) -> int:
                 model_dir = finetune(cfg, output_dir=str(run), progress=False)["merged"]
                 ft_seconds = time.perf_counter() - started
                 ft_tokens = sum(cfg.stage_steps(i) for i in range(len(cfg.stages))) * cfg.optimization.tokens_per_step
-            tag = label.replace(" ", "")
             ppl = evaluate_perplexity([model_dir], lengths=lengths, output=work / "eval" / tag,
                                       max_documents=plan["ppl_docs"], batch_size=4)
             pk = evaluate_passkey([model_dir], lengths=lengths, depths=plan["depths"], trials=plan["passkey_trials"],
@@ -195,17 +227,21 @@ def main(argv=None) -> int:
                 rows[label]["ood_ppl"] = next(iter(ood["models"].values()))["per_length"][str(context)]["perplexity"]
             if evaluation.retrieval_tasks:
                 ret = evaluate_retrieval([model_dir], tasks=evaluation.retrieval_tasks, lengths=lengths,
-                                         depths=plan["depths"], trials=evaluation.retrieval_trials,
+                                         depths=evaluation.retrieval_depths or plan["depths"],
+                                         trials=evaluation.retrieval_trials,
                                          output=work / "eval" / tag)
                 grids = next(iter(ret["models"].values()))["tasks"]
                 rows[label]["retrieval_worst_depth"] = {
                     task: {str(L): min(g["accuracy"][str(L)].values()) for L in lengths} for task, g in grids.items()}
                 rows[label]["retrieval"] = {task: g["accuracy"] for task, g in grids.items()}
+            saved.parent.mkdir(exist_ok=True)
+            atomic_write_text(saved, json.dumps({"key": key, "row": rows[label]}))
             print(label, json.dumps({k: v for k, v in rows[label].items() if k != "passkey"}), flush=True)
 
     meta = {"model": model_name, "factor": factor, "context": context, "target": target, "lengths": lengths,
-            "stage_lengths": stages, "date": time.strftime("%Y-%m-%d"), "ood_data": evaluation.ood_data,
+            "stage_lengths": stages, "date": time.strftime("%Y-%m-%d"), "commit": commit, "ood_data": evaluation.ood_data,
             "retrieval_trials": evaluation.retrieval_trials,
+            "retrieval_depths": evaluation.retrieval_depths or plan["depths"],
             "config": config_name, "command": "python scripts/leaderboard.py" + (" --quick" if args.quick else "")
             + (f" --config {config_name}" if config_name != DEFAULT_CONFIG else "")
             + (f" --methods {args.methods}" if args.methods else "")}

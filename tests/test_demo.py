@@ -77,6 +77,13 @@ def test_leaderboard_quick_mode_runs(small_model, tmp_path):
     run(["scripts/leaderboard.py", "--report-from", str(tmp_path / "docs" / "results.json"), "--output",
          str(tmp_path / "again")])  # re-rendered from the saved numbers alone: the same page (notes aside)
     assert (tmp_path / "again" / "RESULTS.md").read_text() == table.split("<!-- notes -->")[0] + "<!-- notes -->\n"
+    # resumed: the same sweep in the same work dir reuses every saved row (nothing trained or evaluated again)
+    rerun = run(["scripts/leaderboard.py", "--quick", "--model", small_model, "--factor", "4", "--methods", "baseline,pi",
+                 "--output", str(tmp_path / "resumed"), "--work-dir", str(tmp_path / "work")])
+    assert rerun.count("saved row reused") == 3, rerun
+    first = json.loads((tmp_path / "docs" / "results.json").read_text())["rows"]
+    resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())["rows"]
+    assert resumed == {k: first[k] for k in ("baseline", "pi", "pi + LoRA")}
 
 
 def test_leaderboard_targets_pick_the_best_tuned_row_and_can_fail():
