@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="the main job: extend the shipped reference model x8, fine-tune, evaluate, report (~18 min on 2 idle CPU cores)",
+        help="the main job: extend the shipped reference model x8, fine-tune, evaluate, report (~12 min on 2 idle CPU cores)",
         description="Patch the reference model (trained at 256 tokens) x factor, fine-tune it progressively with "
         "LoRA, evaluate perplexity and passkey before and after, and write a report folder.")
     p.add_argument("--output-dir", default="ctxext-demo", help="where the report and checkpoints go")

@@ -1,4 +1,4 @@
-"""``ctxext demo``: the main job on the shipped reference model, end to end, in about 18 minutes on 2 idle CPU cores.
+"""``ctxext demo``: the main job on the shipped reference model, end to end, in about 12 minutes on 2 idle CPU cores.
 
 The recipe (default ``configs/recipes/demo.yaml``) says what runs:
 

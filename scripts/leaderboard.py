@@ -12,9 +12,10 @@ fine-tuning seconds and tokens; then the targets of the issue, checked for the b
 the line "<!-- notes -->" in an existing RESULTS.md is kept when the table is rewritten.
 
 Resumable: each finished row is saved in WORK_DIR/rows/ with a key of everything that determines it (model, factor,
-the row's method, --quick, and the recipe: all of it for a fine-tuned row, its evaluation section for the others);
-a rerun with the same work dir reuses the rows whose key matches and computes
-the rest, so an interrupted sweep loses at most the row in progress.
+the row's method, --quick, and the recipe: all of it for a fine-tuned row, its evaluation section for the others).
+A rerun with the same work dir reuses the rows whose key matches and computes the rest, so an interrupted sweep
+loses at most the row in progress, and a sweep can be split over processes (--methods, one work dir each; copy the
+rows/ files into one work dir and run the whole sweep there to write the page).
 """
 
 from __future__ import annotations

@@ -60,6 +60,10 @@ def test_shortened_demo_writes_the_report(small_model, tmp_path):
     assert list(out.glob("passkey_*.png")) and (out / "finetune" / "merged" / "config.json").is_file()
     assert summary["lengths"] == [256, 512, 1024]
     assert "ctxext finetune" in (out / "commands.sh").read_text()
+    # RULER-style tasks at the trained and target lengths and the recipe's retrieval depths (quick: 0 and 1)
+    grid = next(iter(json.loads((out / "retrieval.json").read_text())["models"].values()))["tasks"]["multikey"]
+    assert {L: sorted(d) for L, d in grid["accuracy"].items()} == {"256": ["0.0", "1.0"], "1024": ["0.0", "1.0"]}
+    assert "--lengths 256,1024 --depths 0.0,1.0" in (out / "commands.sh").read_text()
 
 
 @pytest.mark.slow
