@@ -180,7 +180,7 @@ def _run_demo(output_dir: str, *, recipe: str | None, factor: float | None, meth
         commands.append(f"ctxext eval ppl {base} {tuned} --lengths {context} --data {ev.ood_data} "
                         f"--max-documents {plan['ppl_docs']} --output {out / 'ood'}")
     if ev.retrieval_tasks:  # at the trained and the target length only (the leaderboard has every length)
-        ruler_lengths, ruler_depths = sorted({context, target}), ev.retrieval_depths or plan["depths"]
+        ruler_lengths, ruler_depths = sorted({context, target}), plan["retrieval_depths"]
         say(f"RULER-style tasks {ev.retrieval_tasks} at {ruler_lengths} x depths {ruler_depths} "
             f"({ev.retrieval_trials} prompts per cell)")
         ret = evaluate_retrieval([str(base), tuned], tasks=ev.retrieval_tasks, lengths=ruler_lengths,

@@ -86,6 +86,7 @@ class Recipe(_Strict):
         """The budget in the flat form the reports print (and results.json keeps)."""
         return {"ppl_docs": self.evaluation.ppl_documents, "passkey_trials": self.evaluation.passkey_trials,
                 "depths": list(self.evaluation.depths), "steps": list(self.finetune.stage_steps),
+                "retrieval_depths": list(self.evaluation.retrieval_depths or self.evaluation.depths),
                 "tokens_per_step": self.finetune.optimization.tokens_per_step,
                 "passkey_docs": self.data.passkey_documents, "train_docs": self.data.train_documents}
 

@@ -117,7 +117,7 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
     tasks = sorted({t for r in rows.values() for t in r.get("retrieval_worst_depth", {})})
     if tasks:
         trials = meta.get("retrieval_trials")
-        depths = meta.get("retrieval_depths") or plan["depths"]
+        depths = plan.get("retrieval_depths", plan["depths"])  # results.json of older runs: the passkey depths
         lines += ["", (f"RULER-style tasks in code (worst of {len(depths)} depths, {trials} prompts per cell; "
                    "per-depth grids in `results.json`):"), "",
                   "| method | " + " | ".join(f"{t}@{L}" for t in tasks for L in lengths) + " |",
@@ -194,8 +194,9 @@ def main(argv=None) -> int:
                 "model": str(base), "factor": factor, "recipe": depends.model_dump(mode="json"), "quick": args.quick,
                 "method": row.model_dump(mode="json"), "tuned": tuned}, sort_keys=True).encode()).hexdigest()
             saved = work / "rows" / f"{tag}.json"
-            if saved.is_file() and json.loads(saved.read_text())["key"] == key:
-                rows[label] = json.loads(saved.read_text())["row"]
+            previous = json.loads(saved.read_text()) if saved.is_file() else {}
+            if previous.get("key") == key:
+                rows[label] = previous["row"]
                 print(label, "(saved row reused:", saved, ")", flush=True)
                 continue
             started, ft_seconds = time.perf_counter(), 0.0
@@ -228,8 +229,7 @@ def main(argv=None) -> int:
                 rows[label]["ood_ppl"] = next(iter(ood["models"].values()))["per_length"][str(context)]["perplexity"]
             if evaluation.retrieval_tasks:
                 ret = evaluate_retrieval([model_dir], tasks=evaluation.retrieval_tasks, lengths=lengths,
-                                         depths=evaluation.retrieval_depths or plan["depths"],
-                                         trials=evaluation.retrieval_trials,
+                                         depths=plan["retrieval_depths"], trials=evaluation.retrieval_trials,
                                          output=work / "eval" / tag)
                 grids = next(iter(ret["models"].values()))["tasks"]
                 rows[label]["retrieval_worst_depth"] = {
@@ -242,7 +242,6 @@ def main(argv=None) -> int:
     meta = {"model": model_name, "factor": factor, "context": context, "target": target, "lengths": lengths,
             "stage_lengths": stages, "date": time.strftime("%Y-%m-%d"), "commit": commit, "ood_data": evaluation.ood_data,
             "retrieval_trials": evaluation.retrieval_trials,
-            "retrieval_depths": evaluation.retrieval_depths or plan["depths"],
             "config": config_name, "command": "python scripts/leaderboard.py" + (" --quick" if args.quick else "")
             + (f" --config {config_name}" if config_name != DEFAULT_CONFIG else "")
             + (f" --methods {args.methods}" if args.methods else "")}
