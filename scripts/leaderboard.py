@@ -11,9 +11,10 @@ perplexity at 256/512/1024/2048, passkey (worst depth) at every length, change a
 fine-tuning seconds and tokens; then the targets of the issue, checked for the best fine-tuned method. Text below
 the line "<!-- notes -->" in an existing RESULTS.md is kept when the table is rewritten.
 
-Resumable: each finished row is saved in WORK_DIR/rows/ with a key of everything that determines it (model, factor,
-the row's method, --quick, and the recipe: all of it for a fine-tuned row, its evaluation section for the others).
-A rerun with the same work dir reuses the rows whose key matches and computes the rest, so an interrupted sweep
+Resumable: each finished row is a cell (``ctxext.evals.cells``) in WORK_DIR/rows/ whose spec is everything that
+determines it (model, factor, the row's method, --quick, and the recipe: all of it for a fine-tuned row, its
+evaluation section for the others). A rerun with the same work dir reuses the rows whose spec matches and computes
+the rest, so an interrupted sweep
 loses at most the row in progress, and a sweep can be split over processes (--methods, one work dir each; copy the
 rows/ files into one work dir and run the whole sweep there to write the page).
 """
@@ -21,7 +22,6 @@ rows/ files into one work dir and run the whole sweep there to write the page).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -29,7 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from ctxext.atomic import atomic_write_text
+from ctxext.evals.cells import load_cell, save_cell
 from ctxext.evals.report import evaluate_passkey, evaluate_perplexity, evaluate_retrieval, write_markdown_keeping_notes
 from ctxext.hub import patch_checkpoint
 from ctxext.plots import plot_sweep
@@ -190,14 +193,12 @@ def main(argv=None) -> int:
             label = f"{name} + LoRA" if tuned else name
             tag = label.replace(" ", "")
             depends = recipe if tuned else recipe.evaluation  # a row without fine-tuning: only how it is evaluated
-            key = hashlib.sha256(json.dumps({
-                "model": str(base), "factor": factor, "recipe": depends.model_dump(mode="json"), "quick": args.quick,
-                "method": row.model_dump(mode="json"), "tuned": tuned}, sort_keys=True).encode()).hexdigest()
-            saved = work / "rows" / f"{tag}.json"
-            previous = json.loads(saved.read_text()) if saved.is_file() else {}
-            if previous.get("key") == key:
-                rows[label] = previous["row"]
-                print(label, "(saved row reused:", saved, ")", flush=True)
+            spec = {"model": str(base), "factor": factor, "recipe": depends.model_dump(mode="json"),
+                    "quick": args.quick, "method": row.model_dump(mode="json"), "tuned": tuned}
+            saved = load_cell(work, f"rows/{tag}", spec)
+            if saved:
+                rows[label] = saved["result"]
+                print(label, f"(saved row reused: {work / 'rows' / tag}.json)", flush=True)
                 continue
             started, ft_seconds = time.perf_counter(), 0.0
             if chain is None:
@@ -235,8 +236,8 @@ def main(argv=None) -> int:
                 rows[label]["retrieval_worst_depth"] = {
                     task: {str(L): min(g["accuracy"][str(L)].values()) for L in lengths} for task, g in grids.items()}
                 rows[label]["retrieval"] = {task: g["accuracy"] for task, g in grids.items()}
-            saved.parent.mkdir(exist_ok=True)
-            atomic_write_text(saved, json.dumps({"key": key, "row": rows[label]}))
+            save_cell(work, f"rows/{tag}", spec, rows[label], seconds=rows[label]["seconds"],
+                      device="cuda" if torch.cuda.is_available() else f"cpu (torch threads: {torch.get_num_threads()})")
             print(label, json.dumps({k: v for k, v in rows[label].items() if k != "passkey"}), flush=True)
 
     meta = {"model": model_name, "factor": factor, "context": context, "target": target, "lengths": lengths,
