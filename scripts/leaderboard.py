@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,13 @@ import torch
 
 from ctxext.atomic import atomic_write_text
 from ctxext.evals.cells import load_cell, save_cell
-from ctxext.evals.report import evaluate_passkey, evaluate_perplexity, evaluate_retrieval, write_markdown_keeping_notes
+from ctxext.evals.report import (
+    evaluate_passkey,
+    evaluate_perplexity,
+    evaluate_retrieval,
+    source_commit,
+    write_markdown_keeping_notes,
+)
 from ctxext.hub import patch_checkpoint
 from ctxext.plots import plot_sweep
 from ctxext.recipe import load_recipe, load_sweep, stage_lengths
@@ -68,19 +73,6 @@ def check_targets(rows: dict, context: int, target: int) -> list[tuple[str, bool
         (f"baseline fails beyond {context} (ppl@{target} > 1.5x its ppl@{context})",
          base[str(target)] > 1.5 * base[str(context)], f"{base[str(target)]:.1f} vs {base[str(context)]:.2f}"),
     ]
-
-
-def source_commit() -> str | None:
-    """The repository's commit (``+changes`` when tracked files differ from it): the sweep's recipe files live in the
-    repository and change, so a page says which version ran. None outside a git checkout."""
-    try:
-        git = ["git", "-C", str(REPO)]
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
@@ -174,7 +166,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     base = resolve_model(model_name)
-    commit = source_commit()  # before the long run: the version that starts is the one that runs
+    commit = source_commit(REPO)  # before the long run: the version that starts is the one that runs
     from transformers import AutoConfig, AutoTokenizer
 
     context = AutoConfig.from_pretrained(base).max_position_embeddings

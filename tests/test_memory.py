@@ -171,3 +171,24 @@ def test_plan_of_a_cached_hub_id_works_offline(empty_hub_cache, monkeypatch, cap
 
 SHAPE_CONFIG = {"vocab_size": 4096, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+
+
+@pytest.mark.slow
+def test_step_benchmark_times_both_implementations_interleaved(tmp_path):
+    """benchmarks/finetune_step.py at a tiny shape: a memory row per implementation and an ABBA speed row per length
+    whose ratio is the ratio of the two median step times (docs/benchmarks/finetune_step_*.md)."""
+    proc = subprocess.run([sys.executable, "benchmarks/finetune_step.py", "--shape", "tiny", "--lengths", "64",
+                           "--repeats", "3", "--output", str(tmp_path)], check=False, capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "finetune_step_tiny.json").read_text())
+    assert [(r["impl"], r["seq_len"]) for r in result["memory"]] == [("baseline", 64), ("ctxext", 64)]
+    assert all(r["peak_mb"] > 0 for r in result["memory"])
+    assert [row["seq_len"] for row in result["speed"]] == [64]
+    for row in result["speed"]:
+        seconds = row["seconds"]
+        assert len(seconds["baseline"]) == len(seconds["ctxext"]) == 3
+        median = {k: sorted(v)[1] for k, v in seconds.items()}
+        assert row["speed_ratio"] == pytest.approx(median["baseline"] / median["ctxext"], rel=0.02)
+        assert row["pair_ratio_min"] <= row["pair_ratio_max"]
+    assert "| 64 |" in (tmp_path / "finetune_step_tiny.md").read_text()

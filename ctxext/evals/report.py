@@ -89,6 +89,22 @@ def _write_json(path: Path, payload: dict) -> None:
 NOTES_MARKER = "<!-- notes -->"
 
 
+def source_commit(repo: Path) -> str | None:
+    """The commit of the git checkout at ``repo`` (``+changes`` when tracked files differ from it), for a published
+    page to say which version produced it: recipes and scripts live in the repository and change. None outside a
+    git checkout."""
+    import subprocess
+
+    try:
+        git = ["git", "-C", str(repo)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def write_markdown_keeping_notes(path: Path, text: str) -> None:
     """Write a generated results page; hand-written text below NOTES_MARKER in the old page survives a rerun."""
     old = path.read_text() if path.is_file() else ""
