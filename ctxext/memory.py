@@ -285,10 +285,11 @@ def model_shape(path: str) -> tuple[ModelShape, str | None]:
     from pathlib import Path
 
     from .reference import resolve_model
-    from .validate import RESTORE, check_config_values, read_raw_config
+    from .validate import RESTORE, check_config_values, hub_config, read_raw_config
 
     folder = Path(resolve_model(path))
-    config_path, config = read_raw_config(folder) if folder.is_dir() else hub_config(path)
+    config_path, config = (read_raw_config(folder) if folder.is_dir()
+                           else hub_config(path, fix=f"or a shape with --shape ({', '.join(SHAPES)})"))
     check_config_values(config, config_path)
     if isinstance(config.get("text_config"), dict):  # a multimodal config: the decoder's sizes
         config = config["text_config"]
@@ -304,62 +305,6 @@ def model_shape(path: str) -> tuple[ModelShape, str | None]:
     except Exception as err:  # noqa: BLE001  (not a decoder config ctxext can size)
         raise ConfigError(f"cannot read the shape of model {path!r} from {config_path} ({type(err).__name__}: "
                           f"{str(err)[:200]}); give one with --shape ({', '.join(SHAPES)})") from None
-
-
-def hub_config(model_id: str) -> tuple[str, dict]:
-    """``(where, config.json)`` of a hub id: from the local Hugging Face cache first; from the Hub only when it is
-    reachable. Offline (``HF_HUB_OFFLINE``, or the Hub's host does not answer within a few seconds) an id that is
-    not cached fails at once, instead of after huggingface_hub's retries (about 30 s)."""
-    import json
-    import re
-    from pathlib import Path
-
-    if re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", model_id) is None:  # org/name; ./x or ../x are paths
-        raise ConfigError(f"model {model_id!r} is neither a local checkpoint folder nor an org/name hub id; give a "
-                          f"folder that holds config.json, or a shape with --shape ({', '.join(SHAPES)})")
-    from huggingface_hub import constants, hf_hub_download
-
-    def read(file: str) -> tuple[str, dict]:
-        try:
-            return file, json.loads(Path(file).read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{file} (config.json of {model_id}) cannot be read: {err}") from None
-
-    try:
-        cached = hf_hub_download(model_id, "config.json", local_files_only=True)
-    except Exception:  # noqa: BLE001  (not in the cache, in any of huggingface_hub's wordings)
-        cached = None
-    if cached is not None:
-        return read(cached)
-    unreachable = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "")
-                   .lower() in ("1", "true", "yes", "on") else hub_unreachable(constants.ENDPOINT))
-    if unreachable:
-        raise ConfigError(f"model {model_id!r} is not a local folder and its config.json is not in the local Hugging "
-                          f"Face cache ({constants.HF_HUB_CACHE}), and the Hub cannot be reached ({unreachable}). "
-                          f"Download the model when online, give a local checkpoint folder, or a shape with --shape "
-                          f"({', '.join(SHAPES)})")
-    try:
-        fetched = hf_hub_download(model_id, "config.json")
-    except Exception as err:  # noqa: BLE001  (gated, missing, no config.json, a network error)
-        raise ConfigError(f"cannot fetch config.json of model {model_id!r} ({type(err).__name__}: {str(err)[:200]}); "
-                          f"give a local checkpoint folder or a shape with --shape ({', '.join(SHAPES)})") from None
-    return read(fetched)
-
-
-def hub_unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
-    """Why ``endpoint`` cannot be reached now (None: a TCP connection opened). Behind a proxy nothing is probed."""
-    import socket
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
-        return None
-    url = urlparse(endpoint)
-    host, port = url.hostname or endpoint, url.port or (80 if url.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as err:
-        return f"{host}:{port}: {err.strerror or err}"
-    return None
 
 
 def plan(cfg, *, shape: str | ModelShape | None = None, devices: int | None = None, cp_size: int | None = None,

@@ -123,6 +123,59 @@ def check_config_shape(config, path: Path) -> None:
                               f"so it must be even. {RESTORE[0].upper() + RESTORE[1:]}")
 
 
+def hub_config(model_id: str, fix: str = "") -> tuple[str, dict]:
+    """``(where, config.json)`` of a hub id: from the local Hugging Face cache first; from the Hub only when it is
+    reachable. Offline (``HF_HUB_OFFLINE``, or the Hub's host does not answer within a few seconds) an id that is
+    not cached fails at once, instead of after huggingface_hub's retries (30-60 s). ``fix``: what else the caller
+    accepts, ending every error's advice (e.g. "or a shape with --shape ...")."""
+    if re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", model_id) is None:  # org/name; ./x or ../x are paths
+        raise CheckpointError(f"model {model_id!r} is neither a local checkpoint folder nor an org/name hub id; give "
+                              f"a folder that holds config.json{', ' + fix if fix else ''}")
+    from huggingface_hub import constants, hf_hub_download
+
+    def read(file: str) -> tuple[str, dict]:
+        try:
+            return file, json.loads(Path(file).read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{file} (config.json of {model_id}) cannot be read: {err}") from None
+
+    try:
+        cached = hf_hub_download(model_id, "config.json", local_files_only=True)
+    except Exception:  # noqa: BLE001  (not in the cache, in any of huggingface_hub's wordings)
+        cached = None
+    if cached is not None:
+        return read(cached)
+    unreachable = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "")
+                   .lower() in ("1", "true", "yes", "on") else hub_unreachable(constants.ENDPOINT))
+    if unreachable:
+        raise CheckpointError(f"model {model_id!r} is not a local folder and its config.json is not in the local "
+                              f"Hugging Face cache ({constants.HF_HUB_CACHE}), and the Hub cannot be reached "
+                              f"({unreachable}). Download the model when online, or give a local checkpoint folder"
+                              f"{', ' + fix if fix else ''}")
+    try:
+        fetched = hf_hub_download(model_id, "config.json")
+    except Exception as err:  # noqa: BLE001  (gated, missing, no config.json, a network error)
+        raise CheckpointError(f"cannot fetch config.json of model {model_id!r} ({type(err).__name__}: "
+                              f"{str(err)[:200]}); give a local checkpoint folder{', ' + fix if fix else ''}") from None
+    return read(fetched)
+
+
+def hub_unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why ``endpoint`` cannot be reached now (None: a TCP connection opened). Behind a proxy nothing is probed."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None
+    url = urlparse(endpoint)
+    host, port = url.hostname or endpoint, url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{host}:{port}: {err.strerror or err}"
+    return None
+
+
 def read_config(src: str | os.PathLike):
     """The transformers config of checkpoint SRC (a folder or a hub id), after checking config.json."""
     from transformers import AutoConfig
@@ -131,6 +184,8 @@ def read_config(src: str | os.PathLike):
     if Path(src).is_dir():
         path, raw = read_raw_config(src)
         check_config_values(raw, path)
+    else:  # a hub id: a missing folder, or an id neither cached nor reachable, fails here at once
+        hub_config(str(src))
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001  (transformers raises many types; all mean "this file")

@@ -56,6 +56,30 @@ def test_the_good_checkpoint_passes_every_check(tiny):
     assert len(load_tokenizer(tiny.src, checked.config.vocab_size)) == 4096
 
 
+def test_a_missing_folder_or_an_uncached_hub_id_offline_is_refused_at_once(tmp_path, monkeypatch, capsys):
+    """Every command that reads a checkpoint: a path that is not there, or an org/name id that is neither in the
+    Hugging Face cache nor reachable, is a CheckpointError before transformers spends 30-60 s on retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    from ctxext.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    started = time.time()
+    with pytest.raises(CheckpointError, match="neither a local checkpoint folder nor an org/name hub id"):
+        check_checkpoint(tmp_path / "no-such-folder")
+    with pytest.raises(CheckpointError, match=r"not in the local Hugging Face cache .*\(HF_HUB_OFFLINE is set\)"):
+        check_checkpoint("nobody/no-such-model")
+    assert main(["info", "nobody/no-such-model"]) == 2
+    assert "Download the model when online, or give a local checkpoint folder" in capsys.readouterr().err
+    assert main(["patch", str(tmp_path / "no-such-folder"), str(tmp_path / "out"), "--method", "pi",
+                 "--factor", "2"]) == 2
+    assert not (tmp_path / "out").exists()
+    assert time.time() - started < 10
+
+
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny):
     with pytest.raises(CheckpointError, match="4,096 tokens but the model's vocab_size is 1,000"):
         load_tokenizer(tiny.src, 1000)
