@@ -98,7 +98,7 @@ def run_demo(output_dir: str = "ctxext-demo", *, recipe: str | None = None, fact
 
 def _run_demo(output_dir: str, *, recipe: str | None, factor: float | None, method: str | None, quick: bool,
               model: str) -> dict:
-    from .evals.report import evaluate_passkey, evaluate_perplexity, evaluate_retrieval
+    from .evals.report import evaluate_passkey, evaluate_perplexity, evaluate_retrieval, worst_depth_table, worst_depths
     from .evals.retrieval import wilson
     from .hub import check_source, patch_checkpoint
     from .patch import plan_patch
@@ -188,13 +188,8 @@ def _run_demo(output_dir: str, *, recipe: str | None, factor: float | None, meth
                                  labels=["original", names[tuned]])
         extra += [(f"RULER-style tasks in code, worst of {len(ruler_depths)} depths ({ev.retrieval_trials} prompts per cell, "
                    "`retrieval.json`, `retrieval_*.png`; every length: the leaderboard):"), "",
-                  "| model | " + " | ".join(f"{t}@{L}" for t in ev.retrieval_tasks for L in ruler_lengths) + " |",
-                  "|---|" + "---|" * (len(ev.retrieval_tasks) * len(ruler_lengths))]
-        for label, r in ret["models"].items():
-            extra.append(f"| {label} | " + " | ".join(
-                f"{min(r['tasks'][t]['accuracy'][str(L)].values()):.0%}" for t in ev.retrieval_tasks
-                for L in ruler_lengths) + " |")
-        extra.append("")
+                  *worst_depth_table("model", {label: worst_depths(r["tasks"]) for label, r in ret["models"].items()},
+                                     ev.retrieval_tasks, ruler_lengths), ""]
         commands.append(f"ctxext eval retrieval {base} {tuned} --tasks {','.join(ev.retrieval_tasks)} --lengths "
                         f"{','.join(map(str, ruler_lengths))} --depths {','.join(map(str, ruler_depths))} "
                         f"--trials {ev.retrieval_trials} --output {out}")

@@ -37,6 +37,8 @@ from ctxext.evals.report import (
     evaluate_perplexity,
     evaluate_retrieval,
     source_commit,
+    worst_depth_table,
+    worst_depths,
     write_markdown_keeping_notes,
 )
 from ctxext.hub import patch_checkpoint
@@ -115,12 +117,8 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
         depths = plan.get("retrieval_depths", plan["depths"])  # results.json of older runs: the passkey depths
         lines += ["", (f"RULER-style tasks in code (worst of {len(depths)} depths, {trials} prompts per cell; "
                    "per-depth grids in `results.json`):"), "",
-                  "| method | " + " | ".join(f"{t}@{L}" for t in tasks for L in lengths) + " |",
-                  "|---|" + "---|" * (len(tasks) * len(lengths))]
-        for k, r in rows.items():
-            worst = r.get("retrieval_worst_depth", {})
-            lines.append(f"| {k} | " + " | ".join(f"{worst[t][str(L)]:.0%}" if t in worst else "n/a"
-                                                 for t in tasks for L in lengths) + " |")
+                  *worst_depth_table("method", {k: r.get("retrieval_worst_depth", {}) for k, r in rows.items()},
+                                     tasks, lengths)]
     lines += ["", "![perplexity vs length, without and with fine-tuning](results.png)", ""]
     targets = check_targets(rows, context, target)
     if targets:
@@ -225,8 +223,7 @@ def main(argv=None) -> int:
                                          depths=plan["retrieval_depths"], trials=evaluation.retrieval_trials,
                                          output=work / "eval" / tag)
                 grids = next(iter(ret["models"].values()))["tasks"]
-                rows[label]["retrieval_worst_depth"] = {
-                    task: {str(L): min(g["accuracy"][str(L)].values()) for L in lengths} for task, g in grids.items()}
+                rows[label]["retrieval_worst_depth"] = worst_depths(grids)
                 rows[label]["retrieval"] = {task: g["accuracy"] for task, g in grids.items()}
             save_cell(work, f"rows/{tag}", spec, rows[label], seconds=rows[label]["seconds"],
                       device="cuda" if torch.cuda.is_available() else f"cpu (torch threads: {torch.get_num_threads()})")

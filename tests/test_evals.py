@@ -323,3 +323,18 @@ def test_retrieval_grid_counts_what_an_oracle_answers(tokenizer):
     grid = retrieval.task_accuracy(Oracle(), tokenizer, filler, "multikey", [200], [0.0, 1.0], 5, progress=False)
     assert grid["accuracy"] == {"200": {"0.0": 1.0, "1.0": 0.0}}
     assert grid["wilson95"]["200"]["0.0"][1] == 1.0 and grid["wilson95"]["200"]["1.0"][0] == 0.0
+
+
+def test_worst_depth_table_takes_each_cells_worst_depth_and_marks_missing_tasks():
+    from ctxext.evals.report import worst_depth_table, worst_depths
+
+    grids = {"multikey": {"accuracy": {"256": {"0.0": 0.9, "0.5": 0.4, "1.0": 1.0}, "512": {"0.0": 0.25, "1.0": 0.5}}},
+             "vartrack": {"accuracy": {"256": {"0.0": 1.0}, "512": {"0.0": 0.0}}}}
+    worst = worst_depths(grids)
+    assert worst == {"multikey": {"256": 0.4, "512": 0.25}, "vartrack": {"256": 1.0, "512": 0.0}}
+    assert worst_depth_table("model", {"a": worst, "b": {"vartrack": worst["vartrack"]}}, ["multikey", "vartrack"],
+                             [256, 512]) == [
+        "| model | multikey@256 | multikey@512 | vartrack@256 | vartrack@512 |",
+        "|---|---|---|---|---|",
+        "| a | 40% | 25% | 100% | 0% |",
+        "| b | n/a | n/a | 100% | 0% |"]

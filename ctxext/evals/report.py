@@ -89,6 +89,24 @@ def _write_json(path: Path, payload: dict) -> None:
 NOTES_MARKER = "<!-- notes -->"
 
 
+def worst_depths(grids: dict) -> dict[str, dict[str, float]]:
+    """``{task: {length: accuracy at the worst depth}}`` of one model's RULER-style grids (``evaluate_retrieval``'s
+    ``["models"][label]["tasks"]``)."""
+    return {task: {L: min(cells.values()) for L, cells in g["accuracy"].items()} for task, g in grids.items()}
+
+
+def worst_depth_table(first: str, worst: dict[str, dict[str, dict[str, float]]], tasks: list[str],
+                      lengths: list[int]) -> list[str]:
+    """Markdown table lines: a row per model (``worst``: label -> ``worst_depths``), a column per task and length;
+    n/a where a model was not measured on a task."""
+    lines = [f"| {first} | " + " | ".join(f"{t}@{L}" for t in tasks for L in lengths) + " |",
+             "|---|" + "---|" * (len(tasks) * len(lengths))]
+    for label, w in worst.items():
+        lines.append(f"| {label} | " + " | ".join(f"{w[t][str(L)]:.0%}" if t in w else "n/a"
+                                                  for t in tasks for L in lengths) + " |")
+    return lines
+
+
 def source_commit(repo: Path) -> str | None:
     """The commit of the git checkout at ``repo`` (``+changes`` when tracked files differ from it), for a published
     page to say which version produced it: recipes and scripts live in the repository and change. None outside a
