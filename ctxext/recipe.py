@@ -112,11 +112,15 @@ class Recipe(_Strict):
         return load_config(raw=raw)
 
     def build_data(self, tokenizer, folder: Path, stage_lengths: list[int], target: int) -> tuple[Path, Path | None]:
-        """The fine-tuning JSONL (and the retrieval phase's) under ``folder``."""
+        """The fine-tuning JSONL (and the retrieval phase's) under ``folder``. Retrieval documents are sized to the
+        blocks a stage trains on: its PoSE window where it has one, so that no document is cut and the window's
+        position skip, not its length, makes the distance from key to question."""
         from .demo import build_finetune_data
 
         d = self.data
-        data = build_finetune_data(tokenizer, folder / "finetune.jsonl", stage_lengths, d.passkey_documents,
+        windows = self.finetune.stage_windows or [None] * len(stage_lengths)
+        blocks = [w or L for L, w in zip(stage_lengths, windows)]
+        data = build_finetune_data(tokenizer, folder / "finetune.jsonl", blocks, d.passkey_documents,
                                    d.train_documents, edge_depth_share=d.edge_depth_share,
                                    full_length_share=d.full_length_share, task_documents=d.task_documents)
         phase = self.finetune.retrieval_phase

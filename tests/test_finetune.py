@@ -245,6 +245,27 @@ def test_every_yaml_under_configs_validates():
     assert kinds["finetune"] >= 4 and kinds["recipes"] >= 1 and kinds["sweeps"] >= 2
 
 
+def test_retrieval_documents_of_a_pose_stage_fit_its_window(tmp_path):
+    """A PoSE stage trains on windows: its passkey documents are sized to the window (none is cut, and the position
+    skip makes the distance), a plain stage's to its block."""
+    from transformers import AutoTokenizer
+
+    from ctxext.recipe import load_recipe
+    from ctxext.reference import REFERENCE_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_DIR)
+    recipe = load_recipe(overrides=["data.passkey_documents=60", "data.train_documents=2", "data.full_length_share=1",
+                                    "finetune.stage_steps=[1, 1]", "finetune.stage_windows=[null, 128]"])
+    data, _ = recipe.build_data(tokenizer, tmp_path, [512, 1024], 1024)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    lengths = [len(tokenizer(r["text"])["input_ids"]) for r in rows if "answers" in r]
+    assert len(lengths) == 60
+    # full_length_share=1: every document fills its block (the 128-token window or the 512-token block) but a few
+    # tokens; nothing is sized to the PoSE stage's 1,024-token span
+    in_window, in_block = [112 <= n <= 128 for n in lengths], [496 <= n <= 512 for n in lengths]
+    assert all(a or b for a, b in zip(in_window, in_block)) and any(in_window) and any(in_block), lengths
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
