@@ -8,7 +8,7 @@
     ctxext eval passkey out/yarn8 --lengths 512,1024,2048 --trials 10
     ctxext analyze freq reference --compare out/prope
     ctxext search reference out/longrope8 --target-length 2048 --budget 160
-    ctxext plan configs/llama3.2-1b-128k-cp.yaml --shape llama3-1b --gpu-memory 80
+    ctxext plan configs/llama3-8b-128k-cp.yaml --shape llama3-8b --gpu-memory 80
     ctxext demo
 """
 
@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     data_help = "text source: stdlib:held_out (default), a file/folder (.txt/.py/.md/.jsonl/.parquet) or a hub dataset"
-    ev = sub.add_parser("eval", help="evaluate models: perplexity vs length, passkey retrieval").add_subparsers(
+    ev = sub.add_parser("eval", help="evaluate models: perplexity vs length, passkey retrieval, RULER-style tasks").add_subparsers(
         dest="eval_command", required=True)
     p = ev.add_parser("ppl", help="sliding-window perplexity against context length (JSON, PNG plot, table)")
     p.add_argument("models", nargs="+", help="checkpoint folders, or 'reference' for the shipped model")
@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "finetune", help="progressive-length LoRA fine-tuning from a YAML config (accelerate; resumable)",
         description="Fine-tune a patched model stage by stage at growing sequence lengths. Runs with python on one "
-        "CPU/GPU and with `accelerate launch -m ctxext.cli finetune ...` on several (DDP, FSDP, DeepSpeed). "
+        "CPU/GPU and with `accelerate launch -m ctxext.cli finetune ...` on several (DDP; FSDP2 and context parallel from the config's distributed section, docs/SCALING.md). "
         "Writes metrics.jsonl, checkpoints/, adapter/ and merged/ under the output folder.")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimization.lr=1e-4 stages.0.steps=20")
@@ -501,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the main job: extend the shipped reference model x8, fine-tune, evaluate, report (~12 min on 2 idle CPU cores)",
         description="Patch the reference model (trained at 256 tokens) x factor, fine-tune it progressively with "
-        "LoRA, evaluate perplexity and passkey before and after, and write a report folder.")
+        "LoRA (the recipe's YaRN by default), evaluate perplexity, passkey retrieval, RULER-style tasks and code "
+        "outside the training domain before and after, and write a report folder.")
     p.add_argument("--output-dir", default="ctxext-demo", help="where the report and checkpoints go")
     p.add_argument("--recipe", help="recipe YAML (default configs/recipes/demo.yaml: its method, factor, data, "
                    "fine-tuning and evaluation budget)")

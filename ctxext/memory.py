@@ -1,6 +1,6 @@
 """Predicted peak memory per device of one fine-tuning step: will the job fit before it is launched?
 
-    ctxext plan configs/llama3.2-1b-128k-cp.yaml --shape llama3-1b        # what `ctxext plan` prints
+    ctxext plan configs/llama3-8b-128k-cp.yaml --shape llama3-8b        # what `ctxext plan` prints
     estimate(SHAPES["llama3-8b"], Setup(seq_len=32768, tuning="full", devices=8, sharding="fsdp"))
 
 The model counts what the training loop of ``ctxext.train`` keeps alive (formulas and their check against measured

@@ -3,7 +3,7 @@
 The config's ``distributed`` section chooses; the launcher starts the processes (docs/SCALING.md):
 
     torchrun --nproc_per_node 2 -m ctxext.cli finetune configs/tiny.yaml distributed.sharding=fsdp   # CPU, gloo
-    accelerate launch --num_processes 8 -m ctxext.cli finetune configs/llama3.2-1b-128k-cp.yaml       # GPUs, FSDP2 + CP
+    accelerate launch --num_processes 8 -m ctxext.cli finetune configs/llama3-8b-128k-cp.yaml       # GPUs, FSDP2 + CP
 
 Two routes to the same FSDP2 (``fully_shard`` on every decoder layer, then on the loss module as the root):
 

@@ -2,8 +2,8 @@
 checkpoint -> save.
 
     ctxext finetune configs/tiny.yaml                    # one CPU process
-    accelerate launch --num_processes 4 -m ctxext.cli finetune configs/llama3.2-1b-32k.yaml   # DDP
-    accelerate launch --num_processes 8 -m ctxext.cli finetune configs/llama3.2-1b-128k-cp.yaml  # FSDP2 + CP
+    accelerate launch --num_processes 4 -m ctxext.cli finetune configs/llama3-8b-32k.yaml   # DDP
+    accelerate launch --num_processes 8 -m ctxext.cli finetune configs/llama3-8b-128k-cp.yaml  # FSDP2 + CP
     accelerate launch --multi_gpu --num_processes 2 -m ctxext.cli finetune configs/tiny.yaml  # 2 CPU processes (gloo)
     torchrun --nproc_per_node 2 -m ctxext.cli finetune configs/tiny.yaml distributed.sharding=fsdp  # FSDP2 on CPU
 

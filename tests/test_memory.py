@@ -16,7 +16,7 @@ from ctxext.errors import ConfigError
 from ctxext.memory import SHAPES, ModelShape, Setup, estimate, plan, setups_from_config
 
 REPO = Path(__file__).resolve().parents[1]
-CP_CONFIG = REPO / "configs" / "llama3.2-1b-128k-cp.yaml"
+CP_CONFIG = REPO / "configs" / "llama3-8b-128k-cp.yaml"
 
 
 def test_shapes_have_the_published_parameter_counts():
@@ -74,23 +74,23 @@ def test_sharding_and_context_parallel_divide_what_they_should():
 
 def test_plan_of_the_shipped_context_parallel_config():
     cfg = load_config(CP_CONFIG)
-    res = plan(cfg, shape="llama3-1b", device_gib=80)
+    res = plan(cfg, shape="llama3-8b", device_gib=80)
     assert [s["seq_len"] for s in res["stages"]] == [32768, 65536, 131072]
     assert (res["devices"], res["cp_size"], res["sharding"]) == (8, 4, "fsdp")
     assert all(s["fits"] for s in res["stages"])
-    no_cp = plan(cfg, shape="llama3-1b", cp_size=1)
+    no_cp = plan(cfg, shape="llama3-8b", cp_size=1)
     assert no_cp["stages"][-1]["peak_bytes"] > res["stages"][-1]["peak_bytes"]
     with pytest.raises(ConfigError, match="unknown shape 'llama3-3b'; valid: llama3-1b"):
         plan(cfg, shape="llama3-3b")
 
 
 def test_plan_command_prints_the_stages_and_exits_1_when_a_stage_does_not_fit(capsys):
-    assert main(["plan", str(CP_CONFIG), "--shape", "llama3-1b", "--gpu-memory", "80"]) == 0
+    assert main(["plan", str(CP_CONFIG), "--shape", "llama3-8b", "--gpu-memory", "80"]) == 0
     out = capsys.readouterr().out
     assert "131072" in out and "FSDP2, context parallel 4" in out and "layer inputs" in out
-    assert main(["plan", str(CP_CONFIG), "--shape", "llama3-1b", "--gpu-memory", "4"]) == 1
+    assert main(["plan", str(CP_CONFIG), "--shape", "llama3-8b", "--gpu-memory", "4"]) == 1
     assert " NO" in capsys.readouterr().out
-    assert main(["plan", str(CP_CONFIG), "--shape", "llama3-1b", "--devices", "6"]) == 2  # 6 % cp_size 4
+    assert main(["plan", str(CP_CONFIG), "--shape", "llama3-8b", "--devices", "6"]) == 2  # 6 % cp_size 4
     assert "not a multiple of cp_size=4" in capsys.readouterr().err
     tiny = REPO / "configs" / "tiny.yaml"  # the shipped reference model: its shape from its config.json
     assert main(["plan", str(tiny), "--json"]) == 0
