@@ -41,6 +41,7 @@ from ctxext.evals.report import (
     worst_depths,
     write_markdown_keeping_notes,
 )
+from ctxext.evals.retrieval import wilson
 from ctxext.hub import patch_checkpoint
 from ctxext.plots import plot_sweep
 from ctxext.recipe import load_recipe, load_sweep, stage_lengths
@@ -51,8 +52,17 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/sweeps/leaderboard.yaml"
 
 
-def check_targets(rows: dict, context: int, target: int) -> list[tuple[str, bool, str]]:
-    """The issue's success targets, for the best fine-tuned row (lowest perplexity at the target length)."""
+def with_interval(accuracy: float, trials: int | None) -> str:
+    """``95% [83-99]``: an accuracy of ``trials`` keys with its Wilson 95% interval (just the accuracy without n)."""
+    if not trials:
+        return f"{accuracy:.0%}"
+    lo, hi = wilson(round(accuracy * trials), trials)
+    return f"{accuracy:.0%} [{lo * 100:.0f}-{hi * 100:.0f}]"
+
+
+def check_targets(rows: dict, context: int, target: int, trials: int | None = None) -> list[tuple[str, bool, str]]:
+    """The issue's success targets, for the best fine-tuned row (lowest perplexity at the target length);
+    ``trials``: keys per passkey cell, for the interval of the worst one."""
     tuned = {k: r for k, r in rows.items() if k.endswith("+ LoRA")}
     if "baseline" not in rows or not tuned:
         return []
@@ -69,7 +79,7 @@ def check_targets(rows: dict, context: int, target: int) -> list[tuple[str, bool
         (f"{best}: ppl@{target} no higher than the original's ppl@{context}", at_target <= original,
          f"{at_target:.2f} vs {original:.2f}"),
         (f"{best}: passkey >= 95% at every depth up to {target}", worst >= 0.95,
-         f"worst cell {worst:.0%} (lengths {', '.join(r['passkey_worst_depth'])})"),
+         f"worst cell {with_interval(worst, trials)} (lengths {', '.join(r['passkey_worst_depth'])})"),
         (f"{best}: ppl@{context} within 3% of the original (lower is better, so only a rise counts)",
          change <= 0.03, f"{change:+.1%}"),
         (f"baseline fails beyond {context} (ppl@{target} > 1.5x its ppl@{context})",
@@ -95,7 +105,8 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
               f"{plan['passkey_docs']:,} passkey documents). "
               f"Perplexity: the first {target} tokens of {plan['ppl_docs']} held-out stdlib files at least that "
               "long, non-overlapping windows of each length. "
-              f"Passkey: worst of {len(plan['depths'])} depths, {plan['passkey_trials']} keys per cell. "
+              f"Passkey: worst of {len(plan['depths'])} depths, {plan['passkey_trials']} keys per cell "
+              "[Wilson 95% interval, %]. "
               "Raw numbers, per-depth passkey included: `results.json`."), "",
              "| method | " + " | ".join(f"ppl@{L}" for L in lengths) + " | " + " | ".join(
                  f"passkey@{L}" for L in lengths) + f" | change @{context} | fine-tune s | fine-tune tokens |",
@@ -103,7 +114,8 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
     for label, r in rows.items():
         change = f"{r['ppl'][str(context)] / original - 1:+.1%}" if original else "n/a"
         lines.append(f"| {label} | " + " | ".join(f"{r['ppl'][str(L)]:.2f}" for L in lengths) + " | "
-                     + " | ".join(f"{r['passkey_worst_depth'][str(L)]:.0%}" for L in lengths)
+                     + " | ".join(with_interval(r["passkey_worst_depth"][str(L)], plan["passkey_trials"])
+                                  for L in lengths)
                      + f" | {change} | {r['finetune_seconds']:.0f} | {r['finetune_tokens']:,} |")
     ood = {k: r["ood_ppl"] for k, r in rows.items() if "ood_ppl" in r}
     if ood:
@@ -120,7 +132,7 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
                   *worst_depth_table("method", {k: r.get("retrieval_worst_depth", {}) for k, r in rows.items()},
                                      tasks, lengths)]
     lines += ["", "![perplexity vs length, without and with fine-tuning](results.png)", ""]
-    targets = check_targets(rows, context, target)
+    targets = check_targets(rows, context, target, plan["passkey_trials"])
     if targets:
         lines += ["## Targets", "", "| target | met | measured |", "|---|---|---|"]
         lines += [f"| {t} | {'yes' if ok else '**no**'} | {m} |" for t, ok, m in targets]
