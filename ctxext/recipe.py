@@ -90,11 +90,15 @@ class Recipe(_Strict):
                 "tokens_per_step": self.finetune.optimization.tokens_per_step,
                 "passkey_docs": self.data.passkey_documents, "train_docs": self.data.train_documents}
 
+    def _windows(self, stage_lengths: list[int]) -> list[int | None]:
+        """The PoSE window of each stage (None: the stage trains on whole blocks of its length)."""
+        return self.finetune.stage_windows or [None] * len(stage_lengths)
+
     def finetune_config(self, base: str, method: str, target: int, stage_lengths: list[int], data: Path,
                         params: dict | None = None, retrieval_data: Path | None = None) -> FinetuneConfig:
         """The fine-tuning config for ``base`` patched with ``method`` to ``target`` tokens on ``data`` (and the
         retrieval phase on ``retrieval_data``)."""
-        windows = self.finetune.stage_windows or [None] * len(stage_lengths)
+        windows = self._windows(stage_lengths)
         stages = [{"seq_len": L, "steps": s, **({"window": w} if w else {})}
                   for L, s, w in zip(stage_lengths, self.finetune.stage_steps, windows)]
         if self.finetune.retrieval_phase:
@@ -118,8 +122,7 @@ class Recipe(_Strict):
         from .demo import build_finetune_data
 
         d = self.data
-        windows = self.finetune.stage_windows or [None] * len(stage_lengths)
-        blocks = [w or L for L, w in zip(stage_lengths, windows)]
+        blocks = [w or L for L, w in zip(stage_lengths, self._windows(stage_lengths))]
         data = build_finetune_data(tokenizer, folder / "finetune.jsonl", blocks, d.passkey_documents,
                                    d.train_documents, edge_depth_share=d.edge_depth_share,
                                    full_length_share=d.full_length_share, task_documents=d.task_documents)
