@@ -138,8 +138,19 @@ class Recipe(_Strict):
 
 
 class SweepRow(BaseModel):
+    """A leaderboard row: a method chain (other keys are its parameters), or a checkpoint made beforehand (a
+    ``ctxext search`` result; a path relative to the repository), measured as saved, without fine-tuning."""
+
     model_config = ConfigDict(extra="allow", frozen=True)  # method parameters (keep, scale_base, ...) go to the patch
-    method: str | None = Field(..., description="method chain; null: the unextended model")
+    method: str | None = Field(None, description="method chain; null: the unextended model (or a checkpoint row)")
+    finetune: bool = Field(True, description="false: measured without fine-tuning only (a training-free method)")
+    checkpoint: str | None = Field(None, description="an extended checkpoint folder (method null, no parameters)")
+
+    @model_validator(mode="after")
+    def _method_or_checkpoint(self):
+        if self.checkpoint is not None and (self.method is not None or self.model_extra):
+            raise ValueError("a checkpoint row takes no method and no method parameters (the checkpoint holds them)")
+        return self
 
 
 class Sweep(_Strict):

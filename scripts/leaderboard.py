@@ -141,6 +141,19 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
     print("\n".join(lines))
 
 
+def check_checkpoint_row(name: str, checkpoint: str, target: int) -> Path:
+    """The folder of a checkpoint row, refused unless it is a checkpoint extended to the sweep's target."""
+    from transformers import AutoConfig
+
+    path = Path(checkpoint) if Path(checkpoint).is_absolute() else REPO / checkpoint
+    if not (path / "config.json").is_file():
+        sys.exit(f"row {name}: checkpoint {path} does not exist; make it first (the command is in the sweep config)")
+    context = AutoConfig.from_pretrained(path).max_position_embeddings
+    if context != target:
+        sys.exit(f"row {name}: checkpoint {path} is extended to {context} tokens, the sweep to {target}")
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"the sweep (default {DEFAULT_CONFIG})")
@@ -190,20 +203,25 @@ def main(argv=None) -> int:
         row = sweep.methods[name]
         chain, params = row.method, dict(row.model_extra or {})
         for tuned in (False, True):
-            if (chain is None and tuned) or (args.tuned_only and chain is not None and not tuned):
+            if tuned and (chain is None or not row.finetune):
+                continue
+            if args.tuned_only and not tuned and (chain is not None or row.checkpoint):
                 continue
             label = f"{name} + LoRA" if tuned else name
             tag = label.replace(" ", "")
             depends = recipe if tuned else recipe.evaluation  # a row without fine-tuning: only how it is evaluated
             spec = {"model": str(base), "factor": factor, "recipe": depends.model_dump(mode="json"),
-                    "quick": args.quick, "method": row.model_dump(mode="json"), "tuned": tuned}
+                    "quick": args.quick, "method": row.model_dump(mode="json", exclude_defaults=True) | {
+                        "method": chain}, "tuned": tuned}
             saved = load_cell(work, f"rows/{tag}", spec)
             if saved:
                 rows[label] = saved["result"]
                 print(label, f"(saved row reused: {work / 'rows' / tag}.json)", flush=True)
                 continue
             started, ft_seconds = time.perf_counter(), 0.0
-            if chain is None:
+            if row.checkpoint:
+                model_dir = str(check_checkpoint_row(name, row.checkpoint, target))
+            elif chain is None:
                 model_dir = str(base)
             elif not tuned:
                 model_dir = str(patch_checkpoint(base, work / name, chain, force=True, target_length=target, **params))

@@ -125,10 +125,11 @@ def selfextend_positions(i: int, j: int, group_size: int, window: int) -> int:
 
 
 def selfextend_attention(q, k, v, q_positions, k_positions, inv_freq, group_size: int, window: int, scaling: float,
-                         mask=None, softcap=None):
+                         mask=None, softcap=None, group_bias=0.0):
     """Self-Extend on UNrotated q [H, Q, D], k/v [H, K, D]: an explicit float64 score matrix where the score of
     (i, j) is <rotate(q_i, r_ij), k_j> with the piecewise relative position r_ij (RoPE: <R(m) q, R(n) k> =
-    <R(m - n) q, k>). Causal on positions; `mask` [Q, K] bool may restrict more; `softcap` as Gemma 2."""
+    <R(m - n) q, k>). Causal on positions; `mask` [Q, K] bool may restrict more; `softcap` as Gemma 2; `group_bias`
+    is added to the (soft-capped) logit of every key at distance >= window."""
     q_positions, k_positions = [int(p) for p in q_positions], [int(p) for p in k_positions]
     out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=F64)
     for t, i in enumerate(q_positions):
@@ -139,6 +140,6 @@ def selfextend_attention(q, k, v, q_positions, k_positions, inv_freq, group_size
             r = selfextend_positions(i, j, group_size, window)
             qr = rotate(q[:, t:t + 1], torch.tensor([r]), inv_freq)[:, 0]  # [H, D]
             score = (qr * k[:, s].to(F64)).sum(-1) * scaling
-            logits[:, s] = softcap * torch.tanh(score / softcap) if softcap else score
+            logits[:, s] = (softcap * torch.tanh(score / softcap) if softcap else score) + (group_bias if i - j >= window else 0.0)
         out[:, t] = torch.einsum("hk,hkd->hd", torch.softmax(logits, -1), v.to(F64))
     return out

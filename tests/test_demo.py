@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ctxext import corpus
+from ctxext.errors import ConfigError
 from ctxext.reference import REFERENCE_DIR, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +89,34 @@ def test_leaderboard_quick_mode_runs(small_model, tmp_path):
     first = json.loads((tmp_path / "docs" / "results.json").read_text())["rows"]
     resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())["rows"]
     assert resumed == {k: first[k] for k in ("baseline", "pi", "pi + LoRA")}
+
+
+@pytest.mark.slow
+def test_leaderboard_training_free_and_checkpoint_rows(small_model, tmp_path):
+    """A row with ``finetune: false`` and a checkpoint row are measured once, without fine-tuning; a checkpoint row
+    that names a method, or whose checkpoint is missing, is refused."""
+    from ctxext.hub import patch_checkpoint
+    from ctxext.recipe import load_sweep
+    from ctxext.reference import resolve_model
+
+    ckpt = patch_checkpoint(resolve_model(small_model), tmp_path / "yarn4", "yarn", force=True, factor=4)
+    sweep = tmp_path / "sweep.yaml"
+    rows = ("  baseline: {method: null}\n  se: {method: selfextend, group_size: 8, window: 64, finetune: false}\n"
+            f"  searched: {{checkpoint: {ckpt}}}\n")
+    sweep.write_text(f"# test\nmodel: {small_model}\nfactor: 4\nmethods:\n{rows}")
+    run(["scripts/leaderboard.py", "--quick", "--config", str(sweep), "--output", str(tmp_path / "docs"),
+         "--work-dir", str(tmp_path / "work")])
+    result = json.loads((tmp_path / "docs" / "results.json").read_text())["rows"]
+    assert list(result) == ["baseline", "se", "searched"]
+    assert result["searched"]["ppl"] != result["baseline"]["ppl"] != result["se"]["ppl"]
+    sweep.write_text(f"# test\nmodel: {small_model}\nfactor: 4\nmethods:\n  x: {{checkpoint: {tmp_path / 'no'}}}\n")
+    missing = subprocess.run([sys.executable, "scripts/leaderboard.py", "--quick", "--config", str(sweep), "--output",
+                              str(tmp_path / "d2"), "--work-dir", str(tmp_path / "w2")], capture_output=True, text=True,
+                             cwd=REPO)
+    assert missing.returncode != 0 and "does not exist; make it first" in missing.stderr, missing.stderr[-2000:]
+    sweep.write_text(f"# test\nmethods:\n  x: {{checkpoint: {ckpt}, method: yarn}}\n")
+    with pytest.raises(ConfigError, match="a checkpoint row takes no method"):
+        load_sweep(sweep)
 
 
 def test_leaderboard_targets_pick_the_best_tuned_row_and_can_fail():

@@ -16,7 +16,8 @@ from ctxext.rope.selfextend import selfextend_attention
 
 L = CONTEXT
 G, W = 4, 16  # reach (64 - 16) * 4 + 16 = 208
-SPECS = [("selfextend", {}), ("pi+selfextend", {"factor": 2}), ("yarn+selfextend", {"factor": 2})]
+SPECS = [("selfextend", {}), ("pi+selfextend", {"factor": 2}), ("yarn+selfextend", {"factor": 2}),
+         ("selfextend", {"group_bias": -1.5})]
 
 
 def ids(n, batch=1, seed=1):
@@ -28,7 +29,7 @@ def ids(n, batch=1, seed=1):
 
 
 @pytest.mark.parametrize("block", [256, 7])
-@pytest.mark.parametrize("case", ["plain", "gqa_offset", "mask", "softcap", "decode"])
+@pytest.mark.parametrize("case", ["plain", "gqa_offset", "mask", "softcap", "decode", "bias", "bias_mask_softcap"])
 def test_kernel_matches_float64_reference(block, case):
     torch.manual_seed(0)
     d, heads, kv_heads, k_len, q_len, g, w = 16, 4, 4, 60, 60, 3, 10
@@ -44,19 +45,21 @@ def test_kernel_matches_float64_reference(block, case):
     q = ref.rotate(q_raw, q_pos, inv_freq).float()
     k = ref.rotate(k_raw, k_pos, inv_freq).float()
     mask = None
-    if case == "mask":
+    if "mask" in case:
         mask = torch.rand(q_len, k_len) > 0.3
         mask[:, k_len - q_len:] |= torch.eye(q_len, dtype=torch.bool)  # every query sees itself
     causal = torch.arange(k_len)[None, :] <= torch.arange(k_len - q_len, k_len)[:, None]
-    softcap = 2.0 if case == "softcap" else None
+    softcap = 2.0 if "softcap" in case else None
+    bias = -1.3 if "bias" in case else 0.0
     out = selfextend_attention(
         q[None], k[None], v[None], None if mask is None else (mask & causal)[None, None], group_size=g, window=w,
         inv_freq=inv_freq.float(), positions=q_pos[None] if offset else None, scaling=0.3, softcap=softcap,
-        block=block,
+        group_bias=bias, block=block,
     )
     rep = heads // kv_heads
     expected = ref.selfextend_attention(q_raw, k_raw.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0),
-                                        q_pos, k_pos, inv_freq, g, w, 0.3, mask=mask, softcap=softcap)
+                                        q_pos, k_pos, inv_freq, g, w, 0.3, mask=mask, softcap=softcap,
+                                        group_bias=bias)
     torch.testing.assert_close(out[0].transpose(0, 1).double(), expected, rtol=2e-4, atol=2e-4)
 
 
@@ -96,7 +99,7 @@ def _reference_forward(module, query, key, value, attention_mask, dropout=0.0, s
         k_raw = ref.rotate(key[b], -k_pos, inv_freq).repeat_interleave(rep, 0)
         mask = None if attention_mask is None else attention_mask[b, 0].bool()
         o = ref.selfextend_attention(q_raw, k_raw, value[b].repeat_interleave(rep, 0), q_pos, k_pos, inv_freq, g, w,
-                                     scaling, mask=mask, softcap=softcap)
+                                     scaling, mask=mask, softcap=softcap, group_bias=_REF["bias"] if patched else 0.0)
         out[b] = o.transpose(0, 1).float()
     return out, None
 
@@ -124,7 +127,7 @@ def test_patched_model_matches_reference(family, spec, params):
     per_layer = family == "gemma3_text"
     rope = expected_model.config.rope_parameters
     theta = (rope["full_attention"] if per_layer else rope)["rope_theta"]
-    _REF.update(G=G, W=W, layer_type="full_attention" if per_layer else None,
+    _REF.update(G=G, W=W, bias=params.get("group_bias", 0.0), layer_type="full_attention" if per_layer else None,
                 inv_freq=_reference_inv_freq(spec, params, theta),
                 plain_inv_freq=ref.rope_inv_freq(HEAD_DIM, rope["sliding_attention"]["rope_theta"]) if per_layer else None)
     expected_model.set_attn_implementation("test_selfextend_ref")
@@ -146,7 +149,7 @@ def test_window_covering_the_input_leaves_the_model_unchanged():
 # ---------------------------------------------------------------- cache, padding
 
 
-@pytest.mark.parametrize("spec,params", SPECS[:2])
+@pytest.mark.parametrize("spec,params", [SPECS[0], SPECS[1], SPECS[3]])
 def test_kv_cached_decoding_equals_full_forward(family, spec, params):
     model = tiny_model(family)
     patch_model(model, spec, group_size=G, window=W, **params)
@@ -188,6 +191,7 @@ def test_saved_form_reach_and_remove():
         ("selfextend", {"group_size": 2.5, "window": 16}, r"group_size=2.5 is invalid; valid range: an integer >= 2"),
         ("selfextend", {"group_size": 4, "window": 64}, r"window=64 must be below the context 64"),
         ("selfextend", {"group_size": 4}, r"missing required parameter\(s\) window"),
+        ("selfextend", {"group_size": 4, "window": 16, "group_bias": 0.5}, r"group_bias=0.5 is invalid; valid range: a finite number <= 0"),
         ("selfextend", {"group_size": 4, "window": 16, "target_length": 1000},
          r"target_length=1000 is beyond the 208 tokens .* use group_size >= 21"),
         ("dynamic+selfextend", {"group_size": 4, "window": 16}, r"dynamic recomputes the frequencies"),

@@ -42,6 +42,9 @@ class SelfExtendConfig(MethodConfig):
     group_size: int = param(help="G: beyond the window, positions are floor-divided by G (the paper uses 2-16)", ge=2)
     window: int = param(help="W: neighbour window; distances below it keep exact positions (must be below the "
                         "trained context; the paper uses 512-2048 for 4k models)", ge=1)
+    group_bias: float = param(0.0, help="added to every grouped attention logit (not in the paper: 0); a negative "
+                              "value gives the G keys that share each grouped position less of the softmax "
+                              "(docs/SELFEXTEND.md)", le=0)
     name: ClassVar[str] = "selfextend"
     role: ClassVar[str] = "attention"
     paper: ClassVar[str] = "Jin et al. 2024, LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning (arXiv:2401.01325)"
@@ -76,7 +79,7 @@ class SelfExtendConfig(MethodConfig):
             raise RuntimeError("selfextend attention needs the layer's inv_freq (the ctxext attention adapter passes it)")
         return selfextend_attention(query, key, value, attention_mask, group_size=int(self.group_size),
                                     window=int(self.window), inv_freq=inv_freq, positions=positions, scaling=scaling,
-                                    dropout=dropout, softcap=softcap)
+                                    dropout=dropout, softcap=softcap, group_bias=float(self.group_bias))
 
 
 def rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
@@ -104,6 +107,7 @@ def selfextend_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     softcap: float | None = None,
+    group_bias: float = 0.0,
     block: int = BLOCK,
 ) -> torch.Tensor:
     """Causal Self-Extend attention on already-rotated ``query`` ``[B, H, Q, D]`` and ``key``/``value``
@@ -111,7 +115,8 @@ def selfextend_attention(
 
     ``inv_freq``: the frequencies ``q``/``k`` were rotated with (``[n_pairs]``). ``positions``: the queries'
     position ids ``[B|1, Q]`` (None: the slots ``K - Q + t``); keys sit at their slot minus the row's offset.
-    ``attention_mask``: boolean ``[B|1, 1|H, Q, K]`` (True = attend) or None (causal). Returns ``[B, Q, H, D]``.
+    ``attention_mask``: boolean ``[B|1, 1|H, Q, K]`` (True = attend) or None (causal). ``group_bias`` is added to
+    every grouped logit (after soft-capping). Returns ``[B, Q, H, D]``.
     """
     bsz, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -151,6 +156,7 @@ def selfextend_attention(
             s_g = torch.matmul(q_group[:, :, start:stop].float(), k_group[:, :, :g_hi].float().transpose(-1, -2))
             scores = torch.cat((s_n, s_g), -1) * scale
             scores = softcap * torch.tanh(scores / softcap)
+            scores[..., s_n.shape[-1]:] += group_bias
             mask = torch.cat((mask_n.expand(*scores.shape[:2], -1, -1), mask_g.expand(*scores.shape[:2], -1, -1)), -1)
             probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
             probs = F.dropout(probs, p=dropout, training=dropout > 0)
@@ -164,6 +170,10 @@ def selfextend_attention(
         vb = torch.cat((value[:, :, n_lo:last + 1], value[:, :, :g_hi]), 2)
         lead = torch.broadcast_shapes(mask_n.shape[:-2], mask_g.shape[:-2])
         mask = torch.cat((mask_n.expand(*lead, -1, -1), mask_g.expand(*lead, -1, -1)), -1)
+        if group_bias:  # an additive float mask: -inf where masked, the bias on the grouped keys
+            bias = torch.zeros(mask.shape[-1], dtype=query.dtype, device=device)
+            bias[mask_n.shape[-1]:] = group_bias
+            mask = bias.masked_fill(~mask, float("-inf"))
         out[:, :, start:stop] = F.scaled_dot_product_attention(
             qb, kb, vb, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=kv_heads != heads
         )
