@@ -268,7 +268,7 @@ def cmd_search(args) -> int:
     res = search_checkpoint(
         args.src, args.out, target_length=args.target_length, data=args.data, budget=args.budget, seed=args.seed,
         population=args.population, window=args.window, windows=args.windows, attention_factor=args.attention_factor,
-        resume=args.resume, force=args.force, text_field=args.text_field, device=args.device, dtype=args.dtype,
+        refine_steps=args.refine, refine_lr=args.refine_lr, resume=args.resume, force=args.force, text_field=args.text_field, device=args.device, dtype=args.dtype,
     )
     cal = res["calibration"]
     print(f"calibration perplexity at {args.target_length} ({cal['windows']} x {cal['window']} tokens of "
@@ -277,8 +277,8 @@ def cmd_search(args) -> int:
         if fitness is not None:
             print(f"  seed {origin:<28} {math.exp(fitness):>10.3f}")
     best = res["best"]
-    print(f"  searched ({res['generations']} generations)  {best['perplexity']:>10.3f}  attention factor "
-          f"{best['attention_factor']:.3f}")
+    how = f"{res['generations']} generations" + (f" + {res['refine_steps']} gradient steps" if res["refine_steps"] else "")
+    print(f"  searched ({how})  {best['perplexity']:>10.3f}  attention factor {best['attention_factor']:.3f}")
     print(f"wrote {args.out} (rope_type longrope; loads with stock transformers); curve: {args.out}/search.json, "
           f"{args.out}/search.png")
     return 0
@@ -465,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the PoSE proxy, see above)")
     p.add_argument("--windows", type=int, default=4, help="calibration windows per evaluation (default 4)")
     p.add_argument("--attention-factor", type=float, help="fix the attention factor instead of searching it")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS", help="after the evolution, this many gradient "
+                   "steps on the best factors (see above; default 0: none)")
+    p.add_argument("--refine-lr", type=float, default=0.005, help="Adam learning rate of --refine, in log factor "
+                   "(default 0.005: each step moves a factor by about 0.5%%)")
     p.add_argument("--resume", action="store_true", help="continue the search saved in OUT.search-state.json")
     p.add_argument("--force", action="store_true", help="replace OUT and start over from scratch")
     _add_eval_common(p, output=False)

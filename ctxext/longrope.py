@@ -57,9 +57,11 @@ from .search import (
     Candidate,
     EvolutionConfig,
     SearchSpace,
+    RefineConfig,
     SearchState,
     evolve,
     longrope_attention_factor,
+    refine,
     seed_candidates,
     summary,
     yarn_attention_factor,
@@ -233,6 +235,32 @@ class CalibrationObjective:
         return total / (self.ids.shape[0] * (self.ids.shape[1] - 1))
 
 
+    def value_and_grad(self, candidate: Candidate) -> tuple[float, list[float], float]:
+        """The fitness at ``candidate`` and its gradients with respect to the factors and the attention factor
+        (one forward and backward per window, the weights frozen; the same numbers as ``__call__``)."""
+        from .loss import linear_cross_entropy
+        from .models.base import decoder_body, lm_head, logit_softcap, rope_as_input
+
+        default = self.problem.ctx.default_inv_freq()
+        factors = torch.tensor(candidate.factors, dtype=torch.float64, requires_grad=True)
+        attention = torch.tensor(candidate.attention_factor, dtype=torch.float64, requires_grad=True)
+        body, head = decoder_body(self.model), lm_head(self.model)
+        total, count = 0.0, self.ids.shape[0] * (self.ids.shape[1] - 1)
+        device = next(self.model.parameters()).device
+        with rope_as_input(self.model, self.problem.rope_theta, self.problem.target_length) as set_rope:
+            for k in range(self.ids.shape[0]):
+                set_rope((default / factors).to(device), attention.to(device))  # a fresh graph per window
+                row = self.ids[k : k + 1]
+                extra = {} if self.position_ids is None else {
+                    "position_ids": self.position_ids[k : k + 1], "attention_mask": torch.ones_like(row)}
+                hidden = body(input_ids=row, use_cache=False, **extra).last_hidden_state[:, :-1]
+                nll = linear_cross_entropy(hidden.flatten(0, 1), head.weight, row[:, 1:].flatten(),
+                                           softcap=logit_softcap(self.model.config))
+                (nll / count).backward()
+                total += nll.item()
+        return total / count, factors.grad.tolist(), float(attention.grad)
+
+
 def tokens_digest(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.numpy().astype(np.int64).tobytes()).hexdigest()[:16]
 
@@ -240,14 +268,16 @@ def tokens_digest(ids: torch.Tensor) -> str:
 # ---------------------------------------------------------------- state file
 
 
-def settings_of(problem: SearchProblem, config: EvolutionConfig, space: SearchSpace, digest: str) -> dict[str, Any]:
-    """Everything a resumed search must share with the one it continues (the budget may grow)."""
+def settings_of(problem: SearchProblem, config: EvolutionConfig, space: SearchSpace, digest: str,
+                refine_config: RefineConfig = RefineConfig()) -> dict[str, Any]:
+    """Everything a resumed search must share with the one it continues (the budget and refine steps may grow)."""
     evolution = {k: v for k, v in asdict(config).items() if k != "budget"}
-    settings = {"problem": asdict(problem), "evolution": evolution, "space": asdict(space), "calibration_sha256": digest}
+    settings = {"problem": asdict(problem), "evolution": evolution, "space": asdict(space), "calibration_sha256": digest,
+                "refine_lr": refine_config.lr}
     return json.loads(json.dumps(settings))  # as it reads back from the state file
 
 
-def read_state(path: Path, settings: dict[str, Any], budget: int) -> SearchState:
+def read_state(path: Path, settings: dict[str, Any], budget: int, refine_steps: int = 0) -> SearchState:
     try:
         saved = json.loads(path.read_text())
         state = SearchState.from_json(saved["state"])
@@ -258,9 +288,16 @@ def read_state(path: Path, settings: dict[str, Any], budget: int) -> SearchState
         differ = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
         raise SearchError(f"{path} belongs to another search (different {', '.join(differ) or 'format'}); resume with "
                           "the same checkpoint, target, data, window and seed, or pass --force to start over")
-    if budget < state.evaluations:
-        raise SearchError(f"budget={budget} is smaller than the {state.evaluations} evaluations {path} already holds; "
-                          f"give a budget >= {state.evaluations}")
+    evolved = state.refine.evolution_evaluations if state.refine else state.evaluations
+    if budget < evolved:
+        raise SearchError(f"budget={budget} is smaller than the {evolved} evaluations {path} already holds; "
+                          f"give a budget >= {evolved}")
+    if state.refine and budget > evolved:
+        raise SearchError(f"{path} has started its gradient refinement after {evolved} evaluations; resume with "
+                          f"--budget {evolved} (more --refine steps may follow) or pass --force to start over")
+    if state.refine and refine_steps < state.refine.step:
+        raise SearchError(f"refine={refine_steps} is fewer than the {state.refine.step} refine steps {path} already "
+                          f"holds; give --refine >= {state.refine.step}")
     return state
 
 
@@ -288,7 +325,8 @@ def search_checkpoint(src: str, out: str | os.PathLike, **kwargs: Any) -> dict[s
 def _search_checkpoint(
     src: str, out: str | os.PathLike, *, target_length: int, data: str = DEFAULT_DATA, budget: int = DEFAULT_BUDGET,
     seed: int = 0, population: int = 16, window: int | None = None, windows: int = DEFAULT_WINDOWS,
-    attention_factor: float | None = None, resume: bool = False, force: bool = False, text_field: str = "text",
+    attention_factor: float | None = None, refine_steps: int = 0, refine_lr: float = RefineConfig.lr,
+    resume: bool = False, force: bool = False, text_field: str = "text",
     device: str = "auto", dtype: str = "auto", progress: bool = True,
 ) -> dict[str, Any]:
     from .data import load_texts, tokenize_documents
@@ -311,6 +349,7 @@ def _search_checkpoint(
     if attention_factor is not None and not (isinstance(attention_factor, (int, float)) and attention_factor > 0):
         raise SearchError(f"attention_factor={attention_factor!r} is invalid; valid range: > 0")
     evolution = EvolutionConfig.sized(budget, population, seed)
+    refinement = RefineConfig(refine_steps, refine_lr)
     problem = SearchProblem(src, context, target_length, head_dim_of(config), float(params["rope_theta"]), window,
                             windows, data, text_field, attention_factor)
     space = problem.space()
@@ -328,15 +367,17 @@ def _search_checkpoint(
     except DataError as err:  # name the data
         raise DataError(f"data {data}: {err}") from None
     positions = proxy_position_ids(window, target_length, ids.shape[0])
-    settings = settings_of(problem, evolution, space, tokens_digest(ids))
-    state = read_state(state_file, settings, budget) if resume else None
+    settings = settings_of(problem, evolution, space, tokens_digest(ids), refinement)
+    state = read_state(state_file, settings, budget, refine_steps) if resume else None
 
     model = load_model(src, dtype=dtype).to(pick_device(device))
     objective = CalibrationObjective(model, problem, ids, positions)
     seeds = seed_candidates(problem.ctx, problem.scale, space)
     started = time.time()
-    state = evolve(objective, space, evolution, seeds, state=state, progress=progress,
-                   on_generation=lambda s: write_state(state_file, settings, budget, s))
+    save = lambda s: write_state(state_file, settings, budget, s)  # noqa: E731
+    if state is None or state.refine is None:
+        state = evolve(objective, space, evolution, seeds, state=state, progress=progress, on_generation=save)
+    state = refine(objective.value_and_grad, objective, space, refinement, state, on_step=save, progress=progress)
     seconds = time.time() - started
 
     best = state.best.candidate
@@ -345,8 +386,10 @@ def _search_checkpoint(
     use_rope_parameters(model, rope, target_length)
     previous = getattr(model.config, RECORD_KEY, None) or {}
     step = {"chain": [{"method": "longrope_search", "budget": budget, "seed": seed, "data": data, "window": window,
-                       "windows": int(ids.shape[0])}],
-            "spec": f"longrope (searched: {budget} evaluations, seed {seed})", "scope": "all",
+                       "windows": int(ids.shape[0]), "refine_steps": refine_steps, "refine_lr": refine_lr}],
+            "spec": f"longrope (searched: {budget} evaluations"
+                    + (f" + {refine_steps} gradient steps" if refine_steps else "") + f", seed {seed})",
+            "scope": "all",
             "from_context": context, "to_context": target_length}
     setattr(model.config, RECORD_KEY, {"version": __version__, "original_context": previous.get("original_context", context),
                                        "context": target_length, "steps": [*previous.get("steps", []), step]})
@@ -357,7 +400,7 @@ def _search_checkpoint(
                         "proxy": "PoSE-style windows: second half jumps ahead" if problem.proxy else None,
                         "proxy_skips": proxy_skips(window, target_length, int(ids.shape[0])) if problem.proxy else None,
                         "sha256": settings["calibration_sha256"]},
-        "evolution": asdict(evolution), "space": asdict(space),
+        "evolution": asdict(evolution), "refine": asdict(refinement), "space": asdict(space),
         "fitness": "mean next-token NLL on the calibration windows (perplexity = exp(fitness))",
         "seconds_this_run": seconds, "date": time.strftime("%Y-%m-%d"), "ctxext": __version__,
         **summary(state, seeds),

@@ -38,7 +38,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -220,6 +220,7 @@ class SearchState:
     history: list[Evaluation] = field(default_factory=list)
     population: list[int] = field(default_factory=list)
     generation: int = 0
+    refine: RefineState | None = None
 
     @property
     def evaluations(self) -> int:
@@ -235,12 +236,28 @@ class SearchState:
 
     def to_json(self) -> dict[str, Any]:
         return {"generation": self.generation, "population": list(self.population),
-                "history": [e.to_dict() for e in self.history]}
+                "history": [e.to_dict() for e in self.history],
+                "refine": asdict(self.refine) if self.refine else None}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SearchState:
+        refine = RefineState(**d["refine"]) if d.get("refine") else None
         return cls([Evaluation.from_dict(e) for e in d["history"]], [int(i) for i in d["population"]],
-                   int(d["generation"]))
+                   int(d["generation"]), refine)
+
+
+@dataclass
+class RefineState:
+    """Where the gradient refinement stands: ``x`` (log factors, then the log attention factor), Adam's moments,
+    the steps done, how many evaluations the evolution had made when it started, and whether the point after the
+    last step has been evaluated."""
+
+    step: int
+    x: list[float]
+    m: list[float]
+    v: list[float]
+    evolution_evaluations: int
+    final: bool = False
 
 
 # ---------------------------------------------------------------- seeds and variation
@@ -428,4 +445,110 @@ def summary(state: SearchState, seeds: Sequence[Candidate]) -> dict[str, Any]:
         "seeds": {c.origin: by_key.get(c.key()) for c in seeds},
         "best": {**state.best.candidate.to_dict(), "fitness": state.best.fitness},
         "generations": state.generation,
+        "refine_steps": state.refine.step if state.refine else 0,
     }
+
+
+# ---------------------------------------------------------------- gradient refinement
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Adam on the log factors (and the log attention factor, when the space searches it) for ``steps`` steps,
+    learning rate ``lr`` (a step moves each log factor by about ``lr``), after the evolution."""
+
+    steps: int = 0
+    lr: float = 0.005
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise SearchError(f"refine steps={self.steps!r} is invalid; valid range: an integer >= 0 (0: no refinement)")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise SearchError(f"refine lr={self.lr!r} is invalid; valid range: > 0 (e.g. 0.005)")
+
+
+def isotonic(values: Sequence[float]) -> np.ndarray:
+    """The non-decreasing sequence closest to ``values`` in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, c2), (m1, c1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    return np.concatenate([np.full(int(c), m) for m, c in blocks])
+
+
+def project(x: np.ndarray, space: SearchSpace) -> np.ndarray:
+    """``x`` (log factors, log attention factor) moved onto the space: factors non-decreasing (the closest such
+    sequence), then clipped to ``[1, max_factor]``; the attention factor clipped to its range."""
+    out = np.empty_like(x)
+    out[:-1] = np.clip(isotonic(x[:-1]), 0.0, math.log(space.max_factor))
+    out[-1] = np.clip(x[-1], math.log(space.attention_low), math.log(space.attention_high))
+    return out
+
+
+def _candidate(x: np.ndarray, space: SearchSpace, origin: str) -> Candidate:
+    factors = tuple(float(min(max(math.exp(v), 1.0), space.max_factor)) for v in x[:-1])
+    attention = float(min(max(math.exp(x[-1]), space.attention_low), space.attention_high))
+    return Candidate(factors, attention, origin=origin)
+
+
+def refine(value_and_grad: Callable[[Candidate], tuple[float, Sequence[float], float]],
+           fitness: Callable[[Candidate], float], space: SearchSpace, config: RefineConfig, state: SearchState, *,
+           on_step: Callable[[SearchState], None] | None = None, progress: bool = True) -> SearchState:
+    """Refine the best candidate of ``state`` by gradient descent (or continue a refinement ``state`` holds).
+
+    ``value_and_grad(c)``: the fitness at ``c`` and its gradients with respect to the factors and the attention
+    factor. Step ``t`` evaluates the current point (recorded in the history as ``refine t``), then takes one Adam
+    step in log space and projects back onto the space (``project``); after the last step ``fitness`` evaluates the
+    final point. The best candidate stays the best of every evaluation, evolution's included.
+    ``on_step(state)`` runs after every step (ctxext saves the state there)."""
+    if state.refine is None:
+        if config.steps == 0:
+            return state
+        best = state.best.candidate
+        x = np.array([*map(math.log, best.factors), math.log(best.attention_factor)])
+        state.refine = RefineState(0, x.tolist(), [0.0] * len(x), [0.0] * len(x), state.evaluations)
+    r = state.refine
+    total = config.steps + 1  # the last point is evaluated too
+    done = r.step + (1 if r.step >= config.steps and r.final else 0)
+    bar = tqdm(total=total, initial=min(done, total), desc="refine", unit="step", disable=not progress)
+    b1, b2 = config.betas
+
+    def record(c: Candidate, value: float) -> None:
+        state.history.append(Evaluation(c, value if not math.isnan(value) else math.inf, state.generation))
+        state.population = _ranked([*state.population, len(state.history) - 1], state.history)
+        bar.update(1)
+        bar.set_postfix(fitness=f"{value:.4g}", best=f"{state.best.fitness:.4g}")
+
+    try:
+        while r.step < config.steps:
+            r.final = False
+            x = np.array(r.x)
+            c = _candidate(x, space, f"refine {r.step}")
+            value, grad_factors, grad_attention = value_and_grad(c)
+            grad = np.array([*(np.asarray(grad_factors, dtype=float) * np.exp(x[:-1])),
+                             float(grad_attention) * math.exp(x[-1]) if space.searches_attention else 0.0])
+            if not np.all(np.isfinite(grad)):
+                raise SearchError(f"refine step {r.step}: the gradient is not finite (fitness {value}); lower "
+                                  "--refine-lr or refine fewer steps")
+            m = b1 * np.array(r.m) + (1 - b1) * grad
+            v = b2 * np.array(r.v) + (1 - b2) * grad**2
+            t = r.step + 1
+            update = config.lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + config.eps)
+            record(c, float(value))
+            r.x, r.m, r.v, r.step = project(x - update, space).tolist(), m.tolist(), v.tolist(), t
+            if on_step:
+                on_step(state)
+        if not r.final:
+            c = _candidate(np.array(r.x), space, f"refine {r.step}")
+            record(c, float(fitness(c)))
+            r.final = True
+            if on_step:
+                on_step(state)
+    finally:
+        bar.close()
+    return state
+

@@ -36,10 +36,13 @@ from ctxext.rope.registry import RopeContext
 from ctxext.search import (
     Candidate,
     EvolutionConfig,
+    RefineConfig,
     SearchSpace,
     SearchState,
     evolve,
+    isotonic,
     random_candidate,
+    refine,
     seed_candidates,
     yarn_attention_factor,
 )
@@ -160,6 +163,66 @@ def test_search_improves_on_its_initial_population_and_beats_random_candidates()
     assert state.best.fitness < 0.5 * min(random_best, initial)
 
 
+def toy_value_and_grad(c: Candidate):
+    f = np.array(c.factors)
+    return toy_fitness(c), 2 * (f - TOY_TARGET) / len(f), 2 * (c.attention_factor - 1.3)
+
+
+def test_isotonic_projection_is_the_closest_non_decreasing_sequence():
+    np.testing.assert_allclose(isotonic([1, 3, 2, 4]), [1, 2.5, 2.5, 4])
+    np.testing.assert_allclose(isotonic([5, 4, 3]), [4, 4, 4])
+    np.testing.assert_allclose(isotonic([1, 2, 2, 3]), [1, 2, 2, 3])
+    rng = np.random.default_rng(0)  # against a brute-force check: no non-decreasing perturbation is closer
+    x = rng.normal(size=7)
+    y = isotonic(x)
+    assert np.all(np.diff(y) >= 0)
+    for _ in range(2000):
+        z = np.sort(y + rng.normal(scale=0.1, size=7))
+        assert np.sum((z - x) ** 2) >= np.sum((y - x) ** 2) - 1e-12
+
+
+def test_refinement_descends_stays_in_the_space_and_resumes_exactly(tmp_path):
+    evolved = evolve(toy_fitness, SPACE, EvolutionConfig(budget=24, seed=0), SEEDS, progress=False)
+    start, n = evolved.best.fitness, evolved.evaluations
+    config = RefineConfig(steps=60, lr=0.05)
+    whole = refine(toy_value_and_grad, toy_fitness, SPACE, config,
+                   SearchState.from_json(evolved.to_json()), progress=False)
+    refined = whole.history[n:]
+    assert len(refined) == 61 and [e.candidate.origin for e in refined[:2]] == ["refine 0", "refine 1"]
+    assert refined[0].candidate == evolved.best.candidate  # it starts from the evolution's best
+    assert all(not breaks(e.candidate, 1.25 * SCALE, 1.0, 1.5) for e in refined)
+    assert whole.best.fitness < 0.2 * start and whole.best.candidate.origin.startswith("refine")  # measured: 0.03x
+
+    saved = tmp_path / "state.json"
+    calls = {"n": 0}
+
+    def interrupted(c):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return toy_value_and_grad(c)
+
+    def save(state):
+        saved.write_text(json.dumps(state.to_json()))
+
+    with pytest.raises(KeyboardInterrupt):
+        refine(interrupted, toy_fitness, SPACE, config, SearchState.from_json(evolved.to_json()), on_step=save,
+               progress=False)
+    state = SearchState.from_json(json.loads(saved.read_text()))
+    assert state.refine.step == 24
+    resumed = refine(toy_value_and_grad, toy_fitness, SPACE, config, state, on_step=save, progress=False)
+    assert [(e.candidate.key(), e.fitness) for e in resumed.history] == [
+        (e.candidate.key(), e.fitness) for e in whole.history]
+    # the attention factor stays put where the space fixes it
+    fixed = SearchSpace.for_extension(HEAD_DIM // 2, SCALE, 1.2)
+    state = SearchState([e for e in evolved.history[:1]], [0])
+    state.history[0] = type(state.history[0])(Candidate(state.history[0].candidate.factors, 1.2), 1.0, 0)
+    out = refine(toy_value_and_grad, toy_fitness, fixed, RefineConfig(steps=5, lr=0.05), state, progress=False)
+    assert {e.candidate.attention_factor for e in out.history} == {1.2}
+    with pytest.raises(SearchError, match="refine steps=-1 is invalid"):
+        RefineConfig(steps=-1)
+
+
 def test_budget_smaller_than_one_generation_is_refused():
     for budget in (0, 15):
         with pytest.raises(SearchError, match="budget"):
@@ -263,6 +326,71 @@ def test_saved_checkpoint_is_native_longrope_with_the_searched_factors(tiny_sour
     assert abs(_nll(reloaded, ids) - result["best"]["fitness"]) < 1e-5
 
 
+def test_calibration_gradient_matches_finite_differences_of_the_fitness(tiny_source):
+    """``value_and_grad`` (plain RoPE with the factors as inputs) against ``__call__`` (transformers' own longrope
+    type, rebuilt per candidate): the same value, and a gradient that central differences reproduce."""
+    from transformers import AutoTokenizer
+
+    from ctxext.data import load_texts, tokenize_documents
+
+    src, data = tiny_source
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    ids = calibration_ids(load_texts(str(data)), lambda b: tokenize_documents(tokenizer, b), TARGET, 2)
+    problem = longrope_problem(src, data)
+    objective = CalibrationObjective(model, problem, ids, None)
+    c = next(s for s in seed_candidates(problem.ctx, problem.scale, problem.space()) if s.origin.startswith("yarn"))
+    c = Candidate(tuple(f * (1.1 + 0.01 * i) for i, f in enumerate(c.factors)), 1.4)  # off the bounds and optimum
+    value, grad_factors, grad_attention = objective.value_and_grad(c)
+    assert abs(value - objective(c)) < 1e-6  # transformers rounds the longrope frequencies to float32 its own way
+    assert all(p.requires_grad for p in model.parameters()) and model.config.rope_parameters["rope_type"] == "longrope"
+
+    def central(i, h):  # i = None: the attention factor
+        def at(d):
+            if i is None:
+                return objective(Candidate(c.factors, c.attention_factor + d))
+            return objective(Candidate(tuple(f + d * (j == i) for j, f in enumerate(c.factors)), c.attention_factor))
+        return (at(h) - at(-h)) / (2 * h)
+
+    def numeric(i):  # transformers computes the angles in float32, so the fitness is rough at small steps: the
+        return np.mean([central(i, h) for h in (5e-4, 2.5e-4, 1.25e-4)])  # mean of three (measured: within 2.3%)
+
+    large = [i for i in range(len(grad_factors)) if abs(grad_factors[i]) > 0.01]
+    assert len(large) >= 2 and abs(grad_attention) > 0.01  # the check is not vacuous (measured: pairs 0 and 1)
+    for i in large:
+        assert abs(numeric(i) - grad_factors[i]) <= 0.05 * abs(grad_factors[i]), (i, numeric(i), grad_factors[i])
+    assert abs(numeric(None) - grad_attention) <= 0.05 * abs(grad_attention), (numeric(None), grad_attention)
+
+
+def test_refined_checkpoint_search_resumes_and_improves_on_the_evolution(tiny_source, tmp_path, monkeypatch):
+    src, data = tiny_source
+    evolved = run_search(src, data, tmp_path / "evolved")
+    whole = run_search(src, data, tmp_path / "whole", refine_steps=4, refine_lr=0.02)
+    assert whole["refine_steps"] == 4 and len(whole["evaluations"]) == 20 + 5
+    assert whole["best"]["fitness"] <= evolved["best"]["fitness"]
+    assert whole["evaluations"][:20] == evolved["evaluations"]
+
+    original = CalibrationObjective.value_and_grad
+    calls = {"n": 0}
+
+    def interrupted(self, c):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, c)
+
+    monkeypatch.setattr(CalibrationObjective, "value_and_grad", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(src, data, tmp_path / "resumed", refine_steps=4, refine_lr=0.02)
+    monkeypatch.setattr(CalibrationObjective, "value_and_grad", original)
+    with pytest.raises(SearchError, match="has started its gradient refinement"):
+        run_search(src, data, tmp_path / "resumed", refine_steps=4, refine_lr=0.02, resume=True, budget=28)
+    resumed = run_search(src, data, tmp_path / "resumed", refine_steps=4, refine_lr=0.02, resume=True)
+    assert resumed["evaluations"] == whole["evaluations"] and resumed["best"] == whole["best"]
+    rope = json.loads((tmp_path / "resumed" / "config.json").read_text())["rope_parameters"]
+    torch.testing.assert_close(torch.tensor(rope["long_factor"]), torch.tensor(whole["best"]["factors"]))
+
+
 def longrope_problem(src, data):
     return longrope.SearchProblem(str(src), CONTEXT, TARGET, HEAD_DIM, 10000.0, TARGET, 2, str(data))
 
@@ -343,7 +471,8 @@ def yarn_source(tiny_source, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["target below", "target equal", "budget 0", "budget small", "missing data",
-                                  "short data", "not plain rope", "nothing to resume", "window too long"])
+                                  "short data", "not plain rope", "nothing to resume", "window too long",
+                                  "refine negative", "refine lr 0"])
 def test_bad_input_exits_2_and_writes_nothing(case, tiny_source, yarn_source, tmp_path, capsys):
     src, data = tiny_source
     out = tmp_path / "out"
@@ -351,7 +480,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, tiny_source, yarn_source, tm
             "budget 0": ["--budget", "0"], "budget small": ["--budget", "15"],
             "missing data": ["--data", str(tmp_path / "nope")], "short data": ["--windows", "1", "--window", "400",
                                                                               "--target-length", "400"],
-            "not plain rope": [], "nothing to resume": ["--resume"], "window too long": ["--window", "512"]}[case]
+            "not plain rope": [], "nothing to resume": ["--resume"], "window too long": ["--window", "512"],
+            "refine negative": ["--refine", "-1"], "refine lr 0": ["--refine", "2", "--refine-lr", "0"]}[case]
     source = yarn_source if case == "not plain rope" else src
     defaults = {"--target-length": str(TARGET), "--data": str(data), "--budget": "20", "--population": "16"}
     for flag, value in defaults.items():

@@ -13,6 +13,7 @@ the q/k/v modules whose outputs the frequency analysis measures.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +175,33 @@ def rebuild_rotary(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
         rebuilt.to(buffer.device)
     setattr(parent, attr, rebuilt)
     return parent, attr, old
+
+
+@contextmanager
+def rope_as_input(model: nn.Module, rope_theta: float, max_position_embeddings: int):
+    """Within the block the model runs plain RoPE whose frequencies and cos/sin multiplier the caller sets, per
+    forward, through the yielded ``set(inv_freq, attention_scaling)``: tensors that may require grad, so a loss
+    backpropagates into them (the rotary module computes cos/sin from its ``inv_freq`` and ``attention_scaling``).
+    The weights do not require grad inside. The config, the rotary module and ``requires_grad`` are restored after."""
+    saved = copy.deepcopy(model.config.rope_parameters), model.config.max_position_embeddings
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
+    model.config.max_position_embeddings = max_position_embeddings
+    parent, attr, old = rebuild_rotary(model)
+    rotary = getattr(parent, attr)
+    model.requires_grad_(False)
+
+    def set_rope(inv_freq: torch.Tensor, attention_scaling: torch.Tensor) -> None:
+        rotary.inv_freq = inv_freq.float()
+        rotary.attention_scaling = attention_scaling.float()
+
+    try:
+        yield set_rope
+    finally:
+        model.config.rope_parameters, model.config.max_position_embeddings = saved
+        setattr(parent, attr, old)
+        for name, p in model.named_parameters():
+            p.requires_grad_(grads[name])
 
 
 def attention_implementation(model: nn.Module) -> str:
