@@ -56,8 +56,8 @@ from .rope.registry import RopeContext, RopeState
 from .search import (
     Candidate,
     EvolutionConfig,
-    SearchSpace,
     RefineConfig,
+    SearchSpace,
     SearchState,
     evolve,
     longrope_attention_factor,
@@ -269,11 +269,11 @@ def tokens_digest(ids: torch.Tensor) -> str:
 
 
 def settings_of(problem: SearchProblem, config: EvolutionConfig, space: SearchSpace, digest: str,
-                refine_config: RefineConfig = RefineConfig()) -> dict[str, Any]:
+                refine_config: RefineConfig | None = None) -> dict[str, Any]:
     """Everything a resumed search must share with the one it continues (the budget and refine steps may grow)."""
     evolution = {k: v for k, v in asdict(config).items() if k != "budget"}
     settings = {"problem": asdict(problem), "evolution": evolution, "space": asdict(space), "calibration_sha256": digest,
-                "refine_lr": refine_config.lr}
+                "refine_lr": (refine_config or RefineConfig()).lr}
     return json.loads(json.dumps(settings))  # as it reads back from the state file
 
 
@@ -374,7 +374,10 @@ def _search_checkpoint(
     objective = CalibrationObjective(model, problem, ids, positions)
     seeds = seed_candidates(problem.ctx, problem.scale, space)
     started = time.time()
-    save = lambda s: write_state(state_file, settings, budget, s)  # noqa: E731
+
+    def save(s: SearchState) -> None:
+        write_state(state_file, settings, budget, s)
+
     if state is None or state.refine is None:
         state = evolve(objective, space, evolution, seeds, state=state, progress=progress, on_generation=save)
     state = refine(objective.value_and_grad, objective, space, refinement, state, on_step=save, progress=progress)
