@@ -6,7 +6,8 @@
 Model: a Llama with SmolLM-135M's attention shape (hidden 576, 9 heads, 3 kv heads, head_dim 64) but 2 layers and
 a 1,000-token vocabulary, random weights, fp32, no grad, no KV cache, ``logits_to_keep=1`` (so attention, not the
 LM head, sets the peak). Plain = transformers' ``sdpa`` (causal, no mask); Self-Extend = ``ctxext.patch_model(model,
-"selfextend", group_size=8, window=1024)``. Every (implementation, length) runs in its own process. Peak memory on
+"selfextend", group_size=8, window=1024)``, and the same with ``group_bias=-1.5`` (an additive float mask instead of a
+boolean one). Every (implementation, length) runs in its own process. Peak memory on
 CPU: peak resident set size (ru_maxrss) minus the resident size after the model is built, with glibc's mmap
 threshold fixed (``MALLOC_MMAP_THRESHOLD_=65536``, as benchmarks/finetune_step.py) so the resident set follows live
 tensors. On a GPU (CUDA visible) the same script reports max allocated memory instead.
@@ -26,7 +27,8 @@ from pathlib import Path
 SHAPE = {"vocab_size": 1000, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 2,
          "num_attention_heads": 9,
              "num_key_value_heads": 3, "tie_word_embeddings": True}
-GROUP_SIZE, WINDOW = 8, 1024
+GROUP_SIZE, WINDOW, GROUP_BIAS = 8, 1024, -1.5
+IMPLS = ("sdpa", "selfextend", "selfextend-bias")
 WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -47,8 +49,9 @@ def worker(impl: str, seq_len: int) -> dict:
     config = LlamaConfig(max_position_embeddings=2048, **SHAPE)
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).eval().to(device)
-    if impl == "selfextend":
-        ctxext.patch_model(model, "selfextend", group_size=GROUP_SIZE, window=WINDOW)
+    if impl.startswith("selfextend"):
+        bias = GROUP_BIAS if impl == "selfextend-bias" else 0.0
+        ctxext.patch_model(model, "selfextend", group_size=GROUP_SIZE, window=WINDOW, group_bias=bias)
     ids = torch.randint(0, SHAPE["vocab_size"], (1, seq_len), device=device)
     base = rss_mb()
     if cuda:
@@ -70,6 +73,8 @@ def worker(impl: str, seq_len: int) -> dict:
 
 
 def main() -> int:
+    from ctxext.evals.report import write_markdown_keeping_notes
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="4096,8192,16384")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks"))
@@ -80,7 +85,7 @@ def main() -> int:
         return 0
     rows = []
     for seq_len in [int(x) for x in args.lengths.split(",")]:
-        for impl in ("sdpa", "selfextend"):
+        for impl in IMPLS:
             proc = subprocess.run([sys.executable, __file__, "--worker", impl, str(seq_len)], check=False,
                                   capture_output=True,
                                   text=True, env=WORKER_ENV)
@@ -98,14 +103,17 @@ def main() -> int:
         (f"One forward, no grad, {SHAPE['num_hidden_layers']} layers of SmolLM-135M's attention shape (9 heads, 3 kv "
          f"heads, head_dim 64), fp32, Self-Extend G={GROUP_SIZE}, W={WINDOW}; device {rows[0]['device']}, torch "
          f"{rows[0]['torch']}. Peak = peak RSS minus RSS after the model is built (MALLOC_MMAP_THRESHOLD_=65536)."), "",
-        "| tokens | SDPA peak MB | Self-Extend peak MB | ratio | SDPA s | Self-Extend s | time ratio |",
+        ("| tokens | SDPA peak MB | Self-Extend peak MB (ratio) | with group_bias (ratio) | SDPA s | Self-Extend s "
+         "(ratio) | with group_bias s (ratio) |"),
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for seq_len in sorted({r["seq_len"] for r in rows}):
-        a, b = by[("sdpa", seq_len)], by[("selfextend", seq_len)]
-        lines.append(f"| {seq_len} | {a['peak_mb']:.0f} | {b['peak_mb']:.0f} | {b['peak_mb'] / a['peak_mb']:.2f} | "
-                     f"{a['seconds']:.1f} | {b['seconds']:.1f} | {b['seconds'] / a['seconds']:.1f} |")
-    (out / "selfextend.md").write_text("\n".join(lines) + "\n")
+        a, b, c = (by[(impl, seq_len)] for impl in IMPLS)
+        lines.append(f"| {seq_len} | {a['peak_mb']:.0f} | {b['peak_mb']:.0f} ({b['peak_mb'] / a['peak_mb']:.2f}) | "
+                     f"{c['peak_mb']:.0f} ({c['peak_mb'] / a['peak_mb']:.2f}) | {a['seconds']:.1f} | "
+                     f"{b['seconds']:.1f} ({b['seconds'] / a['seconds']:.1f}) | "
+                     f"{c['seconds']:.1f} ({c['seconds'] / a['seconds']:.1f}) |")
+    write_markdown_keeping_notes(out / "selfextend.md", "\n".join(lines))
     print("\n".join(lines))
     return 0
 

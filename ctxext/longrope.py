@@ -20,6 +20,11 @@ proxy mode the attention factor is not searched: it is fixed at LongRoPE's ``sqr
 YaRN on full-length held-out text while the exact search's did, so proxy-searched factors must be checked at the
 target length.
 
+Gradient refinement (``refine_steps``): ``CalibrationObjective.value_and_grad`` runs the same windows through a plain
+rotary module whose frequencies ``default / factors`` and cos/sin multiplier are tensors (``models.rope_as_input``),
+so one backward per window gives the fitness's gradient with respect to every factor and the attention factor;
+``search.refine`` then steps from the evolution's best. The refinement's state is saved after every step.
+
 Output OUT: a safetensors checkpoint whose ``rope_parameters`` are ``longrope`` with ``short_factor`` all ones (a
 forward whose positions stay within the trained context keeps the original frequencies; the attention factor
 applies at every length, as transformers computes it once), ``long_factor`` the searched factors,
@@ -239,7 +244,7 @@ class CalibrationObjective:
         """The fitness at ``candidate`` and its gradients with respect to the factors and the attention factor
         (one forward and backward per window, the weights frozen; the same numbers as ``__call__``)."""
         from .loss import linear_cross_entropy
-        from .models.base import decoder_body, lm_head, logit_softcap, rope_as_input
+        from .models import decoder_body, lm_head, logit_softcap, rope_as_input
 
         default = self.problem.ctx.default_inv_freq()
         factors = torch.tensor(candidate.factors, dtype=torch.float64, requires_grad=True)

@@ -26,6 +26,10 @@ The evolution follows the authors' released ``evolution/algorithms`` (dim_mono):
     the pairs it overtakes with it), which can move the flat interpolated tail that PI and YaRN seed and that
     redrawing between equal neighbours never moves; the attention factor moves by a small normal step.
 
+After the evolution, ``refine`` (optional; not in the paper) takes gradient steps from the best candidate: Adam on
+the log factors and the log attention factor, each step projected back onto the space (the closest non-decreasing
+sequence, then clipped to the bounds), every visited point recorded in the history like an evaluation.
+
 The budget counts fitness evaluations: generation 0 costs ``population``, each later one ``mutations +
 crossovers`` (the last one is cut to what is left). No candidate is evaluated twice: a child equal to an evaluated
 candidate is redrawn. Generation ``g`` draws from ``numpy.random.default_rng([seed, g])``, so a search resumed from

@@ -3,9 +3,11 @@
     python scripts/selfextend_sweep.py --windows 16,32,64,96,128,160 --groups 8,12,16,24,32 \
         --lengths 2048 --trials 10 --output runs/selfextend/sweep.json
     python scripts/selfextend_sweep.py --plot runs/selfextend/sweep.json docs/selfextend_sweep.png
+    python scripts/selfextend_sweep.py --groups 16 --windows 64 --biases -1,-1.5,-2 --trials 20 --seed 1 \
+        --batch-size 16 --output runs/selfextend/bias.json            # the grouped-logit bias (group_bias)
 
 Loads the checkpoint once per setting, patches it in memory (``patch_model(model, "selfextend", group_size=G,
-window=W)``, the same as ``ctxext patch --method selfextend``) and scores the passkey grid with
+window=W, group_bias=B)``, the same as ``ctxext patch --method selfextend``) and scores the passkey grid with
 ``passkey_accuracy`` on the same filler stream and seed as ``ctxext eval passkey`` (same prompts for every
 setting). A setting whose reach ``(L - W) * G + W`` is below ``max(lengths)`` is skipped (its largest relative
 position would leave the trained context). Results are written after every setting; a rerun with the same
@@ -26,8 +28,8 @@ from ctxext.evals.retrieval import wilson
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
-def key(g: int, w: int) -> str:
-    return f"G{g}W{w}"
+def key(g: int, w: int, b: float = 0.0) -> str:
+    return f"G{g}W{w}" + (f"B{b:g}" if b else "")
 
 
 def run(args) -> dict:
@@ -47,47 +49,49 @@ def run(args) -> dict:
     data.setdefault("protocol", {**protocol, "date": time.strftime("%Y-%m-%d")})
     data.setdefault("settings", {})
     stream = None
-    for w in args.windows:
-        for g in args.groups:
-            name = key(g, w)
-            if name in data["settings"]:
-                continue
-            model, tokenizer, _ = load_for_eval(args.model, device=args.device)
-            context = model.config.max_position_embeddings
-            reach = (context - w) * g + w
-            if w >= context or reach < max(args.lengths):
-                print(f"{name}: reach {reach} < {max(args.lengths)}, skipped", flush=True)
-                continue
-            patch_model(model, "selfextend", group_size=g, window=w)
-            stream = stream or filler_stream(tokenizer, args.filler, seed=args.seed)
-            t0 = time.time()
-            grid = passkey_accuracy(model, tokenizer, stream, args.lengths, args.depths, args.trials, seed=args.seed,
-                                    batch_size=args.batch_size, progress=False)
-            data["settings"][name] = {"group_size": g, "window": w, "reach": reach, "accuracy": grid["accuracy"],
-                                      "examples": [e for e in grid["examples"] if not e["correct"]],
-                                      "seconds": round(time.time() - t0, 1)}
-            atomic_write_text(out, json.dumps(data, indent=1))
-            row = grid["accuracy"][str(max(args.lengths))]
-            print(f"{name} reach {reach}: " + " ".join(f"{row[str(d)]:.0%}" for d in args.depths)
-                  + f"  ({time.time() - t0:.0f}s)", flush=True)
+    for w, g, b in ((w, g, b) for w in args.windows for g in args.groups for b in args.biases):
+        name = key(g, w, b)
+        if name in data["settings"]:
+            continue
+        model, tokenizer, _ = load_for_eval(args.model, device=args.device)
+        context = model.config.max_position_embeddings
+        reach = (context - w) * g + w
+        if w >= context or reach < max(args.lengths):
+            print(f"{name}: reach {reach} < {max(args.lengths)}, skipped", flush=True)
+            continue
+        patch_model(model, "selfextend", group_size=g, window=w, group_bias=b)
+        stream = stream or filler_stream(tokenizer, args.filler, seed=args.seed)
+        t0 = time.time()
+        grid = passkey_accuracy(model, tokenizer, stream, args.lengths, args.depths, args.trials, seed=args.seed,
+                                batch_size=args.batch_size, progress=False)
+        data["settings"][name] = {"group_size": g, "window": w, "group_bias": b, "reach": reach,
+                                  "accuracy": grid["accuracy"],
+                                  "examples": [e for e in grid["examples"] if not e["correct"]],
+                                  "seconds": round(time.time() - t0, 1)}
+        atomic_write_text(out, json.dumps(data, indent=1))
+        row = grid["accuracy"][str(max(args.lengths))]
+        print(f"{name} reach {reach}: " + " ".join(f"{row[str(d)]:.0%}" for d in args.depths)
+              + f"  ({time.time() - t0:.0f}s)", flush=True)
     return data
 
 
 def table(data: dict) -> str:
     p = data["protocol"]
     trials, depths = p["trials"], p["depths"]
-    lines = [f"| G | W | reach | length | {' | '.join(f'depth {d:g}' for d in depths)} | worst | all depths |",
-             "|---:|---:|---:|---:|" + "---:|" * (len(depths) + 2)]
+    biased = any(s.get("group_bias") for s in data["settings"].values())
+    header = (f"| G | W | {'bias | ' if biased else ''}reach | length | {' | '.join(f'depth {d:g}' for d in depths)} | "
+              "worst | all depths |")
+    lines = [header, "|---:|---:|" + ("---:|" if biased else "") + "---:|---:|" + "---:|" * (len(depths) + 2)]
     rows = []
     for s in data["settings"].values():
         for length, acc in s["accuracy"].items():
             counts = [round(acc[str(d)] * trials) for d in depths]
-            rows.append((s["group_size"], s["window"], s["reach"], int(length), counts))
-    for g, w, reach, length, counts in sorted(rows, key=lambda r: (r[3], -min(r[4]), -sum(r[4]))):
+            rows.append((s["group_size"], s["window"], s.get("group_bias", 0.0), s["reach"], int(length), counts))
+    for g, w, b, reach, length, counts in sorted(rows, key=lambda r: (r[4], -min(r[5]), -sum(r[5]))):
         cells = [f"{c}/{trials} [{wilson(c, trials)[0]:.2f}, {wilson(c, trials)[1]:.2f}]" for c in counts]
         lo, hi = wilson(sum(counts), trials * len(depths))
-        lines.append(f"| {g} | {w} | {reach} | {length} | {' | '.join(cells)} | {min(counts)}/{trials} | "
-                     f"{sum(counts)}/{trials * len(depths)} [{lo:.2f}, {hi:.2f}] |")
+        lines.append(f"| {g} | {w} | {f'{b:g} | ' if biased else ''}{reach} | {length} | {' | '.join(cells)} | "
+                     f"{min(counts)}/{trials} | {sum(counts)}/{trials * len(depths)} [{lo:.2f}, {hi:.2f}] |")
     return "\n".join(lines)
 
 
@@ -100,7 +104,7 @@ def plot(data: dict, path: str) -> None:
 
     p = data["protocol"]
     length = str(max(p["lengths"]))
-    settings = list(data["settings"].values())
+    settings = [s for s in data["settings"].values() if not s.get("group_bias")]  # the G x W grid of the paper's method
     gs = sorted({s["group_size"] for s in settings})
     ws = sorted({s["window"] for s in settings})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -131,6 +135,8 @@ def main() -> None:
     ap.add_argument("--model", default="reference")
     ap.add_argument("--windows", type=ints, default=[16, 32, 64, 96, 128, 160])
     ap.add_argument("--groups", type=ints, default=[8, 12, 16, 24, 32])
+    ap.add_argument("--biases", type=lambda s: [float(x) for x in s.split(",")], default=[0.0],
+                    help="group_bias values (default 0: the paper's method)")
     ap.add_argument("--lengths", type=ints, default=[2048])
     ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=DEPTHS)
     ap.add_argument("--trials", type=int, default=10)

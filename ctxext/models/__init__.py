@@ -19,6 +19,7 @@ from .base import (
     logit_softcap,
     qkv_modules,
     rebuild_rotary,
+    rope_as_input,
     set_attention_implementation,
     stock_rope_types,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "logit_softcap",
     "qkv_modules",
     "rebuild_rotary",
+    "rope_as_input",
     "set_attention_implementation",
     "stock_rope_types",
 ]
