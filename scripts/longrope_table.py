@@ -91,8 +91,8 @@ def main(argv=None) -> int:
     started = time.time()
     result = {"command": "python scripts/longrope_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "searched": str(searched), "source": source, "factor": factor,
-              "search": {k: search[k] for k in ("calibration", "budget", "seed", "evolution", "space", "best",
-                                                "seeds", "generations")},
+              "search": {k: search.get(k) for k in ("calibration", "budget", "seed", "evolution", "refine", "space",
+                                                    "best", "seeds", "generations", "refine_steps")},
               "rope_parameters": config["rope_parameters"]}
     texts = {"held_out": args.data, **({"ood": args.ood} if args.ood else {})}
     for name, data in texts.items():

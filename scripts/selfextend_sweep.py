@@ -3,7 +3,7 @@
     python scripts/selfextend_sweep.py --windows 16,32,64,96,128,160 --groups 8,12,16,24,32 \
         --lengths 2048 --trials 10 --output runs/selfextend/sweep.json
     python scripts/selfextend_sweep.py --plot runs/selfextend/sweep.json docs/selfextend_sweep.png
-    python scripts/selfextend_sweep.py --groups 16 --windows 64 --biases -1,-1.5,-2 --trials 20 --seed 1 \
+    python scripts/selfextend_sweep.py --groups 16 --windows 64 --biases=-1,-1.5,-2 --trials 20 --seed 1 \
         --batch-size 16 --output runs/selfextend/bias.json            # the grouped-logit bias (group_bias)
 
 Loads the checkpoint once per setting, patches it in memory (``patch_model(model, "selfextend", group_size=G,
