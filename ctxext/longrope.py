@@ -239,7 +239,6 @@ class CalibrationObjective:
             total += window_nll(self.model, row, row[:, 1:], position_ids=positions).item()
         return total / (self.ids.shape[0] * (self.ids.shape[1] - 1))
 
-
     def value_and_grad(self, candidate: Candidate) -> tuple[float, list[float], float]:
         """The fitness at ``candidate`` and its gradients with respect to the factors and the attention factor
         (one forward and backward per window, the weights frozen; the same numbers as ``__call__``)."""

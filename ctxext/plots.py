@@ -107,7 +107,8 @@ def plot_frequency_usage(panels: dict[str, np.ndarray], wavelengths: np.ndarray,
 
 def plot_search(result: dict, path: Path) -> Path:
     """A factor search (``ctxext search``): every evaluation's calibration perplexity, the best so far and the best
-    seed of each method (PI / NTK / YaRN shapes); the right panel zooms on the best so far against the best seed."""
+    seed of each method (PI / NTK / YaRN shapes), where the gradient refinement starts (if any); the right panel
+    zooms on the best so far against the best seed."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ppl = np.exp([e["fitness"] for e in result["evaluations"]])
     best = np.exp(result["best_so_far"])
@@ -133,10 +134,13 @@ def plot_search(result: dict, path: Path) -> Path:
         zoom.set_ylim(best[-1] * 0.995, seed_best * 1.02)
         zoom.set_title(f"best so far: {best[-1]:.3f}, {best[-1] / seed_best - 1:+.1%} against the best seed",
                        fontsize=9)
+    refined = result.get("refine_steps", 0)
     for a in axes:
         a.plot(best, color="k", label="best so far")
         for method, value in best_seed.items():
             a.axhline(value, color=colours[method], linestyle="--", label=f"best {method} seed")
+        if refined:  # every refine step is one point, plus the final one
+            a.axvline(len(ppl) - refined - 1.5, color="grey", linestyle=":", label=f"{refined} gradient steps from here")
         a.set_xlabel("evaluation")
         a.grid(True, which="both", alpha=0.3)
         a.legend(fontsize=8)
