@@ -196,6 +196,8 @@ def main(argv=None) -> int:
     target = int(context * factor)
     lengths = sorted({context, 2 * context, 4 * context, target})
     stages = stage_lengths(context, target)
+    checkpoints = {n: check_checkpoint_row(n, sweep.methods[n].checkpoint, target) for n in names
+                   if sweep.methods[n].checkpoint}  # before any work: a missing one stops nothing halfway
     data, retrieval_data = recipe.build_data(AutoTokenizer.from_pretrained(base), work, stages, target)
     rows = {}
     evaluation = recipe.evaluation
@@ -220,7 +222,7 @@ def main(argv=None) -> int:
                 continue
             started, ft_seconds = time.perf_counter(), 0.0
             if row.checkpoint:
-                model_dir = str(check_checkpoint_row(name, row.checkpoint, target))
+                model_dir = str(checkpoints[name])
             elif chain is None:
                 model_dir = str(base)
             elif not tuned:
