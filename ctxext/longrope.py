@@ -242,24 +242,20 @@ class CalibrationObjective:
     def value_and_grad(self, candidate: Candidate) -> tuple[float, list[float], float]:
         """The fitness at ``candidate`` and its gradients with respect to the factors and the attention factor
         (one forward and backward per window, the weights frozen; the same numbers as ``__call__``)."""
-        from .loss import linear_cross_entropy
-        from .models import decoder_body, lm_head, logit_softcap, rope_as_input
+        from .evals.perplexity import summed_nll
+        from .models import rope_as_input
 
         default = self.problem.ctx.default_inv_freq()
         factors = torch.tensor(candidate.factors, dtype=torch.float64, requires_grad=True)
         attention = torch.tensor(candidate.attention_factor, dtype=torch.float64, requires_grad=True)
-        body, head = decoder_body(self.model), lm_head(self.model)
         total, count = 0.0, self.ids.shape[0] * (self.ids.shape[1] - 1)
         device = next(self.model.parameters()).device
         with rope_as_input(self.model, self.problem.rope_theta, self.problem.target_length) as set_rope:
             for k in range(self.ids.shape[0]):
                 set_rope((default / factors).to(device), attention.to(device))  # a fresh graph per window
                 row = self.ids[k : k + 1]
-                extra = {} if self.position_ids is None else {
-                    "position_ids": self.position_ids[k : k + 1], "attention_mask": torch.ones_like(row)}
-                hidden = body(input_ids=row, use_cache=False, **extra).last_hidden_state[:, :-1]
-                nll = linear_cross_entropy(hidden.flatten(0, 1), head.weight, row[:, 1:].flatten(),
-                                           softcap=logit_softcap(self.model.config))
+                positions = self.position_ids[k : k + 1] if self.position_ids is not None else None
+                nll = summed_nll(self.model, row, row[:, 1:], position_ids=positions)
                 (nll / count).backward()
                 total += nll.item()
         return total / count, factors.grad.tolist(), float(attention.grad)

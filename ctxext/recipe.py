@@ -137,20 +137,26 @@ class Recipe(_Strict):
         return data, retrieval
 
 
-class SweepRow(BaseModel):
-    """A leaderboard row: a method chain (other keys are its parameters), or a checkpoint made beforehand (a
-    ``ctxext search`` result; a path relative to the repository), measured as saved, without fine-tuning."""
+class _Row(BaseModel):
+    """A sweep row: a method chain (other keys are its parameters), or a checkpoint made beforehand; neither: the
+    unextended model."""
 
     model_config = ConfigDict(extra="allow", frozen=True)  # method parameters (keep, scale_base, ...) go to the patch
     method: str | None = Field(None, description="method chain; null: the unextended model (or a checkpoint row)")
-    finetune: bool = Field(True, description="false: measured without fine-tuning only (a training-free method)")
-    checkpoint: str | None = Field(None, description="an extended checkpoint folder (method null, no parameters)")
 
     @model_validator(mode="after")
     def _method_or_checkpoint(self):
-        if self.checkpoint is not None and (self.method is not None or self.model_extra):
+        if getattr(self, "checkpoint", None) is not None and (self.method is not None or self.model_extra):
             raise ValueError("a checkpoint row takes no method and no method parameters (the checkpoint holds them)")
         return self
+
+
+class SweepRow(_Row):
+    """A leaderboard row; a checkpoint row (a ``ctxext search`` result; a path relative to the repository) is
+    measured as saved, without fine-tuning."""
+
+    finetune: bool = Field(True, description="false: measured without fine-tuning only (a training-free method)")
+    checkpoint: str | None = Field(None, description="an extended checkpoint folder (method null, no parameters)")
 
 
 class Sweep(_Strict):
@@ -167,20 +173,12 @@ class Sweep(_Strict):
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
-class TrainingFreeRow(BaseModel):
-    """A row of a training-free sweep: a method chain patched in memory, or a checkpoint made beforehand (a
-    ``ctxext search`` result, one per factor); neither: the unextended model. Other keys are method parameters."""
+class TrainingFreeRow(_Row):
+    """A row of a training-free sweep: a method chain patched in memory, or checkpoints made beforehand (a
+    ``ctxext search`` result, one per factor)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-    method: str | None = Field(None, description="method chain; null: the unextended model (or a checkpoint row)")
     checkpoint: str | dict[float, str] | None = Field(None, description="an extended checkpoint folder, or "
                                                       "{factor: folder}; its cells are measured on it as saved")
-
-    @model_validator(mode="after")
-    def _method_or_checkpoint(self):
-        if self.checkpoint is not None and (self.method is not None or self.model_extra):
-            raise ValueError("a checkpoint row takes no method and no method parameters (the checkpoint holds them)")
-        return self
 
 
 class PerplexityPlan(_Strict):

@@ -213,6 +213,7 @@ def main(argv=None) -> int:
             tag = label.replace(" ", "")
             depends = recipe if tuned else recipe.evaluation  # a row without fine-tuning: only how it is evaluated
             spec = {"model": str(base), "factor": factor, "recipe": depends.model_dump(mode="json"),
+                    # without defaults: fields added since (finetune, checkpoint) leave saved rows' specs as they were
                     "quick": args.quick, "method": row.model_dump(mode="json", exclude_defaults=True) | {
                         "method": chain}, "tuned": tuned}
             saved = load_cell(work, f"rows/{tag}", spec)

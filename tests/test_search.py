@@ -191,7 +191,7 @@ def test_refinement_descends_stays_in_the_space_and_resumes_exactly(tmp_path):
     assert len(refined) == 61 and [e.candidate.origin for e in refined[:2]] == ["refine 0", "refine 1"]
     assert refined[0].candidate == evolved.best.candidate  # it starts from the evolution's best
     assert all(not breaks(e.candidate, 1.25 * SCALE, 1.0, 1.5) for e in refined)
-    assert whole.best.fitness < 0.2 * start and whole.best.candidate.origin.startswith("refine")  # measured: 0.03x
+    assert whole.best.fitness < 0.2 * start and whole.best.candidate.origin.startswith("refine")  # measured: 7e-5x
 
     saved = tmp_path / "state.json"
     calls = {"n": 0}
@@ -367,7 +367,8 @@ def test_refined_checkpoint_search_resumes_and_improves_on_the_evolution(tiny_so
     evolved = run_search(src, data, tmp_path / "evolved")
     whole = run_search(src, data, tmp_path / "whole", refine_steps=4, refine_lr=0.02)
     assert whole["refine_steps"] == 4 and len(whole["evaluations"]) == 20 + 5
-    assert whole["best"]["fitness"] <= evolved["best"]["fitness"]
+    # the gradient steps find a better point than the whole evolution (not just the evolution's own best again)
+    assert min(e["fitness"] for e in whole["evaluations"][20:]) < evolved["best"]["fitness"]
     assert whole["evaluations"][:20] == evolved["evaluations"]
 
     original = CalibrationObjective.value_and_grad

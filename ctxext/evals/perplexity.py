@@ -56,7 +56,16 @@ LOGITS_CHUNK = 1024  # positions per LM-head chunk: [chunk, vocab] fp32 logits a
 @torch.no_grad()
 def window_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOGITS_CHUNK, *,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed next-token NLL of ``ids [B, L]`` against ``targets [B, L-1]`` (-100 ignored), fp32.
+    """Summed next-token NLL of ``ids [B, L]`` against ``targets [B, L-1]`` (-100 ignored), fp32, without grad
+    (``summed_nll``)."""
+    return summed_nll(model, ids, targets, chunk, position_ids=position_ids)
+
+
+def summed_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOGITS_CHUNK, *,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token NLL of ``ids [B, L]`` against ``targets [B, L-1]`` (-100 ignored), fp32; under grad it
+    backpropagates into whatever the forward depends on except the LM head's weight (``ctxext search --refine``:
+    the rope frequencies).
 
     ``position_ids [B, L]`` (default ``0 .. L-1``) may jump ahead (PoSE-style windows); an all-ones mask then keeps
     transformers from reading the jumps as packed documents.
@@ -74,8 +83,9 @@ def window_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOG
     if body is not None and type(head) is nn.Linear and head.bias is None:
         hidden = body(input_ids=ids, use_cache=False, **positions).last_hidden_state[:, :-1]
         softcap = getattr(model.config, "final_logit_softcapping", None)
-        # detached: parameters keep requires_grad under no_grad, and linear_cross_entropy would compute their grads
-        return linear_cross_entropy(hidden.flatten(0, 1).detach(), head.weight.detach(), targets.flatten(), chunk=chunk,
+        # the weight detached: parameters keep requires_grad under no_grad, and linear_cross_entropy would compute
+        # its grad (under no_grad the hidden states need no detaching: they carry no graph)
+        return linear_cross_entropy(hidden.flatten(0, 1), head.weight.detach(), targets.flatten(), chunk=chunk,
                                     softcap=softcap)
     logits = model(input_ids=ids, **positions).logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
