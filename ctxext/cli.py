@@ -268,7 +268,8 @@ def cmd_search(args) -> int:
     res = search_checkpoint(
         args.src, args.out, target_length=args.target_length, data=args.data, budget=args.budget, seed=args.seed,
         population=args.population, window=args.window, windows=args.windows, attention_factor=args.attention_factor,
-        refine_steps=args.refine, refine_lr=args.refine_lr, resume=args.resume, force=args.force, text_field=args.text_field, device=args.device, dtype=args.dtype,
+        max_factor_ratio=args.max_factor, refine_steps=args.refine, refine_lr=args.refine_lr, resume=args.resume,
+        force=args.force, text_field=args.text_field, device=args.device, dtype=args.dtype,
     )
     cal = res["calibration"]
     print(f"calibration perplexity at {args.target_length} ({cal['windows']} x {cal['window']} tokens of "
@@ -288,7 +289,7 @@ SEARCH_HELP = (
     "Search per-pair RoPE rescale factors and the attention factor (LongRoPE, Ding et al. 2024) that minimise "
     "perplexity at --target-length on calibration text, by evolution: the first population from PI / NTK / YaRN "
     "factor shapes plus mutations, then per generation the best half as parents, mutations and crossovers. Factors "
-    "are non-decreasing from high to low frequency, >= 1 and <= 1.25 x the extension. OUT is a checkpoint with the "
+    "are non-decreasing from high to low frequency, >= 1 and <= 1.25 x the extension (LongRoPE; --max-factor). OUT is a checkpoint with the "
     "native rope_type longrope (short_factor all ones: inputs within the trained context keep the original "
     "frequencies; long_factor: the searched factors), search.json and search.png. The state is saved after every "
     "generation in OUT.search-state.json; --resume continues it to the same result.\n\n"
@@ -471,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the PoSE proxy, see above)")
     p.add_argument("--windows", type=int, default=4, help="calibration windows per evaluation (default 4)")
     p.add_argument("--attention-factor", type=float, help="fix the attention factor instead of searching it")
+    p.add_argument("--max-factor", type=float, default=1.25, metavar="RATIO", help="the largest factor as a multiple "
+                   "of the extension (default 1.25: LongRoPE's search space; larger lets the lowest frequencies be "
+                   "interpolated further than the paper allows)")
     p.add_argument("--refine", type=int, default=0, metavar="STEPS", help="after the evolution, this many gradient "
                    "steps on the best factors (see above; default 0: none)")
     p.add_argument("--refine-lr", type=float, default=0.005, help="Adam learning rate of --refine, in log factor "

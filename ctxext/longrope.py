@@ -59,6 +59,7 @@ from .native import universal_form
 from .patch import RECORD_KEY
 from .rope.registry import RopeContext, RopeState
 from .search import (
+    MAX_FACTOR_RATIO,
     Candidate,
     EvolutionConfig,
     RefineConfig,
@@ -119,14 +120,16 @@ class SearchProblem:
     def ctx(self) -> RopeContext:
         return RopeContext(head_dim=self.head_dim, rope_theta=self.rope_theta, context_length=self.context_length)
 
-    def space(self) -> SearchSpace:
+    def space(self, max_factor_ratio: float = MAX_FACTOR_RATIO) -> SearchSpace:
+        """The search space; ``max_factor_ratio`` (LongRoPE's 1.25 by default) is kept out of the problem so that
+        the state files of searches in LongRoPE's space still resume (the space, max factor included, is in them)."""
         if self.attention_factor is not None:
             attention: float | tuple[float, float] = self.attention_factor
         elif self.proxy:
             attention = longrope_attention_factor(self.scale, self.context_length)
         else:
             attention = (ATTENTION_LOW, max(ATTENTION_HIGH, yarn_attention_factor(self.scale) + 0.1))
-        return SearchSpace.for_extension(self.head_dim // 2, self.scale, attention)
+        return SearchSpace.for_extension(self.head_dim // 2, self.scale, attention, max_factor_ratio)
 
     def rope_parameters(self, candidate: Candidate) -> dict[str, Any]:
         """Native ``longrope`` parameters: original frequencies within the trained context, ``candidate``'s beyond."""
@@ -325,7 +328,8 @@ def search_checkpoint(src: str, out: str | os.PathLike, **kwargs: Any) -> dict[s
 def _search_checkpoint(
     src: str, out: str | os.PathLike, *, target_length: int, data: str = DEFAULT_DATA, budget: int = DEFAULT_BUDGET,
     seed: int = 0, population: int = 16, window: int | None = None, windows: int = DEFAULT_WINDOWS,
-    attention_factor: float | None = None, refine_steps: int = 0, refine_lr: float = RefineConfig.lr,
+    attention_factor: float | None = None, max_factor_ratio: float = MAX_FACTOR_RATIO, refine_steps: int = 0,
+    refine_lr: float = RefineConfig.lr,
     resume: bool = False, force: bool = False, text_field: str = "text",
     device: str = "auto", dtype: str = "auto", progress: bool = True,
 ) -> dict[str, Any]:
@@ -348,11 +352,14 @@ def _search_checkpoint(
     check_window(window, windows, target_length)
     if attention_factor is not None and not (isinstance(attention_factor, (int, float)) and attention_factor > 0):
         raise SearchError(f"attention_factor={attention_factor!r} is invalid; valid range: > 0")
+    if isinstance(max_factor_ratio, bool) or not isinstance(max_factor_ratio, (int, float)) or not max_factor_ratio >= 1:
+        raise SearchError(f"max_factor_ratio={max_factor_ratio!r} is invalid; valid range: >= 1 (the largest factor "
+                          "as a multiple of the extension; LongRoPE's search space: 1.25)")
     evolution = EvolutionConfig.sized(budget, population, seed)
     refinement = RefineConfig(refine_steps, refine_lr)
     problem = SearchProblem(src, context, target_length, head_dim_of(config), float(params["rope_theta"]), window,
                             windows, data, text_field, attention_factor)
-    space = problem.space()
+    space = problem.space(float(max_factor_ratio))
     out = check_output(out, force)
     state_file = state_path(out)
     if resume and not state_file.is_file():

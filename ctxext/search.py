@@ -118,10 +118,12 @@ class SearchSpace:
             raise SearchError(f"step={self.step!r} is invalid; valid range: > 0")
 
     @classmethod
-    def for_extension(cls, num_pairs: int, scale: float, attention: float | tuple[float, float]) -> SearchSpace:
-        """LongRoPE's space for an extension by ``scale``; ``attention``: a fixed factor or a ``(low, high)`` range."""
+    def for_extension(cls, num_pairs: int, scale: float, attention: float | tuple[float, float],
+                      max_factor_ratio: float = MAX_FACTOR_RATIO) -> SearchSpace:
+        """LongRoPE's space for an extension by ``scale``; ``attention``: a fixed factor or a ``(low, high)`` range;
+        ``max_factor_ratio``: the upper bound as a multiple of ``scale`` (LongRoPE's 1.25 unless given)."""
         low, high = (attention, attention) if isinstance(attention, (int, float)) else attention
-        return cls(num_pairs, MAX_FACTOR_RATIO * scale, float(low), float(high))
+        return cls(num_pairs, max_factor_ratio * scale, float(low), float(high))
 
     @property
     def searches_attention(self) -> bool:

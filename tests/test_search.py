@@ -326,6 +326,23 @@ def test_saved_checkpoint_is_native_longrope_with_the_searched_factors(tiny_sour
     assert abs(_nll(reloaded, ids) - result["best"]["fitness"]) < 1e-5
 
 
+def test_max_factor_ratio_bounds_every_candidate_and_is_part_of_the_resumed_state(tiny_source, tmp_path):
+    """``max_factor_ratio`` moves LongRoPE's upper bound (1.25 s): the default search visits factors above the
+    extension, one bounded at 1.0 never does (refinement included), and its state is not resumed under another."""
+    src, data = tiny_source
+    scale = TARGET / CONTEXT
+
+    def largest(out):
+        return max(max(e["factors"]) for e in json.loads((out / "search.json").read_text())["evaluations"])
+
+    run_search(src, data, tmp_path / "default")
+    assert largest(tmp_path / "default") > scale + 0.01
+    result = run_search(src, data, tmp_path / "tight", max_factor_ratio=1.0, refine_steps=2)
+    assert largest(tmp_path / "tight") <= scale + 1e-9 and max(result["best"]["factors"]) <= scale + 1e-9
+    with pytest.raises(SearchError, match="belongs to another search"):
+        run_search(src, data, tmp_path / "tight", resume=True, force=True, refine_steps=2)
+
+
 def test_calibration_gradient_matches_finite_differences_of_the_fitness(tiny_source):
     """``value_and_grad`` (plain RoPE with the factors as inputs) against ``__call__`` (transformers' own longrope
     type, rebuilt per candidate): the same value, and a gradient that central differences reproduce."""
@@ -473,7 +490,7 @@ def yarn_source(tiny_source, tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["target below", "target equal", "budget 0", "budget small", "missing data",
                                   "short data", "not plain rope", "nothing to resume", "window too long",
-                                  "refine negative", "refine lr 0"])
+                                  "refine negative", "refine lr 0", "max factor below 1"])
 def test_bad_input_exits_2_and_writes_nothing(case, tiny_source, yarn_source, tmp_path, capsys):
     src, data = tiny_source
     out = tmp_path / "out"
@@ -482,7 +499,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, tiny_source, yarn_source, tm
             "missing data": ["--data", str(tmp_path / "nope")], "short data": ["--windows", "1", "--window", "400",
                                                                               "--target-length", "400"],
             "not plain rope": [], "nothing to resume": ["--resume"], "window too long": ["--window", "512"],
-            "refine negative": ["--refine", "-1"], "refine lr 0": ["--refine", "2", "--refine-lr", "0"]}[case]
+            "refine negative": ["--refine", "-1"], "refine lr 0": ["--refine", "2", "--refine-lr", "0"],
+            "max factor below 1": ["--max-factor", "0.9"]}[case]
     source = yarn_source if case == "not plain rope" else src
     defaults = {"--target-length": str(TARGET), "--data": str(data), "--budget": "20", "--population": "16"}
     for flag, value in defaults.items():
