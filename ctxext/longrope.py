@@ -360,8 +360,10 @@ def _search_checkpoint(
     problem = SearchProblem(src, context, target_length, head_dim_of(config), float(params["rope_theta"]), window,
                             windows, data, text_field, attention_factor)
     space = problem.space(float(max_factor_ratio))
-    out = check_output(out, force)
     state_file = state_path(out)
+    # a resumed search may replace its own earlier output (a finished search given more --refine steps, say)
+    replace = force or (resume and state_file.is_file())
+    out = check_output(out, replace)
     if resume and not state_file.is_file():
         raise SearchError(f"nothing to resume: {state_file} does not exist (run without --resume to start)")
     if state_file.is_file() and not resume and not force:
@@ -396,7 +398,8 @@ def _search_checkpoint(
     use_rope_parameters(model, rope, target_length)
     previous = getattr(model.config, RECORD_KEY, None) or {}
     step = {"chain": [{"method": "longrope_search", "budget": budget, "seed": seed, "data": data, "window": window,
-                       "windows": int(ids.shape[0]), "refine_steps": refine_steps, "refine_lr": refine_lr}],
+                       "windows": int(ids.shape[0]), "refine_steps": refine_steps, "refine_lr": refine_lr,
+                       "max_factor": space.max_factor}],
             "spec": f"longrope (searched: {budget} evaluations"
                     + (f" + {refine_steps} gradient steps" if refine_steps else "") + f", seed {seed})",
             "scope": "all",
@@ -423,7 +426,7 @@ def _search_checkpoint(
         (folder / "search.json").write_text(json.dumps(result, indent=2))
         plot_search(result, folder / "search.png")
 
-    save_checkpoint(model, out, source=src, force=force, extra=write_curve)
+    save_checkpoint(model, out, source=src, force=replace, extra=write_curve)
     log.info("searched factors: calibration perplexity %.3f; wrote %s", result["best"]["perplexity"], out)
     return result
 

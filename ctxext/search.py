@@ -509,7 +509,8 @@ def refine(value_and_grad: Callable[[Candidate], tuple[float, Sequence[float], f
     ``value_and_grad(c)``: the fitness at ``c`` and its gradients with respect to the factors and the attention
     factor. Step ``t`` evaluates the current point (recorded in the history as ``refine t``), then takes one Adam
     step in log space and projects back onto the space (``project``); after the last step ``fitness`` evaluates the
-    final point. The best candidate stays the best of every evaluation, evolution's included.
+    final point. The best candidate stays the best of every evaluation, evolution's included. A finished refinement
+    continued to more steps ends where a run with that many steps from the start ends.
     ``on_step(state)`` runs after every step (ctxext saves the state there)."""
     if state.refine is None:
         if config.steps == 0:
@@ -518,6 +519,11 @@ def refine(value_and_grad: Callable[[Candidate], tuple[float, Sequence[float], f
         x = np.array([*map(math.log, best.factors), math.log(best.attention_factor)])
         state.refine = RefineState(0, x.tolist(), [0.0] * len(x), [0.0] * len(x), state.evaluations)
     r = state.refine
+    if r.final and r.step < config.steps:  # a finished refinement given more steps: its final point is the next
+        last = len(state.history) - 1       # step's start, evaluated there with its gradient, as in a longer run
+        state.history.pop()
+        state.population = [i for i in state.population if i != last]
+        r.final = False
     total = config.steps + 1  # the last point is evaluated too
     done = r.step + (1 if r.step >= config.steps and r.final else 0)
     bar = tqdm(total=total, initial=min(done, total), desc="refine", unit="step", disable=not progress)

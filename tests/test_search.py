@@ -408,6 +408,14 @@ def test_refined_checkpoint_search_resumes_and_improves_on_the_evolution(tiny_so
     rope = json.loads((tmp_path / "resumed" / "config.json").read_text())["rope_parameters"]
     torch.testing.assert_close(torch.tensor(rope["long_factor"]), torch.tensor(whole["best"]["factors"]))
 
+    # a finished search takes more steps into its own OUT (no --force), which it replaces, and ends where a search
+    # with that many steps from the start ends
+    longer = run_search(src, data, tmp_path / "whole", refine_steps=6, refine_lr=0.02, resume=True)
+    assert longer["evaluations"] == run_search(src, data, tmp_path / "six", refine_steps=6,
+                                                refine_lr=0.02)["evaluations"]
+    rope = json.loads((tmp_path / "whole" / "config.json").read_text())["rope_parameters"]
+    torch.testing.assert_close(torch.tensor(rope["long_factor"]), torch.tensor(longer["best"]["factors"]))
+
 
 def longrope_problem(src, data):
     return longrope.SearchProblem(str(src), CONTEXT, TARGET, HEAD_DIM, 10000.0, TARGET, 2, str(data))
