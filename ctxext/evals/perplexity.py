@@ -77,12 +77,13 @@ def summed_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOG
     from torch import nn
 
     from ..loss import linear_cross_entropy
+    from ..models import causal_lm, decoder_body, lm_head, logit_softcap
 
-    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    head = lm_head(model)
     positions = {} if position_ids is None else {"position_ids": position_ids, "attention_mask": torch.ones_like(ids)}
-    if body is not None and type(head) is nn.Linear and head.bias is None:
-        hidden = body(input_ids=ids, use_cache=False, **positions).last_hidden_state[:, :-1]
-        softcap = getattr(model.config, "final_logit_softcapping", None)
+    if type(head) is nn.Linear and head.bias is None:
+        hidden = decoder_body(model)(input_ids=ids, use_cache=False, **positions).last_hidden_state[:, :-1]
+        softcap = logit_softcap(causal_lm(model).config)
         # the weight detached: parameters keep requires_grad under no_grad, and linear_cross_entropy would compute
         # its grad (under no_grad the hidden states need no detaching: they carry no graph)
         return linear_cross_entropy(hidden.flatten(0, 1), head.weight.detach(), targets.flatten(), chunk=chunk,
