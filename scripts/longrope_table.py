@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ctxext.atomic import atomic_write_text
 from ctxext.evals.report import evaluate_passkey, evaluate_perplexity
-from ctxext.evals.retrieval import wilson
+from ctxext.evals.retrieval import count_with_interval
 from ctxext.hub import patch_checkpoint
 
 BASELINES = ("pi", "ntk", "yarn")
@@ -48,9 +48,8 @@ def passkey_table(pk: dict) -> list[str]:
     for label, grid in pk["models"].items():
         for length, row in grid["accuracy"].items():
             correct = [round(row[str(d)] * trials) for d in depths]
-            lo, hi = wilson(sum(correct), trials * len(depths))
             lines.append(f"| {label} | {length} | " + " | ".join(f"{c}/{trials}" for c in correct)
-                         + f" | {sum(correct)}/{trials * len(depths)} [{lo:.2f}, {hi:.2f}] |")
+                         + f" | {count_with_interval(sum(correct), trials * len(depths))} |")
     return lines
 
 

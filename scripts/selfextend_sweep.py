@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ctxext.atomic import atomic_write_text
-from ctxext.evals.retrieval import wilson
+from ctxext.evals.retrieval import count_with_interval
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -88,10 +88,9 @@ def table(data: dict) -> str:
             counts = [round(acc[str(d)] * trials) for d in depths]
             rows.append((s["group_size"], s["window"], s.get("group_bias", 0.0), s["reach"], int(length), counts))
     for g, w, b, reach, length, counts in sorted(rows, key=lambda r: (r[4], -min(r[5]), -sum(r[5]))):
-        cells = [f"{c}/{trials} [{wilson(c, trials)[0]:.2f}, {wilson(c, trials)[1]:.2f}]" for c in counts]
-        lo, hi = wilson(sum(counts), trials * len(depths))
+        cells = [count_with_interval(c, trials) for c in counts]
         lines.append(f"| {g} | {w} | {f'{b:g} | ' if biased else ''}{reach} | {length} | {' | '.join(cells)} | "
-                     f"{min(counts)}/{trials} | {sum(counts)}/{trials * len(depths)} [{lo:.2f}, {hi:.2f}] |")
+                     f"{min(counts)}/{trials} | {count_with_interval(sum(counts), trials * len(depths))} |")
     return "\n".join(lines)
 
 

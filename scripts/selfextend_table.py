@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ctxext.evals.retrieval import wilson
+from ctxext.evals.retrieval import count_with_interval
 
 
 def main(path: str) -> None:
@@ -17,14 +17,9 @@ def main(path: str) -> None:
     print("|---|---:|" + "---:|" * (len(depths) + 1))
     for label, grid in data["models"].items():
         for length, row in grid["accuracy"].items():
-            cells, total = [], 0
-            for d in depths:
-                correct = round(row[str(d)] * trials)
-                total += correct
-                lo, hi = wilson(correct, trials)
-                cells.append(f"{correct}/{trials} [{lo:.2f}, {hi:.2f}]")
-            lo, hi = wilson(total, trials * len(depths))
-            print(f"| {label} | {length} | {' | '.join(cells)} | {total}/{trials * len(depths)} [{lo:.2f}, {hi:.2f}] |")
+            correct = [round(row[str(d)] * trials) for d in depths]
+            cells = [count_with_interval(c, trials) for c in correct]
+            print(f"| {label} | {length} | {' | '.join(cells)} | {count_with_interval(sum(correct), trials * len(depths))} |")
 
 
 if __name__ == "__main__":

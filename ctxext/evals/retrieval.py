@@ -131,6 +131,12 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def count_with_interval(correct: int, n: int) -> str:
+    """``38/40 [0.83, 0.99]``: a count with its Wilson 95% interval, as the docs tables print it."""
+    lo, hi = wilson(correct, n)
+    return f"{correct}/{n} [{lo:.2f}, {hi:.2f}]"
+
+
 def training_parts(tokenizer, filler_ids: list[int], rng: random.Random, task: str,
                    length: int) -> tuple[list[int], list[int]]:
     """A document of ``task`` for fine-tuning, as (prompt ids, answer ids) (use a training rng and the training
