@@ -288,11 +288,12 @@ def test_retrieval_scoring_is_exact_match_in_order(completion, answer, ok):
 
 
 def test_wilson_interval_matches_known_values():
-    from ctxext.evals.retrieval import wilson
+    from ctxext.evals.retrieval import count_with_interval, wilson
 
     lo, hi = wilson(38, 40)  # 95%: the textbook interval for 38/40
     assert (round(lo, 3), round(hi, 3)) == (0.835, 0.986)
     assert wilson(0, 40)[0] == 0.0 and round(wilson(0, 40)[1], 3) == 0.088 and wilson(40, 40)[1] == 1.0
+    assert count_with_interval(38, 40) == "38/40 [0.83, 0.99]"
 
 
 def test_retrieval_grid_counts_what_an_oracle_answers(tokenizer):
