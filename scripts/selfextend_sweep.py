@@ -48,22 +48,21 @@ def run(args) -> dict:
         sys.exit(f"{out} holds another protocol ({data['protocol']}); use another --output")
     data.setdefault("protocol", {**protocol, "date": time.strftime("%Y-%m-%d")})
     data.setdefault("settings", {})
-    stream = None
+    model, tokenizer, _ = load_for_eval(args.model, device=args.device)  # once: each setting is patched and undone
+    context = model.config.max_position_embeddings
+    stream = filler_stream(tokenizer, args.filler, seed=args.seed)
     for w, g, b in ((w, g, b) for w in args.windows for g in args.groups for b in args.biases):
         name = key(g, w, b)
         if name in data["settings"]:
             continue
-        model, tokenizer, _ = load_for_eval(args.model, device=args.device)
-        context = model.config.max_position_embeddings
         reach = (context - w) * g + w
         if w >= context or reach < max(args.lengths):
             print(f"{name}: reach {reach} < {max(args.lengths)}, skipped", flush=True)
             continue
-        patch_model(model, "selfextend", group_size=g, window=w, group_bias=b)
-        stream = stream or filler_stream(tokenizer, args.filler, seed=args.seed)
         t0 = time.time()
-        grid = passkey_accuracy(model, tokenizer, stream, args.lengths, args.depths, args.trials, seed=args.seed,
-                                batch_size=args.batch_size, progress=False)
+        with patch_model(model, "selfextend", group_size=g, window=w, group_bias=b):
+            grid = passkey_accuracy(model, tokenizer, stream, args.lengths, args.depths, args.trials, seed=args.seed,
+                                    batch_size=args.batch_size, progress=False)
         data["settings"][name] = {"group_size": g, "window": w, "group_bias": b, "reach": reach,
                                   "accuracy": grid["accuracy"],
                                   "examples": [e for e in grid["examples"] if not e["correct"]],
