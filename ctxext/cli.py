@@ -53,6 +53,9 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
                    "for the method that takes a factor")
     g.add_argument("--scope", choices=["all", "global", "sliding"],
                    help="layer types to patch; default: all (Gemma 3: global)")
+    g.add_argument("--trained-context", type=int, help="the context the checkpoint was trained at, where its config's "
+                   "max_position_embeddings states more (e.g. 32768 for a Qwen2.5 base whose config says 131072): "
+                   "the methods and --target-length extend from it")
 
 
 def _method_params(args) -> dict:
@@ -65,8 +68,9 @@ def cmd_patch(args) -> int:
     from .hub import patch_checkpoint
 
     out = patch_checkpoint(
-        args.src, args.out, args.method, scope=args.scope, target_length=args.target_length, dtype=args.dtype,
-        force=args.force, allow_pickle=args.allow_pickle, **_method_params(args),
+        args.src, args.out, args.method, scope=args.scope, target_length=args.target_length,
+        trained_context=args.trained_context, dtype=args.dtype, force=args.force, allow_pickle=args.allow_pickle,
+        **_method_params(args),
     )
     info = _describe(out)
     print(f"wrote {out}: {info['rope_summary']}; context {info['original_context']} -> {info['extended_context']}")

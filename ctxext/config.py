@@ -92,6 +92,8 @@ class PatchSection(MethodParams):
     method: str = Field(..., description="method or chain, e.g. yarn or prope+pi")
     target_length: int | None = Field(None, gt=0, description="sets factor = target_length / the model's context")
     scope: Literal["all", "global", "sliding"] | None = None
+    trained_context: int | None = Field(None, gt=1, description="the context the model was trained at, where its "
+                                        "config's max_position_embeddings states more (ctxext patch --trained-context)")
 
 
 class Stage(_Strict):

@@ -64,12 +64,26 @@ def _check_target_length(target_length: Any, context: int) -> int:
     return target_length
 
 
+def _check_trained_context(trained_context: Any, config) -> int:
+    stated = int(config.max_position_embeddings)
+    if trained_context is None:
+        return stated
+    if isinstance(trained_context, bool) or not isinstance(trained_context, int) or not 2 <= trained_context <= stated:
+        raise MethodError(f"trained_context={trained_context!r} is invalid; valid range: an integer from 2 to the "
+                          f"config's max_position_embeddings ({stated}); a longer context is a target_length")
+    if getattr(config, RECORD_KEY, None):
+        raise MethodError("trained_context applies to an original checkpoint; this one was already patched by ctxext, "
+                          "whose record gives the context it extends from")
+    return trained_context
+
+
 def plan_patch(
     config,
     chain: str | Sequence,
     *,
     scope: str | None = None,
     target_length: int | None = None,
+    trained_context: int | None = None,
     **params: Any,
 ) -> PatchPlan:
     """Compute the patch of ``config`` by ``chain`` (a spec such as ``"prope+pi"`` or method configs).
@@ -78,10 +92,14 @@ def plan_patch(
     method takes a factor and none was given. ``scope`` selects layer types (``all``, ``global``, ``sliding``;
     default: the family's). The checkpoint's current frequencies are the starting point, so patching a
     patched checkpoint composes on top of it; the record keeps every step.
+
+    ``context`` is the config's ``max_position_embeddings`` unless ``trained_context`` gives the length the model
+    was really trained at, for configs that state more (some Qwen2.5 and Mistral checkpoints): the methods then
+    extend from it (YaRN's ramp, the factor a target length sets, ``original_max_position_embeddings``).
     """
     family = family_of(config)
     keys = family.resolve_scope(config, scope)
-    context = int(config.max_position_embeddings)
+    context = _check_trained_context(trained_context, config)
     if target_length is not None:
         target_length = _check_target_length(target_length, context)
     if isinstance(chain, str) or all(isinstance(c, str) for c in chain):

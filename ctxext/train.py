@@ -339,7 +339,7 @@ def stage_patch_params(cfg: FinetuneConfig, stage: int) -> dict:
         params.update(override.given())
         if "factor" in override.given():
             target = None
-    return {"scope": cfg.patch.scope, "target_length": target, **params}
+    return {"scope": cfg.patch.scope, "target_length": target, "trained_context": cfg.patch.trained_context, **params}
 
 
 def patch_for_stage(model: nn.Module, cfg: FinetuneConfig, stage: int, handle):

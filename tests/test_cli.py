@@ -193,6 +193,20 @@ print(json.dumps(m.model.rotary_emb.inv_freq.double().tolist()))
     assert "original 64, extended 384" in info
 
 
+def test_trained_context_flag_extends_from_the_given_context(sources, tmp_path):
+    """`--trained-context 32` on a checkpoint whose config states 64: YaRN to 256 is x8 from 32, saved so."""
+    out = tmp_path / "yarn"
+    run_cli("patch", sources["llama"], out, "--method", "yarn", "--target-length", 256, "--trained-context", 32,
+            check_rc=0)
+    config = json.loads((out / "config.json").read_text())
+    rope = config["rope_parameters"]
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 8.0, 32)
+    assert config["max_position_embeddings"] == 256 and config["ctxext"]["original_context"] == 32
+    bad = run_cli("patch", sources["llama"], tmp_path / "bad", "--method", "yarn", "--factor", 2,
+                  "--trained-context", 128, check_rc=2)
+    assert "trained_context=128 is invalid" in bad.stderr and not (tmp_path / "bad").exists()
+
+
 def test_methods_lists_every_method_with_parameters_and_papers():
     out = run_cli("methods", check_rc=0).stdout
     for name, param, paper in [("pi", "factor", "2306.15595"), ("ntk", "factor", "bloc97"),

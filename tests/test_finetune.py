@@ -245,6 +245,24 @@ def test_every_yaml_under_configs_validates():
     assert kinds["finetune"] >= 4 and kinds["recipes"] >= 1 and kinds["sweeps"] >= 2
 
 
+def test_patch_section_trained_context_reaches_every_stage_patch():
+    """`patch: {trained_context: N}` (a config that overstates its context, configs/qwen2.5-1.5b-128k.yaml): each
+    stage patches from N, as `ctxext patch --trained-context N` does."""
+    from conftest import tiny_model
+
+    from ctxext.patch import patch_model
+    from ctxext.train import stage_patch_params
+
+    cfg = load_config(REPO / "configs" / "qwen2.5-1.5b-128k.yaml")
+    assert cfg.patch.trained_context == 32768
+    params = stage_patch_params(cfg, 0)
+    assert params["trained_context"] == 32768
+    model = tiny_model("llama", max_position_embeddings=128)
+    patch_model(model, cfg.patch.method, **{**params, "trained_context": 32})
+    assert model.config.rope_parameters["original_max_position_embeddings"] == 32
+    assert model.config.max_position_embeddings == 128  # factor 4 from 32, not from the config's 128
+
+
 def test_retrieval_documents_of_a_pose_stage_fit_its_window(tmp_path):
     """A PoSE stage trains on windows: its passkey documents are sized to the window (none is cut, and the position
     skip makes the distance), a plain stage's to its block."""

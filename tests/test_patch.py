@@ -184,6 +184,34 @@ def test_max_position_embeddings_and_record_follow_the_patch():
     assert model.config.rope_parameters == {"rope_type": "linear", "rope_theta": 10000.0, "factor": 5.0}
 
 
+@pytest.mark.parametrize("spec,params", [("yarn", {"target_length": 8 * L}), ("pi", {"target_length": 4 * L}),
+                                         ("ntk", {"target_length": 4 * L}), ("llama3", {"target_length": 8 * L}),
+                                         ("dynamic", {}), ("selfextend", {"group_size": 4, "window": 16})])
+def test_trained_context_patches_an_overstated_config_like_the_true_one(spec, params):
+    """A config stating 4 x the context the model was trained at (Qwen2.5 bases, some Mistral releases), patched
+    with ``trained_context``: the same rope parameters, context and logits as the true config patched plainly."""
+    true, overstated = tiny_model("llama"), tiny_model("llama", max_position_embeddings=4 * L)
+    patch_model(true, spec, **params)
+    patch_model(overstated, spec, trained_context=L, **params)
+    assert overstated.config.rope_parameters == true.config.rope_parameters
+    assert overstated.config.max_position_embeddings == true.config.max_position_embeddings
+    assert overstated.config.ctxext["original_context"] == L
+    x = ids(6 * L)
+    torch.testing.assert_close(overstated(x).logits, true(x).logits, rtol=0, atol=0)
+    # and it matters: without it the overstated config extends from 4 L
+    plain = tiny_model("llama", max_position_embeddings=4 * L)
+    patch_model(plain, spec, **params)
+    assert (plain.config.rope_parameters, plain.config.max_position_embeddings) != (
+        true.config.rope_parameters, true.config.max_position_embeddings)
+
+
+def test_trained_context_is_refused_on_a_checkpoint_ctxext_patched():
+    model = tiny_model("llama")
+    patch_model(model, "pi", factor=2)
+    with pytest.raises(MethodError, match="already patched by ctxext"):
+        patch_model(model, "pi", factor=2, trained_context=L)
+
+
 def test_patching_twice_composes_on_top_of_the_first_patch():
     model = tiny_model("llama")
     patch_model(model, "pi", factor=2)
@@ -228,6 +256,10 @@ def test_bf16_model_keeps_fp32_rotary_buffers():
         ("pi+pi", {"factor": 2}, r"'pi' appears twice"),
         ("dynamic+xpos", {}, r"dynamic recomputes the frequencies at every forward and cannot be chained"),
         ("pi", {"factor": 2, "target_length": 10}, r"target_length=10 is invalid; valid range: an integer >= .* 64"),
+        ("yarn", {"factor": 2, "trained_context": 128}, r"trained_context=128 is invalid; valid range: an integer "
+                                                         r"from 2 to the config's max_position_embeddings \(64\)"),
+        ("yarn", {"factor": 2, "trained_context": 1}, r"trained_context=1 is invalid"),
+        ("yarn", {"factor": 2, "trained_context": 32.0}, r"trained_context=32.0 is invalid"),
     ],
 )
 def test_bad_parameters_raise_naming_value_and_range(spec, params, message):
