@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def save_cell(root: str | Path, name: str, spec: dict, result: dict, *, seconds:
     clock; ``cpu_seconds``: the process's CPU time, which other jobs on a shared machine do not inflate."""
     record = {"name": name, "spec": _normal(spec), "result": result, "seconds": round(seconds, 1),
               "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 1), "device": device,
-              "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]), "versions": _versions()}
+              "date": time.strftime("%Y-%m-%d"), "command": shlex.join(["python", *sys.argv]), "versions": _versions()}
     path = cell_path(root, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1))
