@@ -302,7 +302,7 @@ SEARCH_HELP = (
     "candidate's log factors and log attention factor, each projected back onto the constraints above, the "
     "gradient coming from the same calibration windows (weights frozen). A step costs about three evaluations "
     "(forward and backward per window). Measured on the reference model x8 (docs/LONGROPE.md): --budget 64 "
-    "--windows 8 --refine 200 ends 4.7% below YaRN's held-out perplexity at the target, the evolution alone "
+    "--windows 8 --refine 200 ends 4.6% below YaRN's held-out perplexity at the target, the evolution alone "
     "(--budget 256) 2.8%.\n\n"
     "Cost and proxy: every evaluation runs --windows forwards of --window tokens. By default the window is the "
     "target length (exact: 2048 tokens on the reference model take ~0.7 s on one CPU thread). Where a forward at "
