@@ -79,11 +79,12 @@ def summed_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOG
     from ..loss import linear_cross_entropy
     from ..models import causal_lm, decoder_body, lm_head, logit_softcap
 
-    head = lm_head(model)
+    lm = causal_lm(model)  # any module whose forward returns .logits is scored too (scripts/compare_encodings.py)
+    head = lm_head(model) if hasattr(lm, "lm_head") and hasattr(lm, "model") else None
     positions = {} if position_ids is None else {"position_ids": position_ids, "attention_mask": torch.ones_like(ids)}
     if type(head) is nn.Linear and head.bias is None:
         hidden = decoder_body(model)(input_ids=ids, use_cache=False, **positions).last_hidden_state[:, :-1]
-        softcap = logit_softcap(causal_lm(model).config)
+        softcap = logit_softcap(lm.config)
         # the weight detached: parameters keep requires_grad under no_grad, and linear_cross_entropy would compute
         # its grad (under no_grad the hidden states need no detaching: they carry no graph)
         return linear_cross_entropy(hidden.flatten(0, 1), head.weight.detach(), targets.flatten(), chunk=chunk,
