@@ -272,7 +272,8 @@ def cmd_search(args) -> int:
     res = search_checkpoint(
         args.src, args.out, target_length=args.target_length, data=args.data, budget=args.budget, seed=args.seed,
         population=args.population, window=args.window, windows=args.windows, attention_factor=args.attention_factor,
-        max_factor_ratio=args.max_factor, refine_steps=args.refine, refine_lr=args.refine_lr, resume=args.resume,
+        max_factor_ratio=args.max_factor, refine_steps=args.refine, refine_lr=args.refine_lr, init=args.init,
+        resume=args.resume,
         force=args.force, text_field=args.text_field, device=args.device, dtype=args.dtype,
     )
     cal = res["calibration"]
@@ -484,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "steps on the best factors (see above; default 0: none)")
     p.add_argument("--refine-lr", type=float, default=0.005, help="Adam learning rate of --refine, in log factor "
                    "(default 0.005: each step moves a factor by about 0.5%%)")
+    p.add_argument("--init", metavar="SEARCH", help="start from an earlier search's factors: its OUT folder (or any "
+                   "longrope checkpoint) or its search.json; they join the first generation as its first seed, as "
+                   "LongRoPE's progressive search starts from the previous extension's factors (e.g. more --windows "
+                   "from where a search on fewer ended)")
     p.add_argument("--resume", action="store_true", help="continue the search saved in OUT.search-state.json")
     p.add_argument("--force", action="store_true", help="replace OUT and start over from scratch")
     _add_eval_common(p, output=False)

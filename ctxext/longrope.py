@@ -169,6 +169,47 @@ def check_window(window: Any, windows: Any, target_length: int) -> None:
         raise SearchError(f"windows={windows!r} is invalid; valid range: an integer >= 1")
 
 
+def init_candidate(path: str | os.PathLike, problem: SearchProblem, space: SearchSpace) -> Candidate:
+    """The factors of an earlier search, to start this one from: its OUT checkpoint (any checkpoint with native
+    ``longrope`` parameters) or its ``search.json``. LongRoPE's progressive extension starts each search from the
+    previous one's factors the same way. Factors are clipped to ``space``'s ``[1, max_factor]``; the attention factor
+    is clipped to its range (or replaced by the fixed one when the space does not search it)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            from .hub import load_config
+
+            params = get_rope_parameters(load_config(str(path)), None)
+            if params.get("rope_type") != "longrope":
+                raise SearchError(f"--init {path}: rope_type {params.get('rope_type')!r}, not 'longrope'; give the "
+                                  "output folder of an earlier `ctxext search` (or its search.json)")
+            if not math.isclose(float(params["rope_theta"]), problem.rope_theta):
+                raise SearchError(f"--init {path}: rope_theta {params['rope_theta']} differs from the checkpoint's "
+                                  f"{problem.rope_theta}; its factors do not apply here")
+            factors = [float(f) for f in params["long_factor"]]
+            attention = params.get("attention_factor")
+            if attention is None:  # transformers' default for longrope
+                original = params.get("original_max_position_embeddings") or problem.context_length
+                attention = longrope_attention_factor(float(params.get("factor", 1.0)), int(original))
+        else:
+            best = json.loads(path.read_text())["best"]
+            factors, attention = [float(f) for f in best["factors"]], best["attention_factor"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        if isinstance(err, SearchError):
+            raise
+        raise SearchError(f"--init {path}: cannot read searched factors ({err}); give the output folder of an "
+                          "earlier `ctxext search` or its search.json") from None
+    if len(factors) != space.num_pairs:
+        raise SearchError(f"--init {path}: {len(factors)} factors, but this checkpoint has {space.num_pairs} rotation "
+                          "pairs; start from a search of a model with the same head dimension")
+    clipped = tuple(min(max(f, 1.0), space.max_factor) for f in factors)
+    if any(b < a for a, b in zip(clipped, clipped[1:])):
+        raise SearchError(f"--init {path}: the factors decrease from high to low frequency, outside LongRoPE's "
+                          "search space; start from a ctxext search's output")
+    attention = min(max(float(attention), space.attention_low), space.attention_high)  # not snapped to the grid
+    return Candidate(clipped, attention, origin="init")
+
+
 def state_path(out: str | os.PathLike) -> Path:
     """Where the search state of OUT lives: ``OUT.search-state.json`` beside it."""
     out = Path(out)
@@ -272,11 +313,13 @@ def tokens_digest(ids: torch.Tensor) -> str:
 
 
 def settings_of(problem: SearchProblem, config: EvolutionConfig, space: SearchSpace, digest: str,
-                refine_config: RefineConfig | None = None) -> dict[str, Any]:
+                refine_config: RefineConfig | None = None, init: Candidate | None = None) -> dict[str, Any]:
     """Everything a resumed search must share with the one it continues (the budget and refine steps may grow)."""
     evolution = {k: v for k, v in asdict(config).items() if k != "budget"}
     settings = {"problem": asdict(problem), "evolution": evolution, "space": asdict(space), "calibration_sha256": digest,
                 "refine_lr": (refine_config or RefineConfig()).lr}
+    if init is not None:  # (absent otherwise, so the states of searches without one still resume)
+        settings["init"] = {"factors": list(init.factors), "attention_factor": init.attention_factor}
     return json.loads(json.dumps(settings))  # as it reads back from the state file
 
 
@@ -329,7 +372,7 @@ def _search_checkpoint(
     src: str, out: str | os.PathLike, *, target_length: int, data: str = DEFAULT_DATA, budget: int = DEFAULT_BUDGET,
     seed: int = 0, population: int = 16, window: int | None = None, windows: int = DEFAULT_WINDOWS,
     attention_factor: float | None = None, max_factor_ratio: float = MAX_FACTOR_RATIO, refine_steps: int = 0,
-    refine_lr: float = RefineConfig.lr,
+    refine_lr: float = RefineConfig.lr, init: str | os.PathLike | None = None,
     resume: bool = False, force: bool = False, text_field: str = "text",
     device: str = "auto", dtype: str = "auto", progress: bool = True,
 ) -> dict[str, Any]:
@@ -360,6 +403,7 @@ def _search_checkpoint(
     problem = SearchProblem(src, context, target_length, head_dim_of(config), float(params["rope_theta"]), window,
                             windows, data, text_field, attention_factor)
     space = problem.space(float(max_factor_ratio))
+    start = init_candidate(init, problem, space) if init is not None else None
     state_file = state_path(out)
     # a resumed search may replace its own earlier output (a finished search given more --refine steps, say)
     replace = force or (resume and state_file.is_file())
@@ -376,12 +420,12 @@ def _search_checkpoint(
     except DataError as err:  # name the data
         raise DataError(f"data {data}: {err}") from None
     positions = proxy_position_ids(window, target_length, ids.shape[0])
-    settings = settings_of(problem, evolution, space, tokens_digest(ids), refinement)
+    settings = settings_of(problem, evolution, space, tokens_digest(ids), refinement, start)
     state = read_state(state_file, settings, budget, refine_steps) if resume else None
 
     model = load_model(src, dtype=dtype).to(pick_device(device))
     objective = CalibrationObjective(model, problem, ids, positions)
-    seeds = seed_candidates(problem.ctx, problem.scale, space)
+    seeds = [*([start] if start else []), *seed_candidates(problem.ctx, problem.scale, space)]
     started = time.time()
 
     def save(s: SearchState) -> None:
@@ -399,7 +443,7 @@ def _search_checkpoint(
     previous = getattr(model.config, RECORD_KEY, None) or {}
     step = {"chain": [{"method": "longrope_search", "budget": budget, "seed": seed, "data": data, "window": window,
                        "windows": int(ids.shape[0]), "refine_steps": refine_steps, "refine_lr": refine_lr,
-                       "max_factor": space.max_factor}],
+                       "max_factor": space.max_factor, **({"init": str(init)} if init is not None else {})}],
             "spec": f"longrope (searched: {budget} evaluations"
                     + (f" + {refine_steps} gradient steps" if refine_steps else "") + f", seed {seed})",
             "scope": "all",
@@ -408,7 +452,7 @@ def _search_checkpoint(
                                        "context": target_length, "steps": [*previous.get("steps", []), step]})
     result = {
         "source": src, "target_length": target_length, "context_length": context, "scale": problem.scale,
-        "budget": budget, "seed": seed,
+        "budget": budget, "seed": seed, "init": str(init) if init is not None else None,
         "calibration": {"data": data, "text_field": text_field, "windows": int(ids.shape[0]), "window": window,
                         "proxy": "PoSE-style windows: second half jumps ahead" if problem.proxy else None,
                         "proxy_skips": proxy_skips(window, target_length, int(ids.shape[0])) if problem.proxy else None,

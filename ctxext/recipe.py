@@ -73,6 +73,14 @@ class RecipeFinetune(_Strict):
     logging: LoggingSection = LoggingSection()
     seed: int = 0
 
+    def tuning_label(self) -> str:
+        """What trains, in a report's words: ``LoRA r16 + embeddings/norms`` or ``full (every weight)``."""
+        if self.tuning == "full":
+            return "full (every weight)"
+        extra = [name for name, on in (("embeddings", self.lora.train_embeddings), ("norms", self.lora.train_norms))
+                 if on]
+        return f"LoRA r{self.lora.r}" + (f" + {'/'.join(extra)}" if extra else "")
+
 
 class Recipe(_Strict):
     method: str = "pi"
@@ -87,7 +95,7 @@ class Recipe(_Strict):
         return {"ppl_docs": self.evaluation.ppl_documents, "passkey_trials": self.evaluation.passkey_trials,
                 "depths": list(self.evaluation.depths), "steps": list(self.finetune.stage_steps),
                 "retrieval_depths": list(self.evaluation.retrieval_depths or self.evaluation.depths),
-                "tokens_per_step": self.finetune.optimization.tokens_per_step,
+                "tokens_per_step": self.finetune.optimization.tokens_per_step, "tuning": self.finetune.tuning_label(),
                 "passkey_docs": self.data.passkey_documents, "train_docs": self.data.train_documents}
 
     def _windows(self, stage_lengths: list[int]) -> list[int | None]:

@@ -457,3 +457,13 @@ def test_malformed_answer_spans_name_the_file(tmp_path, answers):
     with pytest.raises(DataError, match=f"{data}: an 'answers' entry must be"):
         write_token_file(tokenizer, str(data), tmp_path / "tokens" / "train.bin", progress=False)
     assert not (tmp_path / "tokens" / "train.bin").exists()
+
+
+def test_recipe_plan_says_what_trains():
+    """Reports print the plan's tuning label: it follows the recipe (the full-tuning experiment once said LoRA r16)."""
+    from ctxext.recipe import load_recipe
+
+    assert load_recipe().plan()["tuning"] == "LoRA r16 + embeddings/norms"  # the demo's recipe
+    assert load_recipe(overrides=["finetune.tuning=full"]).plan()["tuning"] == "full (every weight)"
+    plain = ["finetune.lora.r=4", "finetune.lora.train_embeddings=false", "finetune.lora.train_norms=false"]
+    assert load_recipe(overrides=plain).plan()["tuning"] == "LoRA r4"

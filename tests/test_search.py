@@ -489,6 +489,27 @@ def test_cli_search_runs_end_to_end_in_a_subprocess(tiny_source, tmp_path):
 # ---------------------------------------------------------------- bad input: exit 2, nothing written
 
 
+def test_init_starts_from_an_earlier_search_and_is_part_of_the_resumed_state(tiny_source, tmp_path):
+    """``init`` (an earlier search's OUT or its search.json) is the first candidate evaluated, at the earlier
+    search's own best fitness on the same windows, so the new search ends no worse; another init is another search."""
+    src, data = tiny_source
+    first = run_search(src, data, tmp_path / "first", refine_steps=2)
+    for init in (tmp_path / "first", tmp_path / "first" / "search.json"):
+        out = tmp_path / f"from-{init.name}"
+        result = run_search(src, data, out, budget=8, init=init)
+        start = result["evaluations"][0]
+        assert start["origin"] == "init" and result["seeds"]["init"] == pytest.approx(first["best"]["fitness"], rel=1e-5)
+        torch.testing.assert_close(torch.tensor(start["factors"]), torch.tensor(first["best"]["factors"]))
+        assert start["attention_factor"] == pytest.approx(first["best"]["attention_factor"])
+        assert result["best"]["fitness"] <= start["fitness"] and result["init"] == str(init)
+        record = json.loads((out / "config.json").read_text())["ctxext"]["steps"][-1]["chain"][0]
+        assert record["init"] == str(init)
+    without = run_search(src, data, tmp_path / "without", budget=8)
+    assert all(e["origin"] != "init" for e in without["evaluations"])
+    with pytest.raises(SearchError, match="belongs to another search"):  # resumed without the init it started from
+        run_search(src, data, tmp_path / "from-first", budget=8, resume=True)
+
+
 @pytest.fixture(scope="module")
 def yarn_source(tiny_source, tmp_path_factory):
     from ctxext.hub import patch_checkpoint
@@ -498,7 +519,8 @@ def yarn_source(tiny_source, tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["target below", "target equal", "budget 0", "budget small", "missing data",
                                   "short data", "not plain rope", "nothing to resume", "window too long",
-                                  "refine negative", "refine lr 0", "max factor below 1"])
+                                  "refine negative", "refine lr 0", "max factor below 1", "init not longrope",
+                                  "init missing"])
 def test_bad_input_exits_2_and_writes_nothing(case, tiny_source, yarn_source, tmp_path, capsys):
     src, data = tiny_source
     out = tmp_path / "out"
@@ -508,7 +530,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, tiny_source, yarn_source, tm
                                                                               "--target-length", "400"],
             "not plain rope": [], "nothing to resume": ["--resume"], "window too long": ["--window", "512"],
             "refine negative": ["--refine", "-1"], "refine lr 0": ["--refine", "2", "--refine-lr", "0"],
-            "max factor below 1": ["--max-factor", "0.9"]}[case]
+            "max factor below 1": ["--max-factor", "0.9"], "init not longrope": ["--init", str(yarn_source)],
+            "init missing": ["--init", str(tmp_path / "nope.json")]}[case]
     source = yarn_source if case == "not plain rope" else src
     defaults = {"--target-length": str(TARGET), "--data": str(data), "--budget": "20", "--population": "16"}
     for flag, value in defaults.items():
