@@ -6,8 +6,9 @@
 Model: a Llama with SmolLM-135M's attention shape (hidden 576, 9 heads, 3 kv heads, head_dim 64) but 2 layers and
 a 1,000-token vocabulary, random weights, fp32, no grad, no KV cache, ``logits_to_keep=1`` (so attention, not the
 LM head, sets the peak). Plain = transformers' ``sdpa`` (causal, no mask); Self-Extend = ``ctxext.patch_model(model,
-"selfextend", group_size=8, window=1024)``, and the same with ``group_bias=-1.5`` (an additive float mask instead of a
-boolean one). Every (implementation, length) runs in its own process. Peak memory on
+"selfextend", group_size=8, window=1024)`` (its default kernel: on CPU the split one, merged by log-sum-exp), the
+same with the joint kernel forced (concatenated features, what other devices run), and the default kernel with
+``group_bias=-1.5``. Every (implementation, length) runs in its own process. Peak memory on
 CPU: peak resident set size (ru_maxrss) minus the resident size after the model is built, with glibc's mmap
 threshold fixed (``MALLOC_MMAP_THRESHOLD_=65536``, as benchmarks/finetune_step.py) so the resident set follows live
 tensors. On a GPU (CUDA visible) the same script reports max allocated memory instead.
@@ -28,7 +29,8 @@ SHAPE = {"vocab_size": 1000, "hidden_size": 576, "intermediate_size": 1536, "num
          "num_attention_heads": 9,
              "num_key_value_heads": 3, "tie_word_embeddings": True}
 GROUP_SIZE, WINDOW, GROUP_BIAS = 8, 1024, -1.5
-IMPLS = ("sdpa", "selfextend", "selfextend-bias")
+IMPLS = ("sdpa", "selfextend", "selfextend-joint", "selfextend-bias")
+LABELS = {"selfextend": "Self-Extend", "selfextend-joint": "joint kernel", "selfextend-bias": "with group_bias"}
 WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -49,6 +51,12 @@ def worker(impl: str, seq_len: int) -> dict:
     config = LlamaConfig(max_position_embeddings=2048, **SHAPE)
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).eval().to(device)
+    if impl == "selfextend-joint":
+        import functools
+
+        from ctxext.rope import selfextend as se
+
+        se.selfextend_attention = functools.partial(se.selfextend_attention, kernel="joint")
     if impl.startswith("selfextend"):
         bias = GROUP_BIAS if impl == "selfextend-bias" else 0.0
         ctxext.patch_model(model, "selfextend", group_size=GROUP_SIZE, window=WINDOW, group_bias=bias)
@@ -103,16 +111,16 @@ def main() -> int:
         (f"One forward, no grad, {SHAPE['num_hidden_layers']} layers of SmolLM-135M's attention shape (9 heads, 3 kv "
          f"heads, head_dim 64), fp32, Self-Extend G={GROUP_SIZE}, W={WINDOW}; device {rows[0]['device']}, torch "
          f"{rows[0]['torch']}. Peak = peak RSS minus RSS after the model is built (MALLOC_MMAP_THRESHOLD_=65536)."), "",
-        ("| tokens | SDPA peak MB | Self-Extend peak MB (ratio) | with group_bias (ratio) | SDPA s | Self-Extend s "
-         "(ratio) | with group_bias s (ratio) |"),
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens | SDPA peak MB | " + " | ".join(f"{LABELS[i]} peak MB (ratio)" for i in IMPLS[1:])
+        + " | SDPA s | " + " | ".join(f"{LABELS[i]} s (ratio)" for i in IMPLS[1:]) + " |",
+        "|---:|" + "---:|" * (2 * len(IMPLS)),
     ]
     for seq_len in sorted({r["seq_len"] for r in rows}):
-        a, b, c = (by[(impl, seq_len)] for impl in IMPLS)
-        lines.append(f"| {seq_len} | {a['peak_mb']:.0f} | {b['peak_mb']:.0f} ({b['peak_mb'] / a['peak_mb']:.2f}) | "
-                     f"{c['peak_mb']:.0f} ({c['peak_mb'] / a['peak_mb']:.2f}) | {a['seconds']:.1f} | "
-                     f"{b['seconds']:.1f} ({b['seconds'] / a['seconds']:.1f}) | "
-                     f"{c['seconds']:.1f} ({c['seconds'] / a['seconds']:.1f}) |")
+        plain, *others = (by[(impl, seq_len)] for impl in IMPLS)
+        lines.append(f"| {seq_len} | {plain['peak_mb']:.0f} | "
+                     + " | ".join(f"{r['peak_mb']:.0f} ({r['peak_mb'] / plain['peak_mb']:.2f})" for r in others)
+                     + f" | {plain['seconds']:.1f} | "
+                     + " | ".join(f"{r['seconds']:.1f} ({r['seconds'] / plain['seconds']:.1f})" for r in others) + " |")
     write_markdown_keeping_notes(out / "selfextend.md", "\n".join(lines))
     print("\n".join(lines))
     return 0
