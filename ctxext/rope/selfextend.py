@@ -131,7 +131,8 @@ def selfextend_attention(
     """
     if kernel not in ("auto", "split", "joint"):
         raise ValueError(f"kernel={kernel!r}; valid: auto, split, joint")
-    split_applies = softcap is None and not dropout and query.device.type == "cpu"
+    split_applies = softcap is None and not dropout and query.device.type == "cpu" and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     if kernel == "split" and not split_applies:
         raise ValueError("the split Self-Extend kernel needs a CPU tensor, no soft-capping and no dropout")
     bsz, heads, q_len, head_dim = query.shape
