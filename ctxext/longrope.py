@@ -188,17 +188,25 @@ def init_candidate(path: str | os.PathLike, problem: SearchProblem, space: Searc
                                   f"{problem.rope_theta}; its factors do not apply here")
             factors = [float(f) for f in params["long_factor"]]
             attention = params.get("attention_factor")
-            if attention is None:  # transformers' default for longrope
-                original = params.get("original_max_position_embeddings") or problem.context_length
-                attention = longrope_attention_factor(float(params.get("factor", 1.0)), int(original))
+            if attention is None:  # transformers' default for longrope (Phi-3: factor from the two contexts)
+                config = load_config(str(path))
+                original = int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
+                factor = float(params.get("factor") or config.max_position_embeddings / original)
+                attention = longrope_attention_factor(factor, original)
         else:
-            best = json.loads(path.read_text())["best"]
-            factors, attention = [float(f) for f in best["factors"]], best["attention_factor"]
+            saved = json.loads(path.read_text())
+            if saved.get("context_length") not in (None, problem.context_length):
+                raise SearchError(f"--init {path}: a search of a checkpoint trained at {saved['context_length']} "
+                                  f"tokens; this one is trained at {problem.context_length}")
+            factors, attention = [float(f) for f in saved["best"]["factors"]], saved["best"]["attention_factor"]
+        attention = float(attention)
     except (OSError, ValueError, KeyError, TypeError) as err:
         if isinstance(err, SearchError):
             raise
         raise SearchError(f"--init {path}: cannot read searched factors ({err}); give the output folder of an "
                           "earlier `ctxext search` or its search.json") from None
+    if not all(math.isfinite(f) for f in [*factors, attention]) or attention <= 0:
+        raise SearchError(f"--init {path}: its factors or attention factor are not finite positive numbers")
     if len(factors) != space.num_pairs:
         raise SearchError(f"--init {path}: {len(factors)} factors, but this checkpoint has {space.num_pairs} rotation "
                           "pairs; start from a search of a model with the same head dimension")
@@ -206,7 +214,7 @@ def init_candidate(path: str | os.PathLike, problem: SearchProblem, space: Searc
     if any(b < a for a, b in zip(clipped, clipped[1:])):
         raise SearchError(f"--init {path}: the factors decrease from high to low frequency, outside LongRoPE's "
                           "search space; start from a ctxext search's output")
-    attention = min(max(float(attention), space.attention_low), space.attention_high)  # not snapped to the grid
+    attention = min(max(attention, space.attention_low), space.attention_high)  # not snapped to the grid
     return Candidate(clipped, attention, origin="init")
 
 
@@ -333,7 +341,7 @@ def read_state(path: Path, settings: dict[str, Any], budget: int, refine_steps: 
         old = saved.get("settings") or {}
         differ = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
         raise SearchError(f"{path} belongs to another search (different {', '.join(differ) or 'format'}); resume with "
-                          "the same checkpoint, target, data, window and seed, or pass --force to start over")
+                          "the same checkpoint, target, data, window, seed and --init, or pass --force to start over")
     evolved = state.refine.evolution_evaluations if state.refine else state.evaluations
     if budget < evolved:
         raise SearchError(f"budget={budget} is smaller than the {evolved} evaluations {path} already holds; "

@@ -520,7 +520,7 @@ def yarn_source(tiny_source, tmp_path_factory):
 @pytest.mark.parametrize("case", ["target below", "target equal", "budget 0", "budget small", "missing data",
                                   "short data", "not plain rope", "nothing to resume", "window too long",
                                   "refine negative", "refine lr 0", "max factor below 1", "init not longrope",
-                                  "init missing"])
+                                  "init missing", "init corrupt"])
 def test_bad_input_exits_2_and_writes_nothing(case, tiny_source, yarn_source, tmp_path, capsys):
     src, data = tiny_source
     out = tmp_path / "out"
@@ -531,7 +531,9 @@ def test_bad_input_exits_2_and_writes_nothing(case, tiny_source, yarn_source, tm
             "not plain rope": [], "nothing to resume": ["--resume"], "window too long": ["--window", "512"],
             "refine negative": ["--refine", "-1"], "refine lr 0": ["--refine", "2", "--refine-lr", "0"],
             "max factor below 1": ["--max-factor", "0.9"], "init not longrope": ["--init", str(yarn_source)],
-            "init missing": ["--init", str(tmp_path / "nope.json")]}[case]
+            "init missing": ["--init", str(tmp_path / "nope.json")],
+            "init corrupt": ["--init", str(tmp_path / "corrupt.json")]}[case]
+    (tmp_path / "corrupt.json").write_text('{"best": {"factors": [1.0, 1.0], "attention_factor": null}}')
     source = yarn_source if case == "not plain rope" else src
     defaults = {"--target-length": str(TARGET), "--data": str(data), "--budget": "20", "--population": "16"}
     for flag, value in defaults.items():

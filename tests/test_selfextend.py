@@ -31,7 +31,7 @@ def ids(n, batch=1, seed=1):
 @pytest.mark.parametrize("kernel", ["split", "joint"])
 @pytest.mark.parametrize("block", [256, 7])
 @pytest.mark.parametrize("case", ["plain", "gqa_offset", "mask", "softcap", "decode", "bias", "bias_mask_softcap",
-                                  "gqa_mask_bias"])
+                                  "gqa_mask_bias", "mask_padded"])
 def test_kernel_matches_float64_reference(kernel, block, case):
     torch.manual_seed(0)
     d, heads, kv_heads, k_len, q_len, g, w = 16, 4, 4, 60, 60, 3, 10
@@ -51,7 +51,9 @@ def test_kernel_matches_float64_reference(kernel, block, case):
     mask = None
     if "mask" in case:
         mask = torch.rand(q_len, k_len) > 0.3
-        mask[:, k_len - q_len:] |= torch.eye(q_len, dtype=torch.bool)  # every query sees itself
+        mask[:, k_len - q_len:] |= torch.eye(q_len, dtype=torch.bool)  # every query sees itself ...
+        if case == "mask_padded":  # ... but left pads, which see nothing (transformers' mask): their output is 0
+            mask[:20] = False
     causal = torch.arange(k_len)[None, :] <= torch.arange(k_len - q_len, k_len)[:, None]
     softcap = 2.0 if "softcap" in case else None
     bias = -1.3 if "bias" in case else 0.0
@@ -64,7 +66,31 @@ def test_kernel_matches_float64_reference(kernel, block, case):
     expected = ref.selfextend_attention(q_raw, k_raw.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0),
                                         q_pos, k_pos, inv_freq, g, w, 0.3, mask=mask, softcap=softcap,
                                         group_bias=bias)
+    if case == "mask_padded":
+        expected[:, :20] = 0.0
     torch.testing.assert_close(out[0].transpose(0, 1).double(), expected, rtol=2e-4, atol=2e-4)
+
+
+def test_kernels_under_autograd():
+    """With gradients the joint kernel runs (the CPU kernel's log-sum-exp has none); its gradient matches the float64
+    reference's, and forcing the split kernel is refused."""
+    torch.manual_seed(0)
+    d, heads, n, g, w = 16, 4, 40, 3, 6
+    inv_freq = ref.rope_inv_freq(d, 100.0)
+    q_raw, k_raw, v = (torch.randn(heads, n, d, dtype=torch.float64) for _ in range(3))
+    pos = torch.arange(n)
+    q = ref.rotate(q_raw, pos, inv_freq).float().requires_grad_()
+    k = ref.rotate(k_raw, pos, inv_freq).float()
+    out = selfextend_attention(q[None], k[None], v.float()[None], None, group_size=g, window=w,
+                               inv_freq=inv_freq.float(), scaling=0.3, block=7)
+    out.square().sum().backward()
+    q64 = ref.rotate(q_raw, pos, inv_freq).requires_grad_()
+    expected = ref.selfextend_attention(ref.rotate(q64, -pos, inv_freq), k_raw, v, pos, pos, inv_freq, g, w, 0.3)
+    expected.transpose(0, 1).square().sum().backward()
+    torch.testing.assert_close(q.grad.double(), q64.grad, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="no autograd"):
+        selfextend_attention(q[None], k[None], v.float()[None], None, group_size=g, window=w,
+                             inv_freq=inv_freq.float(), kernel="split")
 
 
 def test_reference_positions_follow_the_paper():

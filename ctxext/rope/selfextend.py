@@ -17,7 +17,7 @@ concatenated features: queries ``[q, q_grouped]``, neighbour keys ``[k, 0]``, gr
 ``d < window`` in the first and ``d >= window`` in the second. Queries go in blocks of ``BLOCK``: a block sees the
 neighbour keys of its window plus the grouped keys before it, so peak memory stays near plain SDPA's.
 
-On CPU (no soft-capping, no dropout) a cheaper exact split of the same softmax: for a block of queries, every key
+On CPU (no soft-capping, no dropout, no gradient) a cheaper exact split of the same softmax: for a block of queries, every key
 more than ``window`` before its first query is grouped for all of them, so those keys go through one unmasked SDPA
 call on the grouped ``q``/``k`` alone (half the features, the fast path) that also returns its log-sum-exp; the
 band of the last ``window + block`` keys, where the two position sets meet, is scored explicitly; the two partial
@@ -126,15 +126,16 @@ def selfextend_attention(
     position ids ``[B|1, Q]`` (None: the slots ``K - Q + t``); keys sit at their slot minus the row's offset.
     ``attention_mask``: boolean ``[B|1, 1|H, Q, K]`` (True = attend) or None (causal). ``group_bias`` is added to
     every grouped logit (after soft-capping). ``kernel``: ``split`` (log-sum-exp merge; CPU, no soft-capping, no
-    dropout), ``joint`` (concatenated features; anywhere) or ``auto`` (split where it applies). Returns
+    dropout, no autograd), ``joint`` (concatenated features; anywhere) or ``auto`` (split where it applies). Returns
     ``[B, Q, H, D]``.
     """
     if kernel not in ("auto", "split", "joint"):
         raise ValueError(f"kernel={kernel!r}; valid: auto, split, joint")
-    split_applies = softcap is None and not dropout and query.device.type == "cpu" and hasattr(
-        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-    if kernel == "split" and not split_applies:
-        raise ValueError("the split Self-Extend kernel needs a CPU tensor, no soft-capping and no dropout")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    split_applies = (softcap is None and not dropout and not needs_grad and query.device.type == "cpu"
+                     and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+    if kernel == "split" and not split_applies:  # (the CPU kernel's log-sum-exp has no gradient)
+        raise ValueError("the split Self-Extend kernel needs CPU tensors, no soft-capping, no dropout and no autograd")
     bsz, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     device = query.device
@@ -255,7 +256,8 @@ def _split_kernel(query, key, value, q_group, k_group, attention_mask, q_slots, 
             lse_far = lse_far.masked_fill(~visible.any(-1), float("-inf"))
         top = torch.maximum(lse_far, lse_band)
         w_far, w_band = torch.exp(lse_far - top).nan_to_num(0.0), torch.exp(lse_band - top).nan_to_num(0.0)
-        merged = (w_far[..., None] * o_far + w_band[..., None] * o_band) / (w_far + w_band)[..., None]
+        total = w_far + w_band  # 0: a query that sees no key at all (a left pad), whose output is 0 as in SDPA
+        merged = (w_far[..., None] * o_far + w_band[..., None] * o_band) / total.clamp_min(1e-30)[..., None]
         out[:, :, start:stop] = merged.flatten(1, 2).to(out.dtype)
     return out.transpose(1, 2).contiguous()
 
