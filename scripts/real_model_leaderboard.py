@@ -295,6 +295,9 @@ def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, toke
                     print(f"--stop-after {args.stop_after:g} s reached; the remaining cells wait for the next run")
                     return
                 spec = c["spec"]
+                if load_cell(root, c["name"], spec) is not None:  # another run, started meanwhile, measured it
+                    print(f"{c['name']}: measured meanwhile by another run; kept")
+                    continue
                 t0, cpu0 = time.perf_counter(), time.process_time()
                 if c["kind"] == "ppl":
                     text = texts[c["measure"].removeprefix("ppl-")]
