@@ -498,7 +498,8 @@ def test_init_starts_from_an_earlier_search_and_is_part_of_the_resumed_state(tin
         out = tmp_path / f"from-{init.name}"
         result = run_search(src, data, out, budget=8, init=init)
         start = result["evaluations"][0]
-        assert start["origin"] == "init" and result["seeds"]["init"] == pytest.approx(first["best"]["fitness"], rel=1e-5)
+        assert start["origin"] == "init"
+        assert result["seeds"]["init"] == pytest.approx(first["best"]["fitness"], rel=1e-5)
         torch.testing.assert_close(torch.tensor(start["factors"]), torch.tensor(first["best"]["factors"]))
         assert start["attention_factor"] == pytest.approx(first["best"]["attention_factor"])
         assert result["best"]["fitness"] <= start["fitness"] and result["init"] == str(init)

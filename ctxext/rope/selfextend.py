@@ -17,13 +17,13 @@ concatenated features: queries ``[q, q_grouped]``, neighbour keys ``[k, 0]``, gr
 ``d < window`` in the first and ``d >= window`` in the second. Queries go in blocks of ``BLOCK``: a block sees the
 neighbour keys of its window plus the grouped keys before it, so peak memory stays near plain SDPA's.
 
-On CPU (no soft-capping, no dropout, no gradient) a cheaper exact split of the same softmax: for a block of queries, every key
-more than ``window`` before its first query is grouped for all of them, so those keys go through one unmasked SDPA
-call on the grouped ``q``/``k`` alone (half the features, the fast path) that also returns its log-sum-exp; the
-band of the last ``window + block`` keys, where the two position sets meet, is scored explicitly; the two partial
-softmaxes are merged by their log-sum-exps. About 2x plain SDPA's time at 16k instead of 4.8x
-(docs/benchmarks/selfextend.md). Only the CPU kernel of SDPA returns the log-sum-exp, so other devices keep the
-concatenated form.
+On CPU (no soft-capping, no dropout, no gradient) a cheaper exact split of the same softmax: for a block of
+queries, every key more than ``window`` before its first query is grouped for all of them, so those keys go through
+one unmasked SDPA call on the grouped ``q``/``k`` alone (half the features, the fast path) that also returns its
+log-sum-exp; the band of the last ``window + block`` keys, where the two position sets meet, is scored explicitly;
+the two partial softmaxes are merged by their log-sum-exps. 1.6-2.0x plain SDPA's time at 4k-16k instead of
+3.1-4.4x, at plain SDPA's peak memory (docs/benchmarks/selfextend.md). Only the CPU kernel of SDPA returns the
+log-sum-exp (and that one no gradient), so other devices and training keep the concatenated form.
 
 Positions follow the slots of the KV cache: query ``t`` of ``Q`` sits at slot ``K - Q + t`` of the ``K`` keys.
 When the model passes ``position_ids`` (``generate`` does, counting only unpadded tokens) the positions are the
