@@ -179,7 +179,8 @@ def init_candidate(path: str | os.PathLike, problem: SearchProblem, space: Searc
         if path.is_dir():
             from .hub import load_config
 
-            params = get_rope_parameters(load_config(str(path)), None)
+            config = load_config(str(path))
+            params = get_rope_parameters(config, None)
             if params.get("rope_type") != "longrope":
                 raise SearchError(f"--init {path}: rope_type {params.get('rope_type')!r}, not 'longrope'; give the "
                                   "output folder of an earlier `ctxext search` (or its search.json)")
@@ -189,7 +190,6 @@ def init_candidate(path: str | os.PathLike, problem: SearchProblem, space: Searc
             factors = [float(f) for f in params["long_factor"]]
             attention = params.get("attention_factor")
             if attention is None:  # transformers' default for longrope (Phi-3: factor from the two contexts)
-                config = load_config(str(path))
                 original = int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
                 factor = float(params.get("factor") or config.max_position_embeddings / original)
                 attention = longrope_attention_factor(factor, original)
