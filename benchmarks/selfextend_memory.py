@@ -25,9 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-SHAPE = {"vocab_size": 1000, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 2,
-         "num_attention_heads": 9,
-             "num_key_value_heads": 3, "tie_word_embeddings": True}
+SHAPE = {
+    "vocab_size": 1000,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "tie_word_embeddings": True,
+}
 GROUP_SIZE, WINDOW, GROUP_BIAS = 8, 1024, -1.5
 IMPLS = ("sdpa", "selfextend", "selfextend-joint", "selfextend-bias")
 LABELS = {"selfextend": "Self-Extend", "selfextend-joint": "joint kernel", "selfextend-bias": "with group_bias"}
@@ -76,12 +82,18 @@ def worker(impl: str, seq_len: int) -> dict:
         peak = (torch.cuda.max_memory_allocated() - base_alloc) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    return {"impl": impl, "seq_len": seq_len, "peak_mb": round(peak, 1), "seconds": round(seconds, 2),
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    return {
+        "impl": impl,
+        "seq_len": seq_len,
+        "peak_mb": round(peak, 1),
+        "seconds": round(seconds, 2),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+    }
 
 
 def main() -> int:
-    from ctxext.evals.report import write_markdown_keeping_notes
+    from ctxext.evals.run import write_markdown_keeping_notes
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="4096,8192,16384")
@@ -94,9 +106,13 @@ def main() -> int:
     rows = []
     for seq_len in [int(x) for x in args.lengths.split(",")]:
         for impl in IMPLS:
-            proc = subprocess.run([sys.executable, __file__, "--worker", impl, str(seq_len)], check=False,
-                                  capture_output=True,
-                                  text=True, env=WORKER_ENV)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", impl, str(seq_len)],
+                check=False,
+                capture_output=True,
+                text=True,
+                env=WORKER_ENV,
+            )
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr)
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -106,21 +122,31 @@ def main() -> int:
     (out / "selfextend.json").write_text(json.dumps(rows, indent=2) + "\n")
     by = {(r["impl"], r["seq_len"]): r for r in rows}
     lines = [
-        "# Self-Extend attention: peak memory against plain SDPA", "",
+        "# Self-Extend attention: peak memory against plain SDPA",
+        "",
         "Command: `python benchmarks/selfextend_memory.py` (see its docstring for the model and the protocol).",
-        (f"One forward, no grad, {SHAPE['num_hidden_layers']} layers of SmolLM-135M's attention shape (9 heads, 3 kv "
-         f"heads, head_dim 64), fp32, Self-Extend G={GROUP_SIZE}, W={WINDOW}; device {rows[0]['device']}, torch "
-         f"{rows[0]['torch']}. Peak = peak RSS minus RSS after the model is built (MALLOC_MMAP_THRESHOLD_=65536)."), "",
-        "| tokens | SDPA peak MB | " + " | ".join(f"{LABELS[i]} peak MB (ratio)" for i in IMPLS[1:])
-        + " | SDPA s | " + " | ".join(f"{LABELS[i]} s (ratio)" for i in IMPLS[1:]) + " |",
+        (
+            f"One forward, no grad, {SHAPE['num_hidden_layers']} layers of SmolLM-135M's attention shape (9 heads, 3 kv "
+            f"heads, head_dim 64), fp32, Self-Extend G={GROUP_SIZE}, W={WINDOW}; device {rows[0]['device']}, torch "
+            f"{rows[0]['torch']}. Peak = peak RSS minus RSS after the model is built (MALLOC_MMAP_THRESHOLD_=65536)."
+        ),
+        "",
+        "| tokens | SDPA peak MB | "
+        + " | ".join(f"{LABELS[i]} peak MB (ratio)" for i in IMPLS[1:])
+        + " | SDPA s | "
+        + " | ".join(f"{LABELS[i]} s (ratio)" for i in IMPLS[1:])
+        + " |",
         "|---:|" + "---:|" * (2 * len(IMPLS)),
     ]
     for seq_len in sorted({r["seq_len"] for r in rows}):
         plain, *others = (by[(impl, seq_len)] for impl in IMPLS)
-        lines.append(f"| {seq_len} | {plain['peak_mb']:.0f} | "
-                     + " | ".join(f"{r['peak_mb']:.0f} ({r['peak_mb'] / plain['peak_mb']:.2f})" for r in others)
-                     + f" | {plain['seconds']:.1f} | "
-                     + " | ".join(f"{r['seconds']:.1f} ({r['seconds'] / plain['seconds']:.1f})" for r in others) + " |")
+        lines.append(
+            f"| {seq_len} | {plain['peak_mb']:.0f} | "
+            + " | ".join(f"{r['peak_mb']:.0f} ({r['peak_mb'] / plain['peak_mb']:.2f})" for r in others)
+            + f" | {plain['seconds']:.1f} | "
+            + " | ".join(f"{r['seconds']:.1f} ({r['seconds'] / plain['seconds']:.1f})" for r in others)
+            + " |"
+        )
     write_markdown_keeping_notes(out / "selfextend.md", "\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -24,15 +24,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ctxext import corpus
-from ctxext.atomic import atomic_write_text
-from ctxext.data import join_documents
-from ctxext.encodings import ENCODINGS, TinyLM
+from ctxext.data import corpus
+from ctxext.data.text import join_documents
+from ctxext.data.tokenizer import train_tokenizer
 from ctxext.evals.perplexity import perplexity
-from ctxext.evals.report import write_markdown_keeping_notes
-from ctxext.plots import plot_perplexity
-from ctxext.reference import REFERENCE_DIR, train_tokenizer
-from ctxext.schedule import lr_multiplier
+from ctxext.evals.plots import plot_perplexity
+from ctxext.evals.run import write_markdown_keeping_notes
+from ctxext.experiments.encodings import ENCODINGS, TinyLM
+from ctxext.io.atomic import atomic_write_text
+from ctxext.io.sources import REFERENCE_DIR
+from ctxext.train.schedule import lr_multiplier
 
 
 class _HFStyle(torch.nn.Module):
@@ -50,7 +51,11 @@ class _HFStyle(torch.nn.Module):
 CLAIMS = {
     "sinusoidal": ("0", "poor beyond L (Vaswani et al. 2017; Press et al. 2022 measure it failing)", "an add"),
     "learned": ("L x d", "none: positions beyond L have no embedding (here: the last one is reused)", "an add"),
-    "rope": ("0", "limited: degrades beyond L without scaling (Su et al. 2021; Chen et al. 2023)", "a rotation per layer"),
+    "rope": (
+        "0",
+        "limited: degrades beyond L without scaling (Su et al. 2021; Chen et al. 2023)",
+        "a rotation per layer",
+    ),
     "alibi": ("0", "good: train short, test long (Press et al. 2022)", "a bias in every attention"),
     "xpos": ("0", "better than RoPE beyond L (Sun et al. 2022)", "a rotation + a scale per layer"),
 }
@@ -69,19 +74,27 @@ def write_report(results: dict, args: dict, n_held: int, out: Path) -> None:
     """docs/ENCODINGS.md + encodings.png from the measured results (also: ``--report-from encodings.json``)."""
     lengths = sorted(int(k) for k in next(iter(results.values()))["perplexity"])
     base_ms, base_params = results["rope"]["ms_per_step"], results["rope"]["parameters"]
-    plot_perplexity({e: {int(k): v for k, v in r["perplexity"].items()} for e, r in results.items()},
-                    out / "encodings.png", title=f"held-out perplexity, trained at {lengths[0]}",
-                    trained_context=lengths[0])
+    plot_perplexity(
+        {e: {int(k): v for k, v in r["perplexity"].items()} for e, r in results.items()},
+        out / "encodings.png",
+        title=f"held-out perplexity, trained at {lengths[0]}",
+        trained_context=lengths[0],
+    )
     cmd = "python scripts/compare_encodings.py" + (" --quick" if args["quick"] else "")
     lines = [
-        "# Position encodings: parameters, length extrapolation, compute cost (measured)", "",
-        (f"Command: `{cmd}` ({args['date']}, CPU, {args['threads']} threads). "
-        f"Same model (`ctxext.encodings.TinyLM`: dim {args['dim']}, {args['layers']} layers, {args['heads']} heads), "
-        f"data (Python stdlib train split), tokenizer, seed and budget ({args['steps']} steps x {args['batch_size']} "
-        f"x {args['length']} tokens) for every encoding; held-out perplexity (stdlib held-out split, {n_held} "
-        "documents, non-overlapping windows) without fine-tuning. Raw numbers: `encodings.json`."), "",
+        "# Position encodings: parameters, length extrapolation, compute cost (measured)",
+        "",
+        (
+            f"Command: `{cmd}` ({args['date']}, CPU, {args['threads']} threads). "
+            f"Same model (`ctxext.encodings.TinyLM`: dim {args['dim']}, {args['layers']} layers, {args['heads']} heads), "
+            f"data (Python stdlib train split), tokenizer, seed and budget ({args['steps']} steps x {args['batch_size']} "
+            f"x {args['length']} tokens) for every encoding; held-out perplexity (stdlib held-out split, {n_held} "
+            "documents, non-overlapping windows) without fine-tuning. Raw numbers: `encodings.json`."
+        ),
+        "",
         "| encoding | extra parameters | total parameters | ms / step (x rope) | "
-        + " | ".join(f"ppl@{L}" for L in lengths) + f" | ppl@{lengths[-1]} / ppl@{lengths[0]} | measured "
+        + " | ".join(f"ppl@{L}" for L in lengths)
+        + f" | ppl@{lengths[-1]} / ppl@{lengths[0]} | measured "
         "| claimed extrapolation | claimed extra parameters, cost |",
         "|---|---|---|---|" + "---|" * len(lengths) + "---|---|---|---|",
     ]
@@ -91,10 +104,17 @@ def write_report(results: dict, args: dict, n_held: int, out: Path) -> None:
         params, claim, cost = CLAIMS[e]
         lines.append(
             f"| {e} | {r['parameters'] - base_params:,} | {r['parameters']:,} | {r['ms_per_step']:.0f} "
-            f"({r['ms_per_step'] / base_ms:.2f}x) | " + " | ".join(f"{pp[str(L)]:.1f}" for L in lengths)
-            + f" | {ratio:.2f} | {verdict(ratio)} | {claim} | {params}; {cost} |")
-    lines += ["", "`measured`: holds (ratio <= 1.05), degrades (<= 1.5), fails (> 1.5).", "",
-              "![perplexity vs length](encodings.png)", ""]
+            f"({r['ms_per_step'] / base_ms:.2f}x) | "
+            + " | ".join(f"{pp[str(L)]:.1f}" for L in lengths)
+            + f" | {ratio:.2f} | {verdict(ratio)} | {claim} | {params}; {cost} |"
+        )
+    lines += [
+        "",
+        "`measured`: holds (ratio <= 1.05), degrades (<= 1.5), fails (> 1.5).",
+        "",
+        "![perplexity vs length](encodings.png)",
+        "",
+    ]
     write_markdown_keeping_notes(out / "ENCODINGS.md", "\n".join(lines))
     print("\n".join(lines))
 
@@ -114,8 +134,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny models and few steps (CI)")
-    p.add_argument("--report-from", metavar="JSON", help="rewrite ENCODINGS.md and the plot from a saved "
-                   "encodings.json (no training)")
+    p.add_argument(
+        "--report-from",
+        metavar="JSON",
+        help="rewrite ENCODINGS.md and the plot from a saved encodings.json (no training)",
+    )
     args = p.parse_args(argv)
     if args.report_from:
         saved = json.loads(Path(args.report_from).read_text())
@@ -146,8 +169,15 @@ def main(argv=None) -> int:
     for encoding in ENCODINGS:
         torch.manual_seed(args.seed)
         rng = random.Random(args.seed)
-        model = TinyLM(len(tokenizer), args.dim, args.layers, args.heads, encoding, max_len=args.length,
-                       scale_base=args.xpos_scale_base or args.length / 2)
+        model = TinyLM(
+            len(tokenizer),
+            args.dim,
+            args.layers,
+            args.heads,
+            encoding,
+            max_len=args.length,
+            scale_base=args.xpos_scale_base or args.length / 2,
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
         times = []
         for step in tqdm(range(args.steps), desc=encoding, unit="step"):
@@ -166,13 +196,18 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t0)
         model.eval()
         ppl = {L: perplexity(_HFStyle(model), held, L, progress=False).perplexity for L in lengths}
-        results[encoding] = {"parameters": sum(p.numel() for p in model.parameters()),
-                             "ms_per_step": 1000 * float(np.mean(times[len(times) // 5 :])),
-                             "final_train_loss": loss.item(), "perplexity": {str(k): v for k, v in ppl.items()}}
+        results[encoding] = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "ms_per_step": 1000 * float(np.mean(times[len(times) // 5 :])),
+            "final_train_loss": loss.item(),
+            "perplexity": {str(k): v for k, v in ppl.items()},
+        }
         print(encoding, json.dumps(results[encoding]), flush=True)
 
-    atomic_write_text(out / "encodings.json", json.dumps({"args": vars(args), "held_out_documents": len(held),
-                                                     "results": results}, indent=2))
+    atomic_write_text(
+        out / "encodings.json",
+        json.dumps({"args": vars(args), "held_out_documents": len(held), "results": results}, indent=2),
+    )
     write_report(results, vars(args), len(held), out)
     return 0
 

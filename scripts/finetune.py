@@ -1,13 +1,13 @@
 """Progressive-length LoRA fine-tuning: the same code path as `ctxext finetune`.
 
-    python scripts/finetune.py --config configs/tiny.yaml [--output-dir DIR] [--resume] [key=value ...]
-    accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py --config configs/tiny.yaml   # 2 CPU processes (gloo)
+python scripts/finetune.py --config configs/tiny.yaml [--output-dir DIR] [--resume] [key=value ...]
+accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py --config configs/tiny.yaml   # 2 CPU processes (gloo)
 """
 
 import argparse
 import sys
 
-from ctxext.cli import main
+from ctxext.cli.main import main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

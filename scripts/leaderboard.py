@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from ctxext.atomic import atomic_write_text
 from ctxext.evals.cells import load_cell, save_cell
-from ctxext.evals.report import (
+from ctxext.evals.plots import plot_sweep
+from ctxext.evals.retrieval import wilson
+from ctxext.evals.run import (
     evaluate_passkey,
     evaluate_perplexity,
     evaluate_retrieval,
@@ -41,12 +42,11 @@ from ctxext.evals.report import (
     worst_depths,
     write_markdown_keeping_notes,
 )
-from ctxext.evals.retrieval import wilson
-from ctxext.hub import patch_checkpoint
-from ctxext.plots import plot_sweep
-from ctxext.recipe import load_recipe, load_sweep, stage_lengths
-from ctxext.reference import resolve_model
-from ctxext.train import finetune
+from ctxext.experiments.recipe import load_recipe, load_sweep, stage_lengths
+from ctxext.io.atomic import atomic_write_text
+from ctxext.io.sources import resolve_model
+from ctxext.patch.checkpoint import patch_checkpoint
+from ctxext.train.loop import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/sweeps/leaderboard.yaml"
@@ -74,16 +74,31 @@ def check_targets(rows: dict, context: int, target: int, trials: int | None = No
     change = at_context / original - 1
     base = rows["baseline"]["ppl"]
     return [
-        (f"{best}: ppl@{target} below its own ppl@{context}", at_target < at_context,
-         f"{at_target:.2f} vs {at_context:.2f}"),
-        (f"{best}: ppl@{target} no higher than the original's ppl@{context}", at_target <= original,
-         f"{at_target:.2f} vs {original:.2f}"),
-        (f"{best}: passkey >= 95% at every depth up to {target}", worst >= 0.95,
-         f"worst cell {with_interval(worst, trials)} (lengths {', '.join(r['passkey_worst_depth'])})"),
-        (f"{best}: ppl@{context} within 3% of the original (lower is better, so only a rise counts)",
-         change <= 0.03, f"{change:+.1%}"),
-        (f"baseline fails beyond {context} (ppl@{target} > 1.5x its ppl@{context})",
-         base[str(target)] > 1.5 * base[str(context)], f"{base[str(target)]:.1f} vs {base[str(context)]:.2f}"),
+        (
+            f"{best}: ppl@{target} below its own ppl@{context}",
+            at_target < at_context,
+            f"{at_target:.2f} vs {at_context:.2f}",
+        ),
+        (
+            f"{best}: ppl@{target} no higher than the original's ppl@{context}",
+            at_target <= original,
+            f"{at_target:.2f} vs {original:.2f}",
+        ),
+        (
+            f"{best}: passkey >= 95% at every depth up to {target}",
+            worst >= 0.95,
+            f"worst cell {with_interval(worst, trials)} (lengths {', '.join(r['passkey_worst_depth'])})",
+        ),
+        (
+            f"{best}: ppl@{context} within 3% of the original (lower is better, so only a rise counts)",
+            change <= 0.03,
+            f"{change:+.1%}",
+        ),
+        (
+            f"baseline fails beyond {context} (ppl@{target} > 1.5x its ppl@{context})",
+            base[str(target)] > 1.5 * base[str(context)],
+            f"{base[str(target)]:.1f} vs {base[str(context)]:.2f}",
+        ),
     ]
 
 
@@ -91,47 +106,76 @@ def write_report(rows: dict, meta: dict, plan: dict, out: Path) -> None:
     """RESULTS.md (table, targets) and results.png from the measured rows (also: ``--report-from results.json``)."""
     context, target, lengths = meta["context"], meta["target"], meta["lengths"]
     curves = {k: {int(L): v for L, v in r["ppl"].items()} for k, r in rows.items()}
-    plot_sweep({k: c for k, c in curves.items() if k != "baseline" and not k.endswith("+ LoRA")},
-               {k.removesuffix(" + LoRA"): c for k, c in curves.items() if k.endswith("+ LoRA")},
-               out / "results.png", baseline=curves.get("baseline"), trained_context=context,
-               title=f"held-out perplexity, {meta['model']} x{meta['factor']:g} (trained at {context})")
+    plot_sweep(
+        {k: c for k, c in curves.items() if k != "baseline" and not k.endswith("+ LoRA")},
+        {k.removesuffix(" + LoRA"): c for k, c in curves.items() if k.endswith("+ LoRA")},
+        out / "results.png",
+        baseline=curves.get("baseline"),
+        trained_context=context,
+        title=f"held-out perplexity, {meta['model']} x{meta['factor']:g} (trained at {context})",
+    )
     original = rows["baseline"]["ppl"][str(context)] if "baseline" in rows else None
-    lines = ["# Leaderboard: every method on the reference model", "",
-             (f"Command: `{meta['command']}` ({meta['date']}"
-              + (f", commit {meta['commit']}" if meta.get("commit") else "") + f", CPU; sweep: `{meta['config']}`). "
-              f"Model: {meta['model']} (trained at {context}), extended x{meta['factor']:g} to {target}. Fine-tuning: "
-              f"identical for every method ({' -> '.join(map(str, meta['stage_lengths']))}, {sum(plan['steps'])} "
-              f"steps x {plan['tokens_per_step']:,} tokens, {plan.get('tuning', 'LoRA r16 + embeddings/norms')}, "
-              "stdlib code + "
-              f"{plan['passkey_docs']:,} passkey documents). "
-              f"Perplexity: the first {target} tokens of {plan['ppl_docs']} held-out stdlib files at least that "
-              "long, non-overlapping windows of each length. "
-              f"Passkey: worst of {len(plan['depths'])} depths, {plan['passkey_trials']} keys per cell "
-              "[Wilson 95% interval, %]. "
-              "Raw numbers, per-depth passkey included: `results.json`."), "",
-             "| method | " + " | ".join(f"ppl@{L}" for L in lengths) + " | " + " | ".join(
-                 f"passkey@{L}" for L in lengths) + f" | change @{context} | fine-tune s | fine-tune tokens |",
-             "|---|" + "---|" * (2 * len(lengths) + 3)]
+    lines = [
+        "# Leaderboard: every method on the reference model",
+        "",
+        (
+            f"Command: `{meta['command']}` ({meta['date']}"
+            + (f", commit {meta['commit']}" if meta.get("commit") else "")
+            + f", CPU; sweep: `{meta['config']}`). "
+            f"Model: {meta['model']} (trained at {context}), extended x{meta['factor']:g} to {target}. Fine-tuning: "
+            f"identical for every method ({' -> '.join(map(str, meta['stage_lengths']))}, {sum(plan['steps'])} "
+            f"steps x {plan['tokens_per_step']:,} tokens, {plan.get('tuning', 'LoRA r16 + embeddings/norms')}, "
+            "stdlib code + "
+            f"{plan['passkey_docs']:,} passkey documents). "
+            f"Perplexity: the first {target} tokens of {plan['ppl_docs']} held-out stdlib files at least that "
+            "long, non-overlapping windows of each length. "
+            f"Passkey: worst of {len(plan['depths'])} depths, {plan['passkey_trials']} keys per cell "
+            "[Wilson 95% interval, %]. "
+            "Raw numbers, per-depth passkey included: `results.json`."
+        ),
+        "",
+        "| method | "
+        + " | ".join(f"ppl@{L}" for L in lengths)
+        + " | "
+        + " | ".join(f"passkey@{L}" for L in lengths)
+        + f" | change @{context} | fine-tune s | fine-tune tokens |",
+        "|---|" + "---|" * (2 * len(lengths) + 3),
+    ]
     for label, r in rows.items():
         change = f"{r['ppl'][str(context)] / original - 1:+.1%}" if original else "n/a"
-        lines.append(f"| {label} | " + " | ".join(f"{r['ppl'][str(L)]:.2f}" for L in lengths) + " | "
-                     + " | ".join(with_interval(r["passkey_worst_depth"][str(L)], plan["passkey_trials"])
-                                  for L in lengths)
-                     + f" | {change} | {r['finetune_seconds']:.0f} | {r['finetune_tokens']:,} |")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{r['ppl'][str(L)]:.2f}" for L in lengths)
+            + " | "
+            + " | ".join(with_interval(r["passkey_worst_depth"][str(L)], plan["passkey_trials"]) for L in lengths)
+            + f" | {change} | {r['finetune_seconds']:.0f} | {r['finetune_tokens']:,} |"
+        )
     ood = {k: r["ood_ppl"] for k, r in rows.items() if "ood_ppl" in r}
     if ood:
         first = ood.get("baseline")
-        lines += ["", f"Code outside the training domain (`{meta.get('ood_data')}`), perplexity at {context}:", "",
-                  "| method | ppl | change |", "|---|---|---|"]
+        lines += [
+            "",
+            f"Code outside the training domain (`{meta.get('ood_data')}`), perplexity at {context}:",
+            "",
+            "| method | ppl | change |",
+            "|---|---|---|",
+        ]
         lines += [f"| {k} | {v:.2f} | {f'{v / first - 1:+.1%}' if first else 'n/a'} |" for k, v in ood.items()]
     tasks = sorted({t for r in rows.values() for t in r.get("retrieval_worst_depth", {})})
     if tasks:
         trials = meta.get("retrieval_trials")
         depths = plan.get("retrieval_depths", plan["depths"])  # results.json of older runs: the passkey depths
-        lines += ["", (f"RULER-style tasks in code (worst of {len(depths)} depths, {trials} prompts per cell; "
-                   "per-depth grids in `results.json`):"), "",
-                  *worst_depth_table("method", {k: r.get("retrieval_worst_depth", {}) for k, r in rows.items()},
-                                     tasks, lengths)]
+        lines += [
+            "",
+            (
+                f"RULER-style tasks in code (worst of {len(depths)} depths, {trials} prompts per cell; "
+                "per-depth grids in `results.json`):"
+            ),
+            "",
+            *worst_depth_table(
+                "method", {k: r.get("retrieval_worst_depth", {}) for k, r in rows.items()}, tasks, lengths
+            ),
+        ]
     lines += ["", "![perplexity vs length, without and with fine-tuning](results.png)", ""]
     targets = check_targets(rows, context, target, plan["passkey_trials"])
     if targets:
@@ -164,10 +208,14 @@ def main(argv=None) -> int:
     p.add_argument("--factor", type=float, help="override the config's factor")
     p.add_argument("--methods", help="comma-separated subset of the config's rows")
     p.add_argument("--quick", action="store_true", help="tiny budget and evaluation (CI)")
-    p.add_argument("--tuned-only", action="store_true", help="evaluate only the fine-tuned rows (and the baseline): "
-                   "for comparing recipes")
-    p.add_argument("--report-from", metavar="JSON", help="rewrite RESULTS.md and the plot from a saved results.json "
-                   "(no training)")
+    p.add_argument(
+        "--tuned-only",
+        action="store_true",
+        help="evaluate only the fine-tuned rows (and the baseline): for comparing recipes",
+    )
+    p.add_argument(
+        "--report-from", metavar="JSON", help="rewrite RESULTS.md and the plot from a saved results.json (no training)"
+    )
     args = p.parse_args(argv)
     if args.report_from:
         saved = json.loads(Path(args.report_from).read_text())
@@ -197,8 +245,9 @@ def main(argv=None) -> int:
     target = int(context * factor)
     lengths = sorted({context, 2 * context, 4 * context, target})
     stages = stage_lengths(context, target)
-    checkpoints = {n: check_checkpoint_row(n, sweep.methods[n].checkpoint, target) for n in names
-                   if sweep.methods[n].checkpoint}  # before any work: a missing one stops nothing halfway
+    checkpoints = {
+        n: check_checkpoint_row(n, sweep.methods[n].checkpoint, target) for n in names if sweep.methods[n].checkpoint
+    }  # before any work: a missing one stops nothing halfway
     data, retrieval_data = recipe.build_data(AutoTokenizer.from_pretrained(base), work, stages, target)
     rows = {}
     evaluation = recipe.evaluation
@@ -213,10 +262,15 @@ def main(argv=None) -> int:
             label = f"{name} + LoRA" if tuned else name
             tag = label.replace(" ", "")
             depends = recipe if tuned else recipe.evaluation  # a row without fine-tuning: only how it is evaluated
-            spec = {"model": str(base), "factor": factor, "recipe": depends.model_dump(mode="json"),
-                    # without defaults: fields added since (finetune, checkpoint) leave saved rows' specs as they were
-                    "quick": args.quick, "method": row.model_dump(mode="json", exclude_defaults=True) | {
-                        "method": chain}, "tuned": tuned}
+            spec = {
+                "model": str(base),
+                "factor": factor,
+                "recipe": depends.model_dump(mode="json"),
+                # without defaults: fields added since (finetune, checkpoint) leave saved rows' specs as they were
+                "quick": args.quick,
+                "method": row.model_dump(mode="json", exclude_defaults=True) | {"method": chain},
+                "tuned": tuned,
+            }
             saved = load_cell(work, f"rows/{tag}", spec)
             if saved:
                 rows[label] = saved["result"]
@@ -236,41 +290,81 @@ def main(argv=None) -> int:
                 model_dir = finetune(cfg, output_dir=str(run), progress=False)["merged"]
                 ft_seconds = time.perf_counter() - started
                 ft_tokens = sum(cfg.stage_steps(i) for i in range(len(cfg.stages))) * cfg.optimization.tokens_per_step
-            ppl = evaluate_perplexity([model_dir], lengths=lengths, output=work / "eval" / tag,
-                                      max_documents=plan["ppl_docs"], batch_size=4)
-            pk = evaluate_passkey([model_dir], lengths=lengths, depths=plan["depths"], trials=plan["passkey_trials"],
-                                  output=work / "eval" / tag)
+            ppl = evaluate_perplexity(
+                [model_dir], lengths=lengths, output=work / "eval" / tag, max_documents=plan["ppl_docs"], batch_size=4
+            )
+            pk = evaluate_passkey(
+                [model_dir],
+                lengths=lengths,
+                depths=plan["depths"],
+                trials=plan["passkey_trials"],
+                output=work / "eval" / tag,
+            )
             per = next(iter(ppl["models"].values()))["per_length"]
             acc = next(iter(pk["models"].values()))["accuracy"]
-            rows[label] = {"ppl": {str(L): per[str(L)]["perplexity"] for L in lengths},
-                           "passkey_worst_depth": {str(L): min(acc[str(L)].values()) for L in lengths},
-                           "passkey": acc, "finetune_seconds": round(ft_seconds, 1),
-                           "finetune_tokens": ft_tokens if tuned else 0,
-                           "seconds": round(time.perf_counter() - started, 1)}
+            rows[label] = {
+                "ppl": {str(L): per[str(L)]["perplexity"] for L in lengths},
+                "passkey_worst_depth": {str(L): min(acc[str(L)].values()) for L in lengths},
+                "passkey": acc,
+                "finetune_seconds": round(ft_seconds, 1),
+                "finetune_tokens": ft_tokens if tuned else 0,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
             if evaluation.ood_data:
-                ood = evaluate_perplexity([model_dir], lengths=[context], data=evaluation.ood_data,
-                                          output=work / "eval" / tag / "ood", max_documents=plan["ppl_docs"],
-                                          batch_size=4)
+                ood = evaluate_perplexity(
+                    [model_dir],
+                    lengths=[context],
+                    data=evaluation.ood_data,
+                    output=work / "eval" / tag / "ood",
+                    max_documents=plan["ppl_docs"],
+                    batch_size=4,
+                )
                 rows[label]["ood_ppl"] = next(iter(ood["models"].values()))["per_length"][str(context)]["perplexity"]
             if evaluation.retrieval_tasks:
-                ret = evaluate_retrieval([model_dir], tasks=evaluation.retrieval_tasks, lengths=lengths,
-                                         depths=plan["retrieval_depths"], trials=evaluation.retrieval_trials,
-                                         output=work / "eval" / tag)
+                ret = evaluate_retrieval(
+                    [model_dir],
+                    tasks=evaluation.retrieval_tasks,
+                    lengths=lengths,
+                    depths=plan["retrieval_depths"],
+                    trials=evaluation.retrieval_trials,
+                    output=work / "eval" / tag,
+                )
                 grids = next(iter(ret["models"].values()))["tasks"]
                 rows[label]["retrieval_worst_depth"] = worst_depths(grids)
                 rows[label]["retrieval"] = {task: g["accuracy"] for task, g in grids.items()}
-            save_cell(work, f"rows/{tag}", spec, rows[label], seconds=rows[label]["seconds"],
-                      device="cuda" if torch.cuda.is_available() else f"cpu (torch threads: {torch.get_num_threads()})")
+            save_cell(
+                work,
+                f"rows/{tag}",
+                spec,
+                rows[label],
+                seconds=rows[label]["seconds"],
+                device="cuda" if torch.cuda.is_available() else f"cpu (torch threads: {torch.get_num_threads()})",
+            )
             print(label, json.dumps({k: v for k, v in rows[label].items() if k != "passkey"}), flush=True)
 
-    meta = {"model": model_name, "factor": factor, "context": context, "target": target, "lengths": lengths,
-            "stage_lengths": stages, "date": time.strftime("%Y-%m-%d"), "commit": commit, "ood_data": evaluation.ood_data,
-            "retrieval_trials": evaluation.retrieval_trials,
-            "config": config_name, "command": "python scripts/leaderboard.py" + (" --quick" if args.quick else "")
-            + (f" --config {config_name}" if config_name != DEFAULT_CONFIG else "")
-            + (f" --methods {args.methods}" if args.methods else "")}
-    atomic_write_text(out / "results.json", json.dumps({"args": vars(args), "sweep": sweep.model_dump(), "plan": plan,
-                                                  "meta": meta, "rows": rows}, indent=2))
+    meta = {
+        "model": model_name,
+        "factor": factor,
+        "context": context,
+        "target": target,
+        "lengths": lengths,
+        "stage_lengths": stages,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit,
+        "ood_data": evaluation.ood_data,
+        "retrieval_trials": evaluation.retrieval_trials,
+        "config": config_name,
+        "command": "python scripts/leaderboard.py"
+        + (" --quick" if args.quick else "")
+        + (f" --config {config_name}" if config_name != DEFAULT_CONFIG else "")
+        + (f" --methods {args.methods}" if args.methods else ""),
+    }
+    atomic_write_text(
+        out / "results.json",
+        json.dumps(
+            {"args": vars(args), "sweep": sweep.model_dump(), "plan": plan, "meta": meta, "rows": rows}, indent=2
+        ),
+    )
     write_report(rows, meta, plan, out)
     return 0
 

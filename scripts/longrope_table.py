@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from ctxext.atomic import atomic_write_text
-from ctxext.evals.report import evaluate_passkey, evaluate_perplexity
 from ctxext.evals.retrieval import count_with_interval
-from ctxext.hub import patch_checkpoint
+from ctxext.evals.run import evaluate_passkey, evaluate_perplexity
+from ctxext.io.atomic import atomic_write_text
+from ctxext.patch.checkpoint import patch_checkpoint
 
 BASELINES = ("pi", "ntk", "yarn")
 
@@ -31,25 +31,33 @@ BASELINES = ("pi", "ntk", "yarn")
 def ppl_table(ppl: dict, lengths: list[int], reference: str = "yarn") -> list[str]:
     target = str(max(lengths))
     ref = ppl["models"][reference]["per_length"][target]["perplexity"]
-    lines = ["| model | " + " | ".join(f"ppl@{L}" for L in lengths) + f" | vs {reference} @{target} |",
-             "|---|" + "---:|" * (len(lengths) + 1)]
+    lines = [
+        "| model | " + " | ".join(f"ppl@{L}" for L in lengths) + f" | vs {reference} @{target} |",
+        "|---|" + "---:|" * (len(lengths) + 1),
+    ]
     for label, r in ppl["models"].items():
         at = r["per_length"]
         change = at[target]["perplexity"] / ref - 1
-        lines.append(f"| {label} | " + " | ".join(f"{at[str(L)]['perplexity']:.2f}" for L in lengths)
-                     + f" | {change:+.1%} |")
+        lines.append(
+            f"| {label} | " + " | ".join(f"{at[str(L)]['perplexity']:.2f}" for L in lengths) + f" | {change:+.1%} |"
+        )
     return lines
 
 
 def passkey_table(pk: dict) -> list[str]:
     trials, depths = pk["protocol"]["trials"], pk["protocol"]["depths"]
-    lines = [f"| model | length | {' | '.join(f'depth {d:g}' for d in depths)} | all depths |",
-             "|---|---:|" + "---:|" * (len(depths) + 1)]
+    lines = [
+        f"| model | length | {' | '.join(f'depth {d:g}' for d in depths)} | all depths |",
+        "|---|---:|" + "---:|" * (len(depths) + 1),
+    ]
     for label, grid in pk["models"].items():
         for length, row in grid["accuracy"].items():
             correct = [round(row[str(d)] * trials) for d in depths]
-            lines.append(f"| {label} | {length} | " + " | ".join(f"{c}/{trials}" for c in correct)
-                         + f" | {count_with_interval(sum(correct), trials * len(depths))} |")
+            lines.append(
+                f"| {label} | {length} | "
+                + " | ".join(f"{c}/{trials}" for c in correct)
+                + f" | {count_with_interval(sum(correct), trials * len(depths))} |"
+            )
     return lines
 
 
@@ -65,8 +73,13 @@ def main(argv=None) -> int:
     p.add_argument("--passkey-lengths", help="comma-separated passkey lengths (default: L and the target)")
     p.add_argument("--trials", type=int, default=10, help="passkey keys per cell")
     p.add_argument("--no-passkey", action="store_true")
-    p.add_argument("--extra", action="append", default=[], metavar="LABEL=PATH",
-                   help="another checkpoint in the perplexity tables (e.g. a proxy search), repeatable")
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="another checkpoint in the perplexity tables (e.g. a proxy search), repeatable",
+    )
     args = p.parse_args(argv)
 
     searched = Path(args.searched)
@@ -74,38 +87,73 @@ def main(argv=None) -> int:
     search = json.loads((searched / "search.json").read_text())
     source, context, target = search["source"], search["context_length"], search["target_length"]
     factor = target / context
-    lengths = ([int(x) for x in args.lengths.split(",")] if args.lengths else
-               sorted({context, 2 * context, 4 * context, target}))
+    lengths = (
+        [int(x) for x in args.lengths.split(",")]
+        if args.lengths
+        else sorted({context, 2 * context, 4 * context, target})
+    )
     work, out = Path(args.work_dir), Path(args.output)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     models = {"baseline": source}
     for method in BASELINES:
-        models[f"{method}"] = str(patch_checkpoint(source, work / f"{method}{factor:g}", method, factor=factor,
-                                                   force=True))
+        models[f"{method}"] = str(
+            patch_checkpoint(source, work / f"{method}{factor:g}", method, factor=factor, force=True)
+        )
     models["searched"] = str(searched)
     for item in args.extra:
         label, _, path = item.partition("=")
         models[label] = path
     started = time.time()
-    result = {"command": "python scripts/longrope_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "date": time.strftime("%Y-%m-%d"), "searched": str(searched), "source": source, "factor": factor,
-              "search": {k: search.get(k) for k in ("calibration", "budget", "seed", "evolution", "refine", "space",
-                                                    "best", "seeds", "generations", "refine_steps")},
-              "rope_parameters": config["rope_parameters"]}
+    result = {
+        "command": "python scripts/longrope_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "searched": str(searched),
+        "source": source,
+        "factor": factor,
+        "search": {
+            k: search.get(k)
+            for k in (
+                "calibration",
+                "budget",
+                "seed",
+                "evolution",
+                "refine",
+                "space",
+                "best",
+                "seeds",
+                "generations",
+                "refine_steps",
+            )
+        },
+        "rope_parameters": config["rope_parameters"],
+    }
     texts = {"held_out": args.data, **({"ood": args.ood} if args.ood else {})}
     for name, data in texts.items():
-        ppl = evaluate_perplexity(list(models.values()), labels=list(models), lengths=lengths, data=data,
-                                  output=work / f"ppl-{name}", max_documents=args.max_documents, batch_size=4)
+        ppl = evaluate_perplexity(
+            list(models.values()),
+            labels=list(models),
+            lengths=lengths,
+            data=data,
+            output=work / f"ppl-{name}",
+            max_documents=args.max_documents,
+            batch_size=4,
+        )
         result[f"ppl_{name}"] = ppl
         shutil.copy(work / f"ppl-{name}" / "ppl.png", out / f"longrope_ppl_{name}.png")
         print(f"\nperplexity on {data}:\n" + "\n".join(ppl_table(ppl, lengths)))
     if not args.no_passkey:
-        pk_lengths = ([int(x) for x in args.passkey_lengths.split(",")] if args.passkey_lengths
-                      else sorted({context, target}))
-        pk = evaluate_passkey([models[m] for m in ("yarn", "ntk", "searched")], lengths=pk_lengths,
-                              depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=args.trials, output=work / "passkey",
-                              labels=["yarn", "ntk", "searched"])
+        pk_lengths = (
+            [int(x) for x in args.passkey_lengths.split(",")] if args.passkey_lengths else sorted({context, target})
+        )
+        pk = evaluate_passkey(
+            [models[m] for m in ("yarn", "ntk", "searched")],
+            lengths=pk_lengths,
+            depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+            trials=args.trials,
+            output=work / "passkey",
+            labels=["yarn", "ntk", "searched"],
+        )
         result["passkey"] = pk
         print("\npasskey:\n" + "\n".join(passkey_table(pk)))
     result["seconds"] = round(time.time() - started, 1)

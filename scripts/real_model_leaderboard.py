@@ -62,14 +62,21 @@ def parse_args(argv):
     p.add_argument("--depths", type=csv(float), help="retrieval depths (replaces the config's)")
     p.add_argument("--documents", type=int, help="documents per perplexity text (replaces the config's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="model dtype for every cell (default: each config section's)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="model dtype for every cell (default: each config section's)",
+    )
     p.add_argument("--batch-size", type=int, help="retrieval prompts per generate call (default 8 on GPU, 1 on CPU)")
-    p.add_argument("--cells", default="docs/real_model",
-                   help="cell folder (files <dtype>/context<N>/<model>/<measure>@<length>.json)")
+    p.add_argument(
+        "--cells",
+        default="docs/real_model",
+        help="cell folder (files <dtype>/context<N>/<model>/<measure>@<length>.json)",
+    )
     p.add_argument("--output", default="docs", help="folder of REAL_MODEL.md and real_model.png")
-    p.add_argument("--stop-after", type=float, metavar="SECONDS",
-                   help="start no new cell after this many seconds of the run")
+    p.add_argument(
+        "--stop-after", type=float, metavar="SECONDS", help="start no new cell after this many seconds of the run"
+    )
     p.add_argument("--report-only", action="store_true", help="measure nothing; rewrite the page from the cells")
     return p, p.parse_args(argv)
 
@@ -80,7 +87,7 @@ def parse_args(argv):
 def select_documents(tokenizer, source: str, count: int, length: int) -> list[dict]:
     """The ``count`` longest documents of ``source`` (by characters) with at least ``length`` tokens, cut to
     ``length`` tokens; only as many as needed are tokenized."""
-    from ctxext.data import load_texts
+    from ctxext.data.text import load_texts
     from ctxext.errors import DataError
 
     chosen = []
@@ -91,14 +98,16 @@ def select_documents(tokenizer, source: str, count: int, length: int) -> list[di
         if len(chosen) == count or len(text) < length:  # a token holds at least one character
             break
     if len(chosen) < count:
-        raise DataError(f"{source}: {len(chosen)} documents have {length} tokens, {count} needed; lower "
-                        "perplexity.documents or give a text with longer documents")
+        raise DataError(
+            f"{source}: {len(chosen)} documents have {length} tokens, {count} needed; lower "
+            "perplexity.documents or give a text with longer documents"
+        )
     return chosen
 
 
 def document_name(source: str, text: str) -> str:
     """The file a document came from (relative to its stdlib, package or folder root); else its first line."""
-    from ctxext import corpus
+    from ctxext.data import corpus
 
     kind, _, part = source.partition(":")
     if kind == "stdlib":
@@ -136,7 +145,7 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
         texts[name] = {"source": source, "documents": docs, "sha256": digest([d["ids"] for d in docs])}
     streams, filler_sha256 = {}, None
     if any(L <= longest for L in lengths):
-        from ctxext.evals.report import filler_stream
+        from ctxext.evals.run import filler_stream
 
         streams[retrieval.filler] = filler_stream(tokenizer, retrieval.filler, seed=retrieval.seed)
         filler_sha256 = digest(streams[retrieval.filler])
@@ -152,21 +161,57 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
             model_spec = {**common, "chain": chain, "params": params, "target": target if extended else None}
             if checkpoint is not None:  # the rope it was saved with: a re-searched checkpoint is measured again
                 model_spec |= {"checkpoint": checkpoint, "checkpoint_rope": saved_rope(checkpoint)}
-            measures = [(f"ppl-{name}", "ppl", target, {"dtype": dtypes["ppl"], "text": t["source"],
-                                                        "text_sha256": t["sha256"],
-                                                        "documents": [d["name"] for d in t["documents"]]})
-                        for name, t in texts.items()]
-            measures += [(task, task, L, {"dtype": dtypes["retrieval"], "filler": retrieval.filler,
-                                          "filler_sha256": filler_sha256, "depths": depths, "trials": n,
-                                          "seed": retrieval.seed})
-                         for task, n in trials.items() for L in lengths if L <= target]
+            measures = [
+                (
+                    f"ppl-{name}",
+                    "ppl",
+                    target,
+                    {
+                        "dtype": dtypes["ppl"],
+                        "text": t["source"],
+                        "text_sha256": t["sha256"],
+                        "documents": [d["name"] for d in t["documents"]],
+                    },
+                )
+                for name, t in texts.items()
+            ]
+            measures += [
+                (
+                    task,
+                    task,
+                    L,
+                    {
+                        "dtype": dtypes["retrieval"],
+                        "filler": retrieval.filler,
+                        "filler_sha256": filler_sha256,
+                        "depths": depths,
+                        "trials": n,
+                        "seed": retrieval.seed,
+                    },
+                )
+                for task, n in trials.items()
+                for L in lengths
+                if L <= target
+            ]
             for measure, kind, length, extra in measures:
                 name = f"{extra['dtype']}/context{context}/{model_key}/{measure}@{length}"
-                cell = cells.setdefault(name, {"name": name, "row": row, "chain": chain, "params": params,
-                                               "checkpoint": checkpoint, "target": model_spec["target"],
-                                               "measure": measure, "kind": kind,
-                                               "length": length, "dtype": extra["dtype"], "factors": [],
-                                               "spec": {**model_spec, "measure": measure, "length": length, **extra}})
+                cell = cells.setdefault(
+                    name,
+                    {
+                        "name": name,
+                        "row": row,
+                        "chain": chain,
+                        "params": params,
+                        "checkpoint": checkpoint,
+                        "target": model_spec["target"],
+                        "measure": measure,
+                        "kind": kind,
+                        "length": length,
+                        "dtype": extra["dtype"],
+                        "factors": [],
+                        "spec": {**model_spec, "measure": measure, "length": length, **extra},
+                    },
+                )
                 cell["factors"].append(factor)
     return list(cells.values()), texts, streams
 
@@ -190,23 +235,42 @@ def measure_perplexity(model, documents: list[dict], length: int, context: int, 
     from ctxext.evals.perplexity import position_nll
 
     device = next(model.parameters()).device
-    nll = sum(position_nll(model, torch.tensor([d["ids"][:length]], device=device))[0].double().cpu()
-              for d in documents)  # [length - 1]: entry t scores the token at position t + 1
+    nll = sum(
+        position_nll(model, torch.tensor([d["ids"][:length]], device=device))[0].double().cpu() for d in documents
+    )  # [length - 1]: entry t scores the token at position t + 1
     positions = torch.arange(1, length)
 
     def span(lo: int, hi: int) -> dict:
         mask = (positions >= lo) & (positions < hi)
         total, count = float(nll[mask].sum()), int(mask.sum()) * len(documents)
-        return {"start": lo, "end": hi, "nll_sum": total, "tokens": count,
-                "perplexity": float(torch.tensor(total / count).exp()) if count else None}
+        return {
+            "start": lo,
+            "end": hi,
+            "nll_sum": total,
+            "tokens": count,
+            "perplexity": float(torch.tensor(total / count).exp()) if count else None,
+        }
 
-    return {"inside": span(0, context), "beyond": span(context, length), "all": span(0, length),
-            "buckets": [span(lo, min(lo + bucket, length)) for lo in range(0, length, bucket)],
-            "documents": [{"name": d["name"], "tokens": d["tokens"]} for d in documents]}
+    return {
+        "inside": span(0, context),
+        "beyond": span(context, length),
+        "all": span(0, length),
+        "buckets": [span(lo, min(lo + bucket, length)) for lo in range(0, length, bucket)],
+        "documents": [{"name": d["name"], "tokens": d["tokens"]} for d in documents],
+    }
 
 
-def measure_retrieval(model, tokenizer, stream: list[int], task: str, length: int, depths: list[float], trials: int,
-                      seed: int, batch_size: int) -> dict:
+def measure_retrieval(
+    model,
+    tokenizer,
+    stream: list[int],
+    task: str,
+    length: int,
+    depths: list[float],
+    trials: int,
+    seed: int,
+    batch_size: int,
+) -> dict:
     """Accuracy per depth and pooled, with the Wilson 95% interval of the pooled count."""
     from ctxext.evals.passkey import passkey_accuracy
     from ctxext.evals.retrieval import task_accuracy, wilson
@@ -214,12 +278,18 @@ def measure_retrieval(model, tokenizer, stream: list[int], task: str, length: in
     if task == "passkey":
         grid = passkey_accuracy(model, tokenizer, stream, [length], depths, trials, seed=seed, batch_size=batch_size)
     else:
-        grid = task_accuracy(model, tokenizer, stream, task, [length], depths, trials, seed=seed,
-                             batch_size=batch_size)
+        grid = task_accuracy(model, tokenizer, stream, task, [length], depths, trials, seed=seed, batch_size=batch_size)
     correct = {d: round(a * trials) for d, a in grid["accuracy"][str(length)].items()}
     total, n = sum(correct.values()), trials * len(depths)
-    return {"correct_per_depth": correct, "trials_per_depth": trials, "correct": total, "n": n, "accuracy": total / n,
-            "wilson95": [round(x, 4) for x in wilson(total, n)], "examples": grid["examples"][:6]}
+    return {
+        "correct_per_depth": correct,
+        "trials_per_depth": trials,
+        "correct": total,
+        "n": n,
+        "accuracy": total / n,
+        "wilson95": [round(x, 4) for x in wilson(total, n)],
+        "examples": grid["examples"][:6],
+    }
 
 
 def describe_device(device) -> str:
@@ -237,8 +307,8 @@ def check_rows(source: str, context: int, groups: dict[tuple, list[dict]]) -> No
     from transformers import AutoConfig
 
     from ctxext.errors import CheckpointError, MethodError
-    from ctxext.hub import check_source
-    from ctxext.patch import plan_patch
+    from ctxext.io.checkpoint import check_source
+    from ctxext.patch.model import plan_patch
 
     config = AutoConfig.from_pretrained(source)
     config.max_position_embeddings = context
@@ -246,8 +316,9 @@ def check_rows(source: str, context: int, groups: dict[tuple, list[dict]]) -> No
         if checkpoint is not None:
             record = getattr(AutoConfig.from_pretrained(check_source(checkpoint)), "ctxext", None) or {}
             if record.get("original_context", context) != context:
-                raise CheckpointError(f"row {row}: {checkpoint} was extended from context "
-                                      f"{record['original_context']}, not {context}")
+                raise CheckpointError(
+                    f"row {row}: {checkpoint} was extended from context {record['original_context']}, not {context}"
+                )
         elif group[0]["chain"]:
             try:
                 plan_patch(config, group[0]["chain"], target_length=target, **group[0]["params"])
@@ -255,19 +326,31 @@ def check_rows(source: str, context: int, groups: dict[tuple, list[dict]]) -> No
                 raise MethodError(f"row {row} at target {target}: {err}") from None
 
 
-def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, tokenizer, texts: dict, streams: dict,
-              root: Path, deadline: float | None) -> None:
+def run_cells(
+    cells: list[dict],
+    *,
+    source: str,
+    sweep,
+    args,
+    context: int,
+    tokenizer,
+    texts: dict,
+    streams: dict,
+    root: Path,
+    deadline: float | None,
+) -> None:
     """Measure every cell of ``cells`` that has no stored record with its spec, one model patch per (row, factor)."""
     import torch
 
     from ctxext.evals.cells import load_cell, save_cell
-    from ctxext.evals.report import pick_device
-    from ctxext.hub import check_source, load_model
-    from ctxext.patch import patch_model
+    from ctxext.evals.run import pick_device
+    from ctxext.io.checkpoint import check_source, load_model
+    from ctxext.patch.model import patch_model
 
     todo = [c for c in cells if load_cell(root, c["name"], c["spec"]) is None]
-    print(f"{len(cells) - len(todo)} of {len(cells)} selected cells already measured; {len(todo)} to measure",
-          flush=True)
+    print(
+        f"{len(cells) - len(todo)} of {len(cells)} selected cells already measured; {len(todo)} to measure", flush=True
+    )
     if not todo:
         return
     groups: dict[tuple, list[dict]] = {}
@@ -303,16 +386,37 @@ def run_cells(cells: list[dict], *, source: str, sweep, args, context: int, toke
                     text = texts[c["measure"].removeprefix("ppl-")]
                     result = measure_perplexity(model, text["documents"], c["length"], context, bucket)
                 else:
-                    result = measure_retrieval(model, tokenizer, streams[spec["filler"]], c["kind"], c["length"],
-                                               spec["depths"], spec["trials"], spec["seed"], batch_size)
+                    result = measure_retrieval(
+                        model,
+                        tokenizer,
+                        streams[spec["filler"]],
+                        c["kind"],
+                        c["length"],
+                        spec["depths"],
+                        spec["trials"],
+                        spec["seed"],
+                        batch_size,
+                    )
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                record = save_cell(root, c["name"], spec, result, seconds=time.perf_counter() - t0, device=where,
-                                   cpu_seconds=time.process_time() - cpu0)
-                summary = ({k: round(result[k]["perplexity"], 3) for k in ("inside", "beyond")} if c["kind"] == "ppl"
-                           else f"{result['correct']}/{result['n']}")
-                print(f"{c['name']}: {summary} ({record['seconds']} s, CPU time {record['cpu_seconds']} s, {where})",
-                      flush=True)
+                record = save_cell(
+                    root,
+                    c["name"],
+                    spec,
+                    result,
+                    seconds=time.perf_counter() - t0,
+                    device=where,
+                    cpu_seconds=time.process_time() - cpu0,
+                )
+                summary = (
+                    {k: round(result[k]["perplexity"], 3) for k in ("inside", "beyond")}
+                    if c["kind"] == "ppl"
+                    else f"{result['correct']}/{result['n']}"
+                )
+                print(
+                    f"{c['name']}: {summary} ({record['seconds']} s, CPU time {record['cpu_seconds']} s, {where})",
+                    flush=True,
+                )
 
 
 # ---------------------------------------------------------------- the page
@@ -336,51 +440,88 @@ def cell_text(cell: dict, record: dict | None) -> tuple[str, str]:
     return text, f"{record['seconds']:.0f}" + (f" (CPU {cpu:.0f})" if cpu is not None else "")
 
 
-def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, args, context: int,
-               checkpoint_context: int, out: Path) -> Path:
-    from ctxext.evals.report import write_markdown_keeping_notes
-    from ctxext.plots import plot_by_position_and_length
+def write_page(
+    cells: list[dict],
+    records: dict[str, dict],
+    texts: dict,
+    sweep,
+    args,
+    context: int,
+    checkpoint_context: int,
+    out: Path,
+) -> Path:
+    from ctxext.evals.plots import plot_by_position_and_length
+    from ctxext.evals.run import write_markdown_keeping_notes
 
     rows = list(dict.fromkeys(c["row"] for c in cells))
-    dtypes = {kind: "/".join(sorted({c["dtype"] for c in cells if (c["kind"] == "ppl") == (kind == "perplexity")}))
-              for kind in ("perplexity", "retrieval")}
+    dtypes = {
+        kind: "/".join(sorted({c["dtype"] for c in cells if (c["kind"] == "ppl") == (kind == "perplexity")}))
+        for kind in ("perplexity", "retrieval")
+    }
     pretend = "" if context == checkpoint_context else f" (pretended: the checkpoint's is {checkpoint_context:,})"
     done = [c for c in cells if c["name"] in records]
-    intro = (f"Config: `{args.config}`. Model `{args.model or sweep.model}`, trained context {context:,}{pretend}; "
-             f"each method patched in memory (or loaded, for checkpoint rows) at factors "
-             f"{', '.join(f'x{f:g}' for f in sweep.factors)} (target = factor x context), no fine-tuning; model dtype "
-             f"{dtypes['perplexity']} for perplexity, {dtypes['retrieval'] or 'none'} for retrieval. "
-             f"{len(done)} of {len(cells)} cells measured (page written {time.strftime('%Y-%m-%d')}); "
-             f"\"{NOT_MEASURED}\" marks the others; `python scripts/real_model_leaderboard.py --config {args.config}` "
-             "measures them (add `--device cuda` on a GPU) and rewrites this page.")
+    intro = (
+        f"Config: `{args.config}`. Model `{args.model or sweep.model}`, trained context {context:,}{pretend}; "
+        f"each method patched in memory (or loaded, for checkpoint rows) at factors "
+        f"{', '.join(f'x{f:g}' for f in sweep.factors)} (target = factor x context), no fine-tuning; model dtype "
+        f"{dtypes['perplexity']} for perplexity, {dtypes['retrieval'] or 'none'} for retrieval. "
+        f"{len(done)} of {len(cells)} cells measured (page written {time.strftime('%Y-%m-%d')}); "
+        f'"{NOT_MEASURED}" marks the others; `python scripts/real_model_leaderboard.py --config {args.config}` '
+        "measures them (add `--device cuda` on a GPU) and rewrites this page."
+    )
     lines = [f"# Training-free leaderboard: {args.model or sweep.model} past its trained context", "", intro, ""]
     for name, t in texts.items():
         docs = ", ".join(f"`{d['name']}` ({d['tokens']:,} tokens in all)" for d in t["documents"])
-        lines.append(f"- Perplexity text `{name}`: `{t['source']}`, the first factor x context tokens of {docs} "
-                     f"(token sha256 {t['sha256']}). Cells: perplexity of the tokens at positions below the "
-                     f"trained context / at and beyond it, one forward over the whole input.")
+        lines.append(
+            f"- Perplexity text `{name}`: `{t['source']}`, the first factor x context tokens of {docs} "
+            f"(token sha256 {t['sha256']}). Cells: perplexity of the tokens at positions below the "
+            f"trained context / at and beyond it, one forward over the whole input."
+        )
     retrieval = sweep.retrieval
     trials = {task: args.trials or n for task, n in retrieval.trials.items()}
-    lines += [(f"- Retrieval: {', '.join(f'{t} ({n} prompts per depth)' for t, n in trials.items())} at depths "
-               f"{', '.join(f'{d:g}' for d in args.depths or retrieval.depths)}, filler `{retrieval.filler}`, seed "
-               f"{retrieval.seed}, the same prompts for every model; prompt lengths up to each row's target. Cells: "
-               "correct / prompts over all depths [Wilson 95% interval]; per depth in the cell files."), ""]
+    lines += [
+        (
+            f"- Retrieval: {', '.join(f'{t} ({n} prompts per depth)' for t, n in trials.items())} at depths "
+            f"{', '.join(f'{d:g}' for d in args.depths or retrieval.depths)}, filler `{retrieval.filler}`, seed "
+            f"{retrieval.seed}, the same prompts for every model; prompt lengths up to each row's target. Cells: "
+            "correct / prompts over all depths [Wilson 95% interval]; per depth in the cell files."
+        ),
+        "",
+    ]
     for factor in sweep.factors:
         target = round(factor * context)
         lengths = sorted({c["length"] for c in cells if c["kind"] != "ppl" and c["length"] <= target})
         cols = [(f"ppl-{name}", target) for name in texts] + [(task, L) for task in trials for L in lengths]
         header = [f"{m} (inside / beyond {context:,})" if m.startswith("ppl-") else f"{m}@{L:,}" for m, L in cols]
         by_key = {(c["row"], c["measure"], c["length"]): c for c in cells if factor in c["factors"]}
-        lines += [f"## x{factor:g} (to {target:,} tokens)", "", "| method | " + " | ".join(header) + " |",
-                  "|---|" + "---|" * len(cols)]
+        lines += [
+            f"## x{factor:g} (to {target:,} tokens)",
+            "",
+            "| method | " + " | ".join(header) + " |",
+            "|---|" + "---|" * len(cols),
+        ]
         seconds = ["| method | " + " | ".join(header) + " |", "|---|" + "---|" * len(cols)]
         for row in rows:
-            texts_, secs = zip(*(cell_text(by_key[(row, m, L)], records.get(by_key[(row, m, L)]["name"]))
-                                 if (row, m, L) in by_key else ("-", "-") for m, L in cols))
+            texts_, secs = zip(
+                *(
+                    cell_text(by_key[(row, m, L)], records.get(by_key[(row, m, L)]["name"]))
+                    if (row, m, L) in by_key
+                    else ("-", "-")
+                    for m, L in cols
+                )
+            )
             lines.append(f"| {row} | " + " | ".join(texts_) + " |")
             seconds.append(f"| {row} | " + " | ".join(secs) + " |")
-        lines += ["", (f"Seconds per cell (x{factor:g}; wall clock, and on CPU the process's CPU time, which other "
-                       "jobs on a shared machine do not inflate):"), "", *seconds, ""]
+        lines += [
+            "",
+            (
+                f"Seconds per cell (x{factor:g}; wall clock, and on CPU the process's CPU time, which other "
+                "jobs on a shared machine do not inflate):"
+            ),
+            "",
+            *seconds,
+            "",
+        ]
     devices = sorted({r["device"] for r in records.values()})
     commands = sorted({(r["command"], r["date"]) for r in records.values()}, key=lambda x: x[1])
     lines += [f"Measured on: {', '.join(devices) or 'nothing yet'}. Commands that measured these cells:", ""]
@@ -398,8 +539,14 @@ def write_page(cells: list[dict], records: dict[str, dict], texts: dict, sweep, 
                     ppl.setdefault(group, {})[c["row"]] = {b["end"]: b["perplexity"] for b in r["buckets"]}
                 elif c["measure"] == first_task:
                     acc.setdefault(group, {}).setdefault(c["row"], {})[c["length"]] = (r["accuracy"], *r["wilson95"])
-        plot_by_position_and_length(ppl, acc, plot, trained_context=context, accuracy_label=first_task,
-                                    title=f"{args.model or sweep.model} without fine-tuning (trained at {context:,})")
+        plot_by_position_and_length(
+            ppl,
+            acc,
+            plot,
+            trained_context=context,
+            accuracy_label=first_task,
+            title=f"{args.model or sweep.model} without fine-tuning (trained at {context:,})",
+        )
         lines += ["", f"![perplexity by position ({first_text}) and {first_task} accuracy by length]({plot.name})"]
     page = out / "REAL_MODEL.md"
     write_markdown_keeping_notes(page, "\n".join(lines) + "\n")
@@ -416,9 +563,9 @@ def main(argv=None) -> int:
 
     from ctxext.errors import CtxextError
     from ctxext.evals.cells import load_cell
-    from ctxext.hub import check_source
-    from ctxext.recipe import load_sweep
-    from ctxext.reference import resolve_model
+    from ctxext.experiments.recipe import load_sweep
+    from ctxext.io.checkpoint import check_source
+    from ctxext.io.sources import resolve_model
 
     try:
         sweep = load_sweep(Path(args.config) if Path(args.config).is_absolute() else REPO / args.config)
@@ -429,8 +576,10 @@ def main(argv=None) -> int:
         known_measures = ["ppl", *sweep.retrieval.trials]
         unknown += [m for m in args.measure or [] if m not in known_measures]
         if unknown:
-            p.error(f"{', '.join(unknown)} not in {args.config} (rows: {', '.join(sweep.methods)}; factors: "
-                    f"{', '.join(f'{f:g}' for f in sweep.factors)}; measures: {', '.join(known_measures)})")
+            p.error(
+                f"{', '.join(unknown)} not in {args.config} (rows: {', '.join(sweep.methods)}; factors: "
+                f"{', '.join(f'{f:g}' for f in sweep.factors)}; measures: {', '.join(known_measures)})"
+            )
         source = check_source(resolve_model(args.model or sweep.model))
         checkpoint_context = AutoConfig.from_pretrained(source).max_position_embeddings
         context = args.context or sweep.context or checkpoint_context
@@ -440,11 +589,25 @@ def main(argv=None) -> int:
         cells, texts, streams = make_plan(sweep, args, context, checkpoint_context, tokenizer)
         root = Path(args.cells)
         if not args.report_only:
-            chosen = [c for c in cells if (not args.methods or c["row"] in args.methods)
-                      and (not args.factors or set(c["factors"]) & set(args.factors))
-                      and (not args.measure or c["kind"] in args.measure)]
-            run_cells(chosen, source=source, sweep=sweep, args=args, context=context, tokenizer=tokenizer,
-                      texts=texts, streams=streams, root=root, deadline=deadline)
+            chosen = [
+                c
+                for c in cells
+                if (not args.methods or c["row"] in args.methods)
+                and (not args.factors or set(c["factors"]) & set(args.factors))
+                and (not args.measure or c["kind"] in args.measure)
+            ]
+            run_cells(
+                chosen,
+                source=source,
+                sweep=sweep,
+                args=args,
+                context=context,
+                tokenizer=tokenizer,
+                texts=texts,
+                streams=streams,
+                root=root,
+                deadline=deadline,
+            )
         records = {c["name"]: r for c in cells if (r := load_cell(root, c["name"], c["spec"])) is not None}
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)

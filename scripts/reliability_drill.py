@@ -53,8 +53,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "ctxext" / "assets" / "reference"
 TINY_YAML = REPO / "configs" / "tiny.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+}
 LEFTOVER = re.compile(r"\.ctxext-(tmp-|lock)")
 PARTS = ("inputs", "kill", "disk", "lock", "diverge")
 CASE_TIMEOUT = 120  # seconds a hostile-input case may take: a command that has not answered by then is not handled
@@ -97,7 +101,7 @@ def _alarm(signum, frame):
 def cli(argv: list[str], timeout: int | None = None) -> tuple[int, str]:
     """``(exit code, stderr)`` of ``ctxext.cli.main(argv)`` in this process; an escaping exception is a traceback,
     and a call still running after ``timeout`` seconds is stopped (exit code None)."""
-    from ctxext.cli import main
+    from ctxext.cli.main import main
 
     err = io.StringIO()
     previous = signal.signal(signal.SIGALRM, _alarm)
@@ -113,7 +117,8 @@ def cli(argv: list[str], timeout: int | None = None) -> tuple[int, str]:
         import traceback
 
         return 1, err.getvalue() + "Traceback (most recent call last):\n" + "".join(
-            traceback.format_exception_only(type(exc), exc))
+            traceback.format_exception_only(type(exc), exc)
+        )
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
@@ -122,8 +127,13 @@ def cli(argv: list[str], timeout: int | None = None) -> tuple[int, str]:
 
 def spawn(argv: list[str], log: Path) -> subprocess.Popen:
     with log.open("w") as f:
-        return subprocess.Popen([sys.executable, "-m", "ctxext.cli", *map(str, argv)], cwd=REPO, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=f)
+        return subprocess.Popen(
+            [sys.executable, "-m", "ctxext.cli", *map(str, argv)],
+            cwd=REPO,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+        )
 
 
 def leftovers(output: Path) -> list[Path]:
@@ -146,10 +156,22 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                         max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0,
-                                         eos_token_id=0, pad_token_id=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=4096,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
+    )
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REFERENCE / name, path / name)
@@ -205,8 +227,21 @@ def command_argv(command: str, kind: str, bad: Path, fx: Fixtures, out: Path) ->
         return ["analyze", "freq", src, "--data", data, "--max-tokens", "256", "--output", out], out
     if command == "search":
         data = bad if kind == "data" else "stdlib:train"
-        return ["search", src, out, "--target-length", "128", "--data", data, "--budget", "4", "--population", "4",
-                "--windows", "1"], out
+        return [
+            "search",
+            src,
+            out,
+            "--target-length",
+            "128",
+            "--data",
+            data,
+            "--budget",
+            "4",
+            "--population",
+            "4",
+            "--windows",
+            "1",
+        ], out
     if command == "finetune":
         config = bad if kind == "yaml" else TINY_YAML
         extra = [f"data.source={bad}", "data.held_out=null"] if kind == "data" else []
@@ -224,8 +259,7 @@ def command_argv(command: str, kind: str, bad: Path, fx: Fixtures, out: Path) ->
     raise ValueError(command)
 
 
-def _checkpoint(edit_weights=None, edit_bytes=None, edit_config=None, config_text=None, edit_tokenizer=None,
-                remove=()):
+def _checkpoint(edit_weights=None, edit_bytes=None, edit_config=None, config_text=None, edit_tokenizer=None, remove=()):
     def build(folder: Path, fx: Fixtures) -> Path:
         from safetensors.torch import load_file, save_file
 
@@ -249,12 +283,14 @@ def _checkpoint(edit_weights=None, edit_bytes=None, edit_config=None, config_tex
         for name in remove:
             (dest / name).unlink()
         return dest
+
     return build
 
 
 def _set(tensor_name: str, index, value):
     def edit(tensors):
         tensors[tensor_name][index] = value
+
     return edit
 
 
@@ -276,6 +312,7 @@ def _yaml(edit: Callable[[dict], object] | None = None, text: str | bytes | None
             edit(raw)
             path.write_text(yaml.safe_dump(raw))
         return path
+
     return build
 
 
@@ -284,71 +321,204 @@ def _data(content: bytes, suffix: str = ".txt"):
         path = folder / f"data{suffix}"
         path.write_bytes(content)
         return path
+
     return build
 
 
-ALIAS_BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
-    f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]) + "\nstages: *i\n"
+ALIAS_BOMB = (
+    "\n".join(
+        ["a: &a [x, x, x, x, x, x, x, x, x]"]
+        + [f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+    )
+    + "\nstages: *i\n"
+)
 
 HOSTILE = [
-    Hostile("weights: zero-byte model.safetensors", "checkpoint", _checkpoint(edit_bytes=lambda b: b""),
-            "model.safetensors", r"empty \(0 bytes\)", CHECKPOINT_COMMANDS),
-    Hostile("weights: garbage model.safetensors", "checkpoint",
-            _checkpoint(edit_bytes=lambda b: random.Random(0).randbytes(len(b))),
-            "model.safetensors", r"not a readable safetensors file", CHECKPOINT_COMMANDS),
-    Hostile("weights: truncated model.safetensors", "checkpoint", _checkpoint(edit_bytes=lambda b: b[: len(b) * 3 // 5]),
-            "model.safetensors", r"truncated or corrupt", CHECKPOINT_COMMANDS),
-    Hostile("weights: a tensor's shape disagrees with config.json", "checkpoint",
-            _checkpoint(edit_weights=lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", t[
-                "model.layers.0.mlp.up_proj.weight"][:90].clone())),
-            "model.safetensors", r"shape \[90, 64\] but config.json describes \[96, 64\]", CHECKPOINT_COMMANDS),
-    Hostile("weights: NaN in a tensor", "checkpoint", _checkpoint(edit_weights=_set("model.layers.1.mlp.up_proj.weight",
-                                                                                     (3, 5), float("nan"))),
-            "model.safetensors", r"1 NaN", CHECKPOINT_COMMANDS),
-    Hostile("weights: inf in a tensor", "checkpoint", _checkpoint(edit_weights=_set("model.norm.weight", 7, float("-inf"))),
-            "model.safetensors", r"1 infinite", CHECKPOINT_COMMANDS),
-    Hostile("config.json: not valid JSON", "checkpoint", _checkpoint(config_text=lambda text: text[: len(text) // 2]),
-            "config.json", r"not valid JSON", CONFIG_COMMANDS),
-    Hostile("config.json: missing fields (hidden_size, num_hidden_layers)", "checkpoint",
-            _checkpoint(edit_config=lambda c: [c.pop("hidden_size"), c.pop("num_hidden_layers")]),
-            "config.json", r"does not set hidden_size, num_hidden_layers", CONFIG_COMMANDS),
-    Hostile("config.json: no model_type", "checkpoint", _checkpoint(edit_config=lambda c: c.pop("model_type")),
-            "config.json", r"no model_type", CONFIG_COMMANDS),
-    Hostile("config.json: head_dim 0", "checkpoint", _checkpoint(edit_config=lambda c: c.update(head_dim=0)),
-            "config.json", r"head_dim is 0", CONFIG_COMMANDS),
-    Hostile("config.json: max_position_embeddings -1", "checkpoint",
-            _checkpoint(edit_config=lambda c: c.update(max_position_embeddings=-1)),
-            "config.json", r"max_position_embeddings is -1", CONFIG_COMMANDS),
-    Hostile("config.json: rope_theta NaN", "checkpoint",
-            _checkpoint(edit_config=lambda c: c["rope_parameters"].update(rope_theta=float("nan"))),
-            "config.json", r"rope_theta is nan", CONFIG_COMMANDS),
-    Hostile("config.json: vocab_size disagrees with the weights", "checkpoint",
-            _checkpoint(edit_config=lambda c: c.update(vocab_size=5000)),
-            "config.json", r"vocab_size is 5000 in config.json but the weights have 4096 rows", CHECKPOINT_COMMANDS),
-    Hostile("tokenizer: missing", "checkpoint", _checkpoint(remove=("tokenizer.json", "tokenizer_config.json")),
-            "", r"has no tokenizer", TOKENIZER_COMMANDS),
-    Hostile("tokenizer: tokenizer.json cut short", "checkpoint",
-            _checkpoint(edit_tokenizer=lambda text: text[: len(text) // 2]),
-            "tokenizer", r"tokenizer of .* cannot be loaded", TOKENIZER_COMMANDS),
+    Hostile(
+        "weights: zero-byte model.safetensors",
+        "checkpoint",
+        _checkpoint(edit_bytes=lambda b: b""),
+        "model.safetensors",
+        r"empty \(0 bytes\)",
+        CHECKPOINT_COMMANDS,
+    ),
+    Hostile(
+        "weights: garbage model.safetensors",
+        "checkpoint",
+        _checkpoint(edit_bytes=lambda b: random.Random(0).randbytes(len(b))),
+        "model.safetensors",
+        r"not a readable safetensors file",
+        CHECKPOINT_COMMANDS,
+    ),
+    Hostile(
+        "weights: truncated model.safetensors",
+        "checkpoint",
+        _checkpoint(edit_bytes=lambda b: b[: len(b) * 3 // 5]),
+        "model.safetensors",
+        r"truncated or corrupt",
+        CHECKPOINT_COMMANDS,
+    ),
+    Hostile(
+        "weights: a tensor's shape disagrees with config.json",
+        "checkpoint",
+        _checkpoint(
+            edit_weights=lambda t: t.__setitem__(
+                "model.layers.0.mlp.up_proj.weight", t["model.layers.0.mlp.up_proj.weight"][:90].clone()
+            )
+        ),
+        "model.safetensors",
+        r"shape \[90, 64\] but config.json describes \[96, 64\]",
+        CHECKPOINT_COMMANDS,
+    ),
+    Hostile(
+        "weights: NaN in a tensor",
+        "checkpoint",
+        _checkpoint(edit_weights=_set("model.layers.1.mlp.up_proj.weight", (3, 5), float("nan"))),
+        "model.safetensors",
+        r"1 NaN",
+        CHECKPOINT_COMMANDS,
+    ),
+    Hostile(
+        "weights: inf in a tensor",
+        "checkpoint",
+        _checkpoint(edit_weights=_set("model.norm.weight", 7, float("-inf"))),
+        "model.safetensors",
+        r"1 infinite",
+        CHECKPOINT_COMMANDS,
+    ),
+    Hostile(
+        "config.json: not valid JSON",
+        "checkpoint",
+        _checkpoint(config_text=lambda text: text[: len(text) // 2]),
+        "config.json",
+        r"not valid JSON",
+        CONFIG_COMMANDS,
+    ),
+    Hostile(
+        "config.json: missing fields (hidden_size, num_hidden_layers)",
+        "checkpoint",
+        _checkpoint(edit_config=lambda c: [c.pop("hidden_size"), c.pop("num_hidden_layers")]),
+        "config.json",
+        r"does not set hidden_size, num_hidden_layers",
+        CONFIG_COMMANDS,
+    ),
+    Hostile(
+        "config.json: no model_type",
+        "checkpoint",
+        _checkpoint(edit_config=lambda c: c.pop("model_type")),
+        "config.json",
+        r"no model_type",
+        CONFIG_COMMANDS,
+    ),
+    Hostile(
+        "config.json: head_dim 0",
+        "checkpoint",
+        _checkpoint(edit_config=lambda c: c.update(head_dim=0)),
+        "config.json",
+        r"head_dim is 0",
+        CONFIG_COMMANDS,
+    ),
+    Hostile(
+        "config.json: max_position_embeddings -1",
+        "checkpoint",
+        _checkpoint(edit_config=lambda c: c.update(max_position_embeddings=-1)),
+        "config.json",
+        r"max_position_embeddings is -1",
+        CONFIG_COMMANDS,
+    ),
+    Hostile(
+        "config.json: rope_theta NaN",
+        "checkpoint",
+        _checkpoint(edit_config=lambda c: c["rope_parameters"].update(rope_theta=float("nan"))),
+        "config.json",
+        r"rope_theta is nan",
+        CONFIG_COMMANDS,
+    ),
+    Hostile(
+        "config.json: vocab_size disagrees with the weights",
+        "checkpoint",
+        _checkpoint(edit_config=lambda c: c.update(vocab_size=5000)),
+        "config.json",
+        r"vocab_size is 5000 in config.json but the weights have 4096 rows",
+        CHECKPOINT_COMMANDS,
+    ),
+    Hostile(
+        "tokenizer: missing",
+        "checkpoint",
+        _checkpoint(remove=("tokenizer.json", "tokenizer_config.json")),
+        "",
+        r"has no tokenizer",
+        TOKENIZER_COMMANDS,
+    ),
+    Hostile(
+        "tokenizer: tokenizer.json cut short",
+        "checkpoint",
+        _checkpoint(edit_tokenizer=lambda text: text[: len(text) // 2]),
+        "tokenizer",
+        r"tokenizer of .* cannot be loaded",
+        TOKENIZER_COMMANDS,
+    ),
     Hostile("GGUF: truncated file", "gguf", _truncated_gguf, "", r"truncated|corrupt", GGUF_COMMANDS),
     Hostile("YAML: alias bomb", "yaml", _yaml(text=ALIAS_BOMB), "", r"aliases are not allowed", ANY_YAML_COMMANDS),
-    Hostile("YAML: deep nesting", "yaml", _yaml(text="stages: " + "[" * 20000 + "]" * 20000 + "\n"), "",
-            r"nested too deeply", ANY_YAML_COMMANDS),
+    Hostile(
+        "YAML: deep nesting",
+        "yaml",
+        _yaml(text="stages: " + "[" * 20000 + "]" * 20000 + "\n"),
+        "",
+        r"nested too deeply",
+        ANY_YAML_COMMANDS,
+    ),
     Hostile("YAML: binary file", "yaml", _yaml(text=bytes(range(256)) * 8), "", r"not valid YAML", ANY_YAML_COMMANDS),
-    Hostile("YAML: wrong type (lora.r: abc)", "yaml", _yaml(lambda c: c["lora"].update(r="abc")), "",
-            r"lora\.r: Input should be a valid integer", YAML_COMMANDS),
-    Hostile("YAML: unknown key (optimization.lrr)", "yaml", _yaml(lambda c: c["optimization"].update(lrr=1)), "",
-            r"unknown key optimization\.lrr", YAML_COMMANDS),
-    Hostile("YAML: negative steps", "yaml", _yaml(lambda c: c["stages"][0].update(steps=-5)), "",
-            r"stages\.0\.steps: Input should be greater than 0", YAML_COMMANDS),
-    Hostile("YAML: huge steps (10^12)", "yaml", _yaml(lambda c: c["stages"][0].update(steps=10**12)), "",
-            r"stages\.0\.steps: Input should be less than or equal to 10000000", YAML_COMMANDS),
+    Hostile(
+        "YAML: wrong type (lora.r: abc)",
+        "yaml",
+        _yaml(lambda c: c["lora"].update(r="abc")),
+        "",
+        r"lora\.r: Input should be a valid integer",
+        YAML_COMMANDS,
+    ),
+    Hostile(
+        "YAML: unknown key (optimization.lrr)",
+        "yaml",
+        _yaml(lambda c: c["optimization"].update(lrr=1)),
+        "",
+        r"unknown key optimization\.lrr",
+        YAML_COMMANDS,
+    ),
+    Hostile(
+        "YAML: negative steps",
+        "yaml",
+        _yaml(lambda c: c["stages"][0].update(steps=-5)),
+        "",
+        r"stages\.0\.steps: Input should be greater than 0",
+        YAML_COMMANDS,
+    ),
+    Hostile(
+        "YAML: huge steps (10^12)",
+        "yaml",
+        _yaml(lambda c: c["stages"][0].update(steps=10**12)),
+        "",
+        r"stages\.0\.steps: Input should be less than or equal to 10000000",
+        YAML_COMMANDS,
+    ),
     Hostile("data: empty file", "data", _data(b""), "", r"is empty", DATA_COMMANDS),
     Hostile("data: binary file", "data", _data(bytes(range(256)) * 64), "", r"is binary", DATA_COMMANDS),
-    Hostile("data: not UTF-8", "data", _data("café au lait, déjà vu\n".encode("latin-1") * 200), "",
-            r"is not UTF-8", DATA_COMMANDS),
-    Hostile("data: too short for one block", "data", _data(b"x = 1\n", ".py"), "",
-            r"fewer than one block|no document has at least", DATA_COMMANDS),
+    Hostile(
+        "data: not UTF-8",
+        "data",
+        _data("café au lait, déjà vu\n".encode("latin-1") * 200),
+        "",
+        r"is not UTF-8",
+        DATA_COMMANDS,
+    ),
+    Hostile(
+        "data: too short for one block",
+        "data",
+        _data(b"x = 1\n", ".py"),
+        "",
+        r"fewer than one block|no document has at least",
+        DATA_COMMANDS,
+    ),
 ]
 
 
@@ -360,12 +530,24 @@ def run_input_case(hostile: Hostile, command: str, fx: Fixtures) -> Outcome:
     named = str(bad) in err and hostile.culprit in err
     said = re.search(hostile.says, err) is not None
     clean = nothing_written(out)
-    problems = [what for what, ok in ((f"exit code {rc}", rc == 2), ("file not named", named),
-                                      ("problem not said", said), ("traceback", "Traceback" not in err),
-                                      ("output written", clean)) if not ok]
+    problems = [
+        what
+        for what, ok in (
+            (f"exit code {rc}", rc == 2),
+            ("file not named", named),
+            ("problem not said", said),
+            ("traceback", "Traceback" not in err),
+            ("output written", clean),
+        )
+        if not ok
+    ]
     message = err.strip().splitlines()[-1] if err.strip() else ""
-    return Outcome("inputs", f"{hostile.name} | {command}", not problems,
-                   note="; ".join(problems) + (f" | {message[:300]}" if message else ""))
+    return Outcome(
+        "inputs",
+        f"{hostile.name} | {command}",
+        not problems,
+        note="; ".join(problems) + (f" | {message[:300]}" if message else ""),
+    )
 
 
 def part_inputs(fx: Fixtures, args) -> list[Outcome]:
@@ -394,7 +576,7 @@ def checkpoint_is(path: Path, reference_logits) -> str | None:
     import torch
 
     from ctxext.errors import CtxextError
-    from ctxext.validate import check_checkpoint
+    from ctxext.io.validate import check_checkpoint
 
     try:
         check_checkpoint(path, finite=True)
@@ -408,7 +590,7 @@ def training_checkpoints_complete(run: Path) -> str | None:
     """None when every ``checkpoints/step-*`` of ``run`` is whole: position, weights, optimizer, scheduler, RNG."""
     import torch
 
-    from ctxext.validate import read_headers
+    from ctxext.io.validate import read_headers
 
     for ckpt in sorted((run / "checkpoints").glob("step-*")):
         try:
@@ -522,9 +704,14 @@ def kill_trial(op: Operation, trial: int, window: Window, rng: random.Random, lo
     op.stats["mid_write"] += mid_write
     broken = op.after_kill()
     failed = op.rerun()
-    return Outcome("kill", f"{op.name} #{trial} (killed {'mid-write' if mid_write else 'between writes'})",
-                   handled=broken is None and failed is None, corrupted=broken is not None,
-                   lost=op.is_run and failed is not None, note="; ".join(filter(None, [broken, failed])))
+    return Outcome(
+        "kill",
+        f"{op.name} #{trial} (killed {'mid-write' if mid_write else 'between writes'})",
+        handled=broken is None and failed is None,
+        corrupted=broken is not None,
+        lost=op.is_run and failed is not None,
+        note="; ".join(filter(None, [broken, failed])),
+    )
 
 
 def _remove(path: Path) -> None:
@@ -545,7 +732,7 @@ def _rerun(argv: list, output: Path, check: Callable[[], str | None]) -> str | N
 
 
 def patch_operation(fx: Fixtures) -> Operation:
-    from ctxext.lock import lock_path
+    from ctxext.io.lock import lock_path
 
     out = fx.root / "kill-patch" / "out"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -561,15 +748,19 @@ def patch_operation(fx: Fixtures) -> Operation:
             shutil.copytree(reference, out)
 
     return Operation(
-        "patch", argv + ["--force"], out, start=lambda: lock_path(out).exists(),
+        "patch",
+        argv + ["--force"],
+        out,
+        start=lambda: lock_path(out).exists(),
         writing=lambda: any("probe" not in p.name for p in out.parent.glob(f".{out.name}.ctxext-tmp-*")),
         prepare=prepare,
         after_kill=lambda: checkpoint_is(out, expected) if out.exists() else None,
-        rerun=lambda: _rerun(argv + ["--force"], out, lambda: checkpoint_is(out, expected)))
+        rerun=lambda: _rerun(argv + ["--force"], out, lambda: checkpoint_is(out, expected)),
+    )
 
 
 def export_operation(fx: Fixtures) -> Operation:
-    from ctxext.lock import lock_path
+    from ctxext.io.lock import lock_path
 
     out = fx.root / "kill-export" / "out.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -578,7 +769,7 @@ def export_operation(fx: Fixtures) -> Operation:
 
     def same() -> str | None:
         from ctxext.errors import CtxextError
-        from ctxext.gguf.read import read_gguf
+        from ctxext.io.gguf.read import read_gguf
 
         try:
             read_gguf(out)
@@ -591,9 +782,16 @@ def export_operation(fx: Fixtures) -> Operation:
         if trial // 2 % 2 == 1:
             shutil.copy(fx.gguf, out)
 
-    return Operation("export", argv, out, start=lambda: lock_path(out).exists(),
-                     writing=lambda: any(out.parent.glob(f".{out.name}.ctxext-tmp-*")), prepare=prepare,
-                     after_kill=lambda: same() if out.exists() else None, rerun=lambda: _rerun(argv, out, same))
+    return Operation(
+        "export",
+        argv,
+        out,
+        start=lambda: lock_path(out).exists(),
+        writing=lambda: any(out.parent.glob(f".{out.name}.ctxext-tmp-*")),
+        prepare=prepare,
+        after_kill=lambda: same() if out.exists() else None,
+        rerun=lambda: _rerun(argv, out, same),
+    )
 
 
 @dataclass
@@ -604,8 +802,16 @@ class ReferenceRun:
 
 
 def finetune_argv(fx: Fixtures, run: Path, *extra, resume: bool = False) -> list:
-    return ["finetune", TINY_YAML, f"model.path={fx.src}", *RUN_OVERRIDES, *extra, "--output-dir", run,
-            *(["--resume"] if resume else [])]
+    return [
+        "finetune",
+        TINY_YAML,
+        f"model.path={fx.src}",
+        *RUN_OVERRIDES,
+        *extra,
+        "--output-dir",
+        run,
+        *(["--resume"] if resume else []),
+    ]
 
 
 def reference_run(fx: Fixtures) -> ReferenceRun:
@@ -633,7 +839,7 @@ def _run_after_kill(ref: ReferenceRun, run: Path) -> str | None:
     if problem is None and (run / "merged").exists():
         problem = checkpoint_is(run / "merged", ref.merged_logits)
     if problem is None and (run / "adapter").exists():
-        from ctxext.validate import read_headers
+        from ctxext.io.validate import read_headers
 
         try:
             read_headers([run / "adapter" / "adapter_model.safetensors"])
@@ -647,12 +853,17 @@ def finetune_operation(fx: Fixtures, ref: ReferenceRun) -> Operation:
     run = fx.root / "kill-finetune" / "run"
     last = run / "checkpoints" / f"step-{len(ref.curve):06d}"
     return Operation(
-        "finetune checkpointing", finetune_argv(fx, run), run, start=lambda: (run / "checkpoints").exists(),
-        end=lambda: last.exists(), writing=lambda: any((run / "checkpoints").glob(".step-*")),
+        "finetune checkpointing",
+        finetune_argv(fx, run),
+        run,
+        start=lambda: (run / "checkpoints").exists(),
+        end=lambda: last.exists(),
+        writing=lambda: any((run / "checkpoints").glob(".step-*")),
         prepare=lambda trial: _remove(run),
         after_kill=lambda: _run_after_kill(ref, run),
         rerun=lambda: _rerun(finetune_argv(fx, run, resume=True), run, lambda: run_is_finished_like(ref, run)),
-        is_run=True)
+        is_run=True,
+    )
 
 
 def merge_operation(fx: Fixtures, ref: ReferenceRun) -> Operation:
@@ -665,12 +876,16 @@ def merge_operation(fx: Fixtures, ref: ReferenceRun) -> Operation:
         shutil.copytree(ref.run, run, ignore=shutil.ignore_patterns("adapter", "merged"))
 
     return Operation(
-        "merge at the end", finetune_argv(fx, run, resume=True), run,
+        "merge at the end",
+        finetune_argv(fx, run, resume=True),
+        run,
         start=lambda: (run / "adapter").exists() or any(run.glob(".adapter.ctxext-tmp-*")),
         writing=lambda: any(run.glob(".adapter.ctxext-tmp-*")) or any(run.glob(".merged.ctxext-tmp-*")),
-        prepare=prepare, after_kill=lambda: _run_after_kill(ref, run),
+        prepare=prepare,
+        after_kill=lambda: _run_after_kill(ref, run),
         rerun=lambda: _rerun(finetune_argv(fx, run, resume=True), run, lambda: run_is_finished_like(ref, run)),
-        is_run=True)
+        is_run=True,
+    )
 
 
 def part_kill(fx: Fixtures, args) -> list[Outcome]:
@@ -689,10 +904,16 @@ def part_kill(fx: Fixtures, args) -> list[Outcome]:
             if outcome is not None:
                 outcomes.append(outcome)
                 print(f"  {'ok  ' if outcome.handled else 'FAIL'} {outcome.case} {outcome.note[:200]}", flush=True)
-        outcomes.append(Outcome("kill", f"{op.name}: {op.stats['landed']} kills landed ({op.stats['mid_write']} "
-                                f"mid-write; working window {window.working:.2f} s, one write {window.write:.3f} s), "
-                                f"{op.stats['finished_first']} runs finished before their moment",
-                                handled=op.stats["landed"] >= args.kills, note="summary"))
+        outcomes.append(
+            Outcome(
+                "kill",
+                f"{op.name}: {op.stats['landed']} kills landed ({op.stats['mid_write']} "
+                f"mid-write; working window {window.working:.2f} s, one write {window.write:.3f} s), "
+                f"{op.stats['finished_first']} runs finished before their moment",
+                handled=op.stats["landed"] >= args.kills,
+                note="summary",
+            )
+        )
     return outcomes
 
 
@@ -704,9 +925,9 @@ def small_filesystem(path: Path, size: int):
     """A tmpfs of ``size`` bytes at ``path``; raises PermissionError (with mount's words) where mounting is refused."""
     path.mkdir(parents=True, exist_ok=True)
     size = max(4096, -(-size // 4096) * 4096)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False,
-                          capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise PermissionError(f"cannot mount a tmpfs here: {(proc.stderr or proc.stdout).strip()}")
     try:
@@ -729,20 +950,35 @@ def fill(folder: Path) -> Path:
 
 
 def tree_bytes(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} \
-        if path.is_dir() else {"": path.read_bytes()}
+    return (
+        {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+        if path.is_dir()
+        else {"": path.read_bytes()}
+    )
 
 
 def _disk_case(name: str, argv: list, out: Path, before: dict | None) -> Outcome:
     rc, err = cli(argv)
     after = tree_bytes(out) if out.exists() else None
     kept = after == before
-    problems = [what for what, ok in ((f"exit code {rc}", rc == 2), ("no disk-full message", "no space left" in err),
-                                      ("traceback", "Traceback" not in err),
-                                      ("previous output changed", kept),
-                                      ("temporary files left", not leftovers(out))) if not ok]
-    return Outcome("disk", name, not problems, corrupted=not kept, note="; ".join(problems) + " | "
-                   + (err.strip().splitlines() or [""])[-1][:300])
+    problems = [
+        what
+        for what, ok in (
+            (f"exit code {rc}", rc == 2),
+            ("no disk-full message", "no space left" in err),
+            ("traceback", "Traceback" not in err),
+            ("previous output changed", kept),
+            ("temporary files left", not leftovers(out)),
+        )
+        if not ok
+    ]
+    return Outcome(
+        "disk",
+        name,
+        not problems,
+        corrupted=not kept,
+        note="; ".join(problems) + " | " + (err.strip().splitlines() or [""])[-1][:300],
+    )
 
 
 def part_disk(fx: Fixtures, args) -> list[Outcome]:
@@ -756,17 +992,34 @@ def part_disk(fx: Fixtures, args) -> list[Outcome]:
         with small_filesystem(mount, int(size * 1.5)):
             out = mount / "out"
             shutil.copytree(reference, out)
-            outcomes.append(_disk_case("patch --force over an existing OUT on a full disk",
-                                       ["patch", fx.src, out, "--method", "yarn", "--factor", "2", "--force"], out,
-                                       tree_bytes(out)))
+            outcomes.append(
+                _disk_case(
+                    "patch --force over an existing OUT on a full disk",
+                    ["patch", fx.src, out, "--method", "yarn", "--factor", "2", "--force"],
+                    out,
+                    tree_bytes(out),
+                )
+            )
             fresh = mount / "fresh"
-            outcomes.append(_disk_case("patch into a new OUT on a full disk",
-                                       ["patch", fx.src, fresh, "--method", "yarn", "--factor", "2"], fresh, None))
+            outcomes.append(
+                _disk_case(
+                    "patch into a new OUT on a full disk",
+                    ["patch", fx.src, fresh, "--method", "yarn", "--factor", "2"],
+                    fresh,
+                    None,
+                )
+            )
         with small_filesystem(mount, int(fx.gguf.stat().st_size * 1.5)):
             out = mount / "out.gguf"
             shutil.copy(fx.gguf, out)
-            outcomes.append(_disk_case("export --force over an existing GGUF on a full disk",
-                                       ["export", "gguf", fx.src, out, "--force"], out, tree_bytes(out)))
+            outcomes.append(
+                _disk_case(
+                    "export --force over an existing GGUF on a full disk",
+                    ["export", "gguf", fx.src, out, "--force"],
+                    out,
+                    tree_bytes(out),
+                )
+            )
         with small_filesystem(mount, 64 << 20):
             outcomes.append(finetune_on_full_disk(fx, mount))
     except PermissionError as err:
@@ -785,24 +1038,35 @@ def finetune_on_full_disk(fx: Fixtures, mount: Path) -> Outcome:
     filler = fill(mount)
     proc.wait()
     err = log.read_text()
-    problems = [what for what, ok in ((f"exit code {proc.returncode}", proc.returncode == 2),
-                                      ("no disk-full message", "no space left" in err),
-                                      ("last checkpoint not named", "last complete checkpoint is" in err),
-                                      ("traceback", "Traceback" not in err)) if not ok]
+    problems = [
+        what
+        for what, ok in (
+            (f"exit code {proc.returncode}", proc.returncode == 2),
+            ("no disk-full message", "no space left" in err),
+            ("last checkpoint not named", "last complete checkpoint is" in err),
+            ("traceback", "Traceback" not in err),
+        )
+        if not ok
+    ]
     broken = training_checkpoints_complete(run)
     filler.unlink()
     failed = _rerun(finetune_argv(fx, run, resume=True), run, lambda: run_is_finished_like(ref, run))
     problems += [p for p in (broken, failed) if p]
-    return Outcome("disk", "finetune whose disk fills up after checkpoint 2, then --resume", not problems,
-                   corrupted=broken is not None, lost=failed is not None,
-                   note="; ".join(problems) + " | " + (err.strip().splitlines() or [""])[-1][:300])
+    return Outcome(
+        "disk",
+        "finetune whose disk fills up after checkpoint 2, then --resume",
+        not problems,
+        corrupted=broken is not None,
+        lost=failed is not None,
+        note="; ".join(problems) + " | " + (err.strip().splitlines() or [""])[-1][:300],
+    )
 
 
 # ---------------------------------------------------------------- part 4: two runs into one output
 
 
 def part_lock(fx: Fixtures, args) -> list[Outcome]:
-    from ctxext.lock import lock_path, output_lock
+    from ctxext.io.lock import lock_path, output_lock
 
     outcomes = []
     out = fx.out("locked")
@@ -814,8 +1078,9 @@ def part_lock(fx: Fixtures, args) -> list[Outcome]:
     out = fx.out("stale")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock_path(out).write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename, "command": "killed run",
-                                          "started": "earlier"}))
+    lock_path(out).write_text(
+        json.dumps({"pid": dead.pid, "host": os.uname().nodename, "command": "killed run", "started": "earlier"})
+    )
     rc, err = cli(["patch", fx.src, out, "--method", "yarn", "--factor", "2"])
     ok = rc == 0 and out.is_dir() and not leftovers(out)
     outcomes.append(Outcome("lock", "stale lock (its pid is not running) is taken over", ok, note=err.strip()[-300:]))
@@ -825,8 +1090,14 @@ def part_lock(fx: Fixtures, args) -> list[Outcome]:
 
 
 def cli_subprocess(argv: list) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "ctxext.cli", *map(str, argv)], check=False, cwd=REPO, env=ENV,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxext.cli", *map(str, argv)],
+        check=False,
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     return proc.returncode, proc.stderr
 
 
@@ -851,9 +1122,14 @@ def two_finetunes_at_once(fx: Fixtures) -> Outcome:
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     if steps != sorted(set(steps)):
         problems.append(f"interleaved metrics: steps {steps}")
-    return Outcome("lock", "two fine-tunes into one folder started together", not problems,
-                   corrupted=finished is not None, lost=finished is not None,
-                   note="; ".join(problems) + " | " + (loser_err.strip().splitlines() or [""])[-1][:300])
+    return Outcome(
+        "lock",
+        "two fine-tunes into one folder started together",
+        not problems,
+        corrupted=finished is not None,
+        lost=finished is not None,
+        note="; ".join(problems) + " | " + (loser_err.strip().splitlines() or [""])[-1][:300],
+    )
 
 
 # ---------------------------------------------------------------- part 5: a diverging run
@@ -867,7 +1143,7 @@ def part_diverge(fx: Fixtures, args) -> list[Outcome]:
     import torch
     from safetensors.torch import load_file
 
-    from ctxext.config import load_config
+    from ctxext.train.config import load_config
 
     total = sum(load_config(TINY_YAML).stage_steps(i) for i in range(len(load_config(TINY_YAML).stages)))
     run = fx.out("diverge")
@@ -875,29 +1151,45 @@ def part_diverge(fx: Fixtures, args) -> list[Outcome]:
     found = re.search(r"loss became (?:nan|inf|-inf) at step (\d+)", err)
     step = int(found.group(1)) if found else 0
     good = run / "checkpoints" / f"step-{step - 2:06d}"
-    problems = [what for what, ok in ((f"exit code {rc}", rc == 3), ("no divergence message", found is not None),
-                                      ("last good checkpoint not named", f"Last good checkpoint: {good}" in err),
-                                      ("wrecked checkpoint not set aside",
-                                       (run / "checkpoints" / f"diverged-step-{step - 1:06d}").is_dir()))
-                if not ok]
+    problems = [
+        what
+        for what, ok in (
+            (f"exit code {rc}", rc == 3),
+            ("no divergence message", found is not None),
+            ("last good checkpoint not named", f"Last good checkpoint: {good}" in err),
+            ("wrecked checkpoint not set aside", (run / "checkpoints" / f"diverged-step-{step - 1:06d}").is_dir()),
+        )
+        if not ok
+    ]
     finite = good.is_dir() and all(torch.isfinite(t).all() for t in load_file(good / "model.safetensors").values())
     whole = training_checkpoints_complete(run)  # weights, optimizer, scheduler, RNG and position all load
     finite = finite and whole is None
-    problems += [] if finite else [whole or f"the last good checkpoint {good.name} is missing or holds non-finite "
-                                   "weights"]
+    problems += (
+        [] if finite else [whole or f"the last good checkpoint {good.name} is missing or holds non-finite weights"]
+    )
     before = losses(run)[: step - 2] if (run / "metrics.jsonl").exists() else []
-    rc2, err2 = cli_subprocess(["-v", *finetune_argv(fx, run, "stages.1.lr=1e-3", "optimization.grad_clip=null",
-                                                     resume=True)])
+    rc2, err2 = cli_subprocess(
+        ["-v", *finetune_argv(fx, run, "stages.1.lr=1e-3", "optimization.grad_clip=null", resume=True)]
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if rc2 == 0 else []
-    resumed = (f"resumed from {good}\n" in err2  # from that checkpoint, not from scratch
-               and [r["step"] for r in records] == list(range(1, total + 1))
-               and all(math.isfinite(r["loss"]) for r in records)
-               and [r["loss"] for r in records[: step - 2]] == before
-               and checkpoint_is(run / "merged", patched_logits(run / "merged")) is None)
+    resumed = (
+        f"resumed from {good}\n" in err2  # from that checkpoint, not from scratch
+        and [r["step"] for r in records] == list(range(1, total + 1))
+        and all(math.isfinite(r["loss"]) for r in records)
+        and [r["loss"] for r in records[: step - 2]] == before
+        and checkpoint_is(run / "merged", patched_logits(run / "merged")) is None
+    )
     problems += [] if resumed else [f"resume from {good.name} failed ({rc2}): {err2.strip()[-300:]}"]
-    return [Outcome("diverge", f"loss not finite at step {step}: exit 3, last good checkpoint loads and resumes",
-                    not problems, corrupted=not finite, lost=not resumed,
-                    note="; ".join(problems) + " | " + (err.strip().splitlines() or [""])[-1][:300])]
+    return [
+        Outcome(
+            "diverge",
+            f"loss not finite at step {step}: exit 3, last good checkpoint loads and resumes",
+            not problems,
+            corrupted=not finite,
+            lost=not resumed,
+            note="; ".join(problems) + " | " + (err.strip().splitlines() or [""])[-1][:300],
+        )
+    ]
 
 
 # ---------------------------------------------------------------- report
@@ -909,10 +1201,14 @@ def table(outcomes: list[Outcome]) -> list[str]:
     for part in PARTS:
         mine = [o for o in rows if o.part == part]
         if mine:
-            lines.append(f"| {part} | {len(mine)} | {sum(o.handled for o in mine)} | {sum(o.corrupted for o in mine)} "
-                         f"| {sum(o.lost for o in mine)} |")
-    lines.append(f"| **all** | **{len(rows)}** | **{sum(o.handled for o in rows)}** | "
-                 f"**{sum(o.corrupted for o in rows)}** | **{sum(o.lost for o in rows)}** |")
+            lines.append(
+                f"| {part} | {len(mine)} | {sum(o.handled for o in mine)} | {sum(o.corrupted for o in mine)} "
+                f"| {sum(o.lost for o in mine)} |"
+            )
+    lines.append(
+        f"| **all** | **{len(rows)}** | **{sum(o.handled for o in rows)}** | "
+        f"**{sum(o.corrupted for o in rows)}** | **{sum(o.lost for o in rows)}** |"
+    )
     return lines
 
 
@@ -936,8 +1232,13 @@ def main() -> int:
         root = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="drill-")))
         fx = make_fixtures(root)
         outcomes: list[Outcome] = []
-        runners = {"inputs": part_inputs, "kill": part_kill, "disk": part_disk, "lock": part_lock,
-                   "diverge": part_diverge}
+        runners = {
+            "inputs": part_inputs,
+            "kill": part_kill,
+            "disk": part_disk,
+            "lock": part_lock,
+            "diverge": part_diverge,
+        }
         for part in parts:
             print(f"== {part}", flush=True)
             outcomes += runners[part](fx, args)
@@ -951,8 +1252,10 @@ def main() -> int:
     failures = [o for o in outcomes if not o.handled]
     for o in failures:
         print(f"NOT HANDLED: [{o.part}] {o.case}: {o.note}")
-    print(f"\n{len(outcomes)} outcomes in {(time.time() - started) / 60:.1f} min "
-          f"(python scripts/reliability_drill.py --parts {args.parts} --kills {args.kills} --seed {args.seed})")
+    print(
+        f"\n{len(outcomes)} outcomes in {(time.time() - started) / 60:.1f} min "
+        f"(python scripts/reliability_drill.py --parts {args.parts} --kills {args.kills} --seed {args.seed})"
+    )
     return 0 if not failures else 1
 
 

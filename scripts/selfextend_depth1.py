@@ -24,7 +24,7 @@ import torch
 import ctxext.rope.selfextend as se
 from ctxext import patch_model
 from ctxext.evals.passkey import ANSWER, build_prompt, random_key, score
-from ctxext.evals.report import filler_stream, load_for_eval
+from ctxext.evals.run import filler_stream, load_for_eval
 
 
 def main() -> None:
@@ -51,12 +51,25 @@ def main() -> None:
             qg = se.rotate(query[:, :, -1:], (qp // G + W - W // G - qp).double()[None, :, None] * f)
             kg = se.rotate(key, (kp // G - kp).double()[None, :, None] * f)
             d = K - 1 - kp
-            s = torch.where(d < W, (query[:, :, -1:] @ key.transpose(-1, -2))[..., 0, :],
-                            (qg @ kg.transpose(-1, -2))[..., 0, :]) * query.shape[-1] ** -0.5
+            s = (
+                torch.where(
+                    d < W, (query[:, :, -1:] @ key.transpose(-1, -2))[..., 0, :], (qg @ kg.transpose(-1, -2))[..., 0, :]
+                )
+                * query.shape[-1] ** -0.5
+            )
             p = s.softmax(-1)[0]
             masses.append([round(float(p[h, d >= W].sum()), 2) for h in range(p.shape[0])])
-        return kernel(query, key, value, attention_mask, group_size=group_size, window=window, inv_freq=inv_freq,
-                      positions=positions, **kw)
+        return kernel(
+            query,
+            key,
+            value,
+            attention_mask,
+            group_size=group_size,
+            window=window,
+            inv_freq=inv_freq,
+            positions=positions,
+            **kw,
+        )
 
     se.selfextend_attention = wrapped
     model, tok, _ = load_for_eval("reference", device="cpu")
@@ -73,18 +86,20 @@ def main() -> None:
         if mode == "mass":
             with torch.no_grad():
                 model(ids, use_cache=False)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_answer, do_sample=False,
-                             pad_token_id=0)
-        text = tok.decode(out[0, ids.shape[1]:])
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_answer, do_sample=False, pad_token_id=0
+        )
+        text = tok.decode(out[0, ids.shape[1] :])
         correct += score(text, p.key)
         line = f"key {p.key} at token {p.key_token_index}/{len(p.input_ids)}: {text!r}"
         if mode == "plain":
             short = ids[:, -250:]
-            b = base.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=n_answer, do_sample=False,
-                              pad_token_id=0)
-            line += f"; unpatched model on the last 250 tokens: {tok.decode(b[0, short.shape[1]:])!r}"
+            b = base.generate(
+                short, attention_mask=torch.ones_like(short), max_new_tokens=n_answer, do_sample=False, pad_token_id=0
+            )
+            line += f"; unpatched model on the last 250 tokens: {tok.decode(b[0, short.shape[1] :])!r}"
         if mode == "mass":
-            line += f"; grouped-key mass per layer [heads]: {masses[:len(model.model.layers)]}"
+            line += f"; grouped-key mass per layer [heads]: {masses[: len(model.model.layers)]}"
         print(line, flush=True)
     print(f"{mode}: {correct}/{args.trials} correct")
 

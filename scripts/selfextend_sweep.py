@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from ctxext.atomic import atomic_write_text
 from ctxext.evals.retrieval import count_with_interval
+from ctxext.io.atomic import atomic_write_text
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -37,13 +37,19 @@ def run(args) -> dict:
 
     from ctxext import patch_model
     from ctxext.evals.passkey import passkey_accuracy
-    from ctxext.evals.report import filler_stream, load_for_eval
+    from ctxext.evals.run import filler_stream, load_for_eval
 
     torch.set_num_threads(args.threads) if args.threads else None
     out = Path(args.output)
     data = json.loads(out.read_text()) if out.exists() else {}
-    protocol = {"model": args.model, "filler": args.filler, "lengths": args.lengths, "depths": args.depths,
-                "trials": args.trials, "seed": args.seed}
+    protocol = {
+        "model": args.model,
+        "filler": args.filler,
+        "lengths": args.lengths,
+        "depths": args.depths,
+        "trials": args.trials,
+        "seed": args.seed,
+    }
     if data and data["protocol"] != {**data["protocol"], **protocol}:
         sys.exit(f"{out} holds another protocol ({data['protocol']}); use another --output")
     data.setdefault("protocol", {**protocol, "date": time.strftime("%Y-%m-%d")})
@@ -61,16 +67,34 @@ def run(args) -> dict:
             continue
         t0 = time.time()
         with patch_model(model, "selfextend", group_size=g, window=w, group_bias=b):
-            grid = passkey_accuracy(model, tokenizer, stream, args.lengths, args.depths, args.trials, seed=args.seed,
-                                    batch_size=args.batch_size, progress=False)
-        data["settings"][name] = {"group_size": g, "window": w, "group_bias": b, "reach": reach,
-                                  "accuracy": grid["accuracy"],
-                                  "examples": [e for e in grid["examples"] if not e["correct"]],
-                                  "seconds": round(time.time() - t0, 1)}
+            grid = passkey_accuracy(
+                model,
+                tokenizer,
+                stream,
+                args.lengths,
+                args.depths,
+                args.trials,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                progress=False,
+            )
+        data["settings"][name] = {
+            "group_size": g,
+            "window": w,
+            "group_bias": b,
+            "reach": reach,
+            "accuracy": grid["accuracy"],
+            "examples": [e for e in grid["examples"] if not e["correct"]],
+            "seconds": round(time.time() - t0, 1),
+        }
         atomic_write_text(out, json.dumps(data, indent=1))
         row = grid["accuracy"][str(max(args.lengths))]
-        print(f"{name} reach {reach}: " + " ".join(f"{row[str(d)]:.0%}" for d in args.depths)
-              + f"  ({time.time() - t0:.0f}s)", flush=True)
+        print(
+            f"{name} reach {reach}: "
+            + " ".join(f"{row[str(d)]:.0%}" for d in args.depths)
+            + f"  ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
     return data
 
 
@@ -78,8 +102,10 @@ def table(data: dict) -> str:
     p = data["protocol"]
     trials, depths = p["trials"], p["depths"]
     biased = any(s.get("group_bias") for s in data["settings"].values())
-    header = (f"| G | W | {'bias | ' if biased else ''}reach | length | {' | '.join(f'depth {d:g}' for d in depths)} | "
-              "worst | all depths |")
+    header = (
+        f"| G | W | {'bias | ' if biased else ''}reach | length | {' | '.join(f'depth {d:g}' for d in depths)} | "
+        "worst | all depths |"
+    )
     lines = [header, "|---:|---:|" + ("---:|" if biased else "") + "---:|---:|" + "---:|" * (len(depths) + 2)]
     rows = []
     for s in data["settings"].values():
@@ -88,8 +114,10 @@ def table(data: dict) -> str:
             rows.append((s["group_size"], s["window"], s.get("group_bias", 0.0), s["reach"], int(length), counts))
     for g, w, b, reach, length, counts in sorted(rows, key=lambda r: (r[4], -min(r[5]), -sum(r[5]))):
         cells = [count_with_interval(c, trials) for c in counts]
-        lines.append(f"| {g} | {w} | {f'{b:g} | ' if biased else ''}{reach} | {length} | {' | '.join(cells)} | "
-                     f"{min(counts)}/{trials} | {count_with_interval(sum(counts), trials * len(depths))} |")
+        lines.append(
+            f"| {g} | {w} | {f'{b:g} | ' if biased else ''}{reach} | {length} | {' | '.join(cells)} | "
+            f"{min(counts)}/{trials} | {count_with_interval(sum(counts), trials * len(depths))} |"
+        )
     return "\n".join(lines)
 
 
@@ -114,8 +142,15 @@ def plot(data: dict, path: str) -> None:
         for i in range(len(ws)):
             for j in range(len(gs)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center",
-                            color="w" if grid[i, j] <= 0.6 else "k", fontsize=9)
+                    ax.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:.0%}",
+                        ha="center",
+                        va="center",
+                        color="w" if grid[i, j] <= 0.6 else "k",
+                        fontsize=9,
+                    )
         ax.set_xticks(range(len(gs)), [str(g) for g in gs])
         ax.set_yticks(range(len(ws)), [str(w) for w in ws])
         ax.set_xlabel("group size G")
@@ -133,8 +168,12 @@ def main() -> None:
     ap.add_argument("--model", default="reference")
     ap.add_argument("--windows", type=ints, default=[16, 32, 64, 96, 128, 160])
     ap.add_argument("--groups", type=ints, default=[8, 12, 16, 24, 32])
-    ap.add_argument("--biases", type=lambda s: [float(x) for x in s.split(",")], default=[0.0],
-                    help="group_bias values (default 0: the paper's method)")
+    ap.add_argument(
+        "--biases",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[0.0],
+        help="group_bias values (default 0: the paper's method)",
+    )
     ap.add_argument("--lengths", type=ints, default=[2048])
     ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=DEPTHS)
     ap.add_argument("--trials", type=int, default=10)

@@ -1,6 +1,6 @@
 """Markdown table of passkey grids with Wilson 95% intervals, for docs/SELFEXTEND.md.
 
-    python scripts/selfextend_table.py eval-selfextend/passkey.json
+python scripts/selfextend_table.py eval-selfextend/passkey.json
 """
 
 import json
@@ -19,7 +19,9 @@ def main(path: str) -> None:
         for length, row in grid["accuracy"].items():
             correct = [round(row[str(d)] * trials) for d in depths]
             cells = [count_with_interval(c, trials) for c in correct]
-            print(f"| {label} | {length} | {' | '.join(cells)} | {count_with_interval(sum(correct), trials * len(depths))} |")
+            print(
+                f"| {label} | {length} | {' | '.join(cells)} | {count_with_interval(sum(correct), trials * len(depths))} |"
+            )
 
 
 if __name__ == "__main__":

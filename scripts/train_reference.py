@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ctxext import corpus
-from ctxext.atomic import atomic_folder, atomic_write
-from ctxext.data import join_documents
+from ctxext.data import corpus
+from ctxext.data.text import join_documents
+from ctxext.data.tokenizer import SPECIALS, train_tokenizer
 from ctxext.evals import passkey
 from ctxext.evals.perplexity import perplexity
-from ctxext.reference import SPECIALS, train_tokenizer
-from ctxext.schedule import lr_multiplier
+from ctxext.io.atomic import atomic_folder, atomic_write
+from ctxext.train.schedule import lr_multiplier
 
 SEQ_LEN = 256
 
@@ -70,16 +70,26 @@ def code_block(rng: random.Random, stream: np.ndarray) -> tuple[list[int], list[
 def passkey_block(rng: random.Random, stream: np.ndarray, tokenizer, edge_depth_share: float = 0.0):
     length = rng.randint(48, SEQ_LEN - 12)
     offset = rng.randrange(0, len(stream) - 2 * SEQ_LEN)
-    doc = passkey.training_document(tokenizer, stream[offset : offset + 2 * SEQ_LEN].tolist(), rng, length,
-                                    edge_depth_share)
+    doc = passkey.training_document(
+        tokenizer, stream[offset : offset + 2 * SEQ_LEN].tolist(), rng, length, edge_depth_share
+    )
     doc = doc[: SEQ_LEN + 1]
     rest, _ = code_block(rng, stream)
     ids = (doc + [tokenizer.eos_token_id] + rest)[: SEQ_LEN + 1]
     return ids, [1] * (SEQ_LEN + 1)
 
 
-def make_batch(seed: int, step: int, total_steps: int, batch_size: int, stream: np.ndarray, tokenizer,
-               copy_share: float = 0.4, passkey_share: float = 0.3, edge_depth_share: float = 0.0):
+def make_batch(
+    seed: int,
+    step: int,
+    total_steps: int,
+    batch_size: int,
+    stream: np.ndarray,
+    tokenizer,
+    copy_share: float = 0.4,
+    passkey_share: float = 0.3,
+    edge_depth_share: float = 0.0,
+):
     rng = random.Random(seed * 1_000_003 + step)
     progress = step / max(1, total_steps)
     p_copy = copy_share * (1 - 0.75 * min(1.0, progress / 0.5))  # falls to a quarter by mid-run
@@ -123,8 +133,9 @@ def evaluate(model, tokenizer, held_out_docs, filler: list[int], trials: int, qu
         str(L): perplexity(model, held_out_docs, L, max_documents=8 if quick else None, batch_size=8).to_dict()
         for L in lengths
     }
-    result["passkey"] = passkey.passkey_accuracy(model, tokenizer, filler, lengths, [0.0, 0.25, 0.5, 0.75, 1.0],
-                                                 trials, seed=1234)
+    result["passkey"] = passkey.passkey_accuracy(
+        model, tokenizer, filler, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], trials, seed=1234
+    )
     model.train()
     return result
 
@@ -146,14 +157,35 @@ def gates(result: dict) -> dict[str, bool]:
 def build_model(tokenizer, quick: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    size = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-                "num_key_value_heads": 2, "head_dim": 32} if quick else {
-        "hidden_size": 256, "intermediate_size": 640, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "head_dim": 64}
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=SEQ_LEN, rope_theta=10000.0,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **size)
+    size = (
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+        }
+        if quick
+        else {
+            "hidden_size": 256,
+            "intermediate_size": 640,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "head_dim": 64,
+        }
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=SEQ_LEN,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **size,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -178,10 +210,17 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=40, help="passkey trials per (length, depth) cell at the end")
     p.add_argument("--copy-share", type=float, default=0.4, help="share of copy blocks at the start (falls to 1/4)")
     p.add_argument("--passkey-share", type=float, default=0.3, help="share of passkey documents")
-    p.add_argument("--edge-depth-share", type=float, default=0.0,
-                   help="share of passkey documents with the key exactly at the start or the end")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from --work-dir; may change --steps and the shares (a new phase, recorded)")
+    p.add_argument(
+        "--edge-depth-share",
+        type=float,
+        default=0.0,
+        help="share of passkey documents with the key exactly at the start or the end",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --work-dir; may change --steps and the shares (a new phase, recorded)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, few files and steps (tests)")
     args = p.parse_args(argv)
     if args.quick:
@@ -220,8 +259,18 @@ def main(argv=None) -> int:
         print(f"resumed at step {step}", flush=True)
 
     def save_state():
-        atomic_write(ckpt, lambda tmp: torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                   "step": step, "trained_seconds": trained_seconds}, tmp))
+        atomic_write(
+            ckpt,
+            lambda tmp: torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "trained_seconds": trained_seconds,
+                },
+                tmp,
+            ),
+        )
 
     phases_path = work / "phases.json"
     phases = json.loads(phases_path.read_text()) if args.resume and phases_path.is_file() else []
@@ -236,8 +285,17 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, warmup=100)
-        ids, labels = make_batch(args.seed, step, args.steps, args.batch_size, stream, tokenizer, args.copy_share,
-                                 args.passkey_share, args.edge_depth_share)
+        ids, labels = make_batch(
+            args.seed,
+            step,
+            args.steps,
+            args.batch_size,
+            stream,
+            tokenizer,
+            args.copy_share,
+            args.passkey_share,
+            args.edge_depth_share,
+        )
         logits = model(ids).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
@@ -253,8 +311,9 @@ def main(argv=None) -> int:
         if step % args.eval_every == 0:
             model.eval()
             record["copy"] = copy_test(model, len(tokenizer), len(SPECIALS))
-            record["passkey@256"] = passkey.passkey_accuracy(model, tokenizer, held_filler, [256], [0.0, 0.5, 1.0], 8,
-                                                             seed=99, progress=False)["accuracy"]["256"]
+            record["passkey@256"] = passkey.passkey_accuracy(
+                model, tokenizer, held_filler, [256], [0.0, 0.5, 1.0], 8, seed=99, progress=False
+            )["accuracy"]["256"]
             model.train()
             tqdm.write(json.dumps(record))
         log.write(json.dumps(record) + "\n")
@@ -298,9 +357,17 @@ def main(argv=None) -> int:
     }
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
     write_model_card(out, summary)
-    print(json.dumps({"gates": passed, "perplexity": {k: round(v["perplexity"], 2) for k, v in
-                                                        result["perplexity"].items()},
-                      "passkey": result["passkey"]["accuracy"], "copy": result["copy"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "gates": passed,
+                "perplexity": {k: round(v["perplexity"], 2) for k, v in result["perplexity"].items()},
+                "passkey": result["passkey"]["accuracy"],
+                "copy": result["copy"],
+            },
+            indent=2,
+        )
+    )
     if not all(passed.values()):
         print(f"gates failed: the model was written to {out}, not to {args.output}; continue with --resume", flush=True)
     return 0 if all(passed.values()) else 1
@@ -311,8 +378,9 @@ def write_model_card(out: Path, s: dict) -> None:
     ppl = ev["perplexity"]
     acc = ev["passkey"]["accuracy"]
     depths = ev["passkey"]["depths"]
-    phase_lines = "\n".join(f"python scripts/train_reference.py {' '.join(ph['argv'])}  # from step {ph['from_step']}"
-                            for ph in s["phases"])
+    phase_lines = "\n".join(
+        f"python scripts/train_reference.py {' '.join(ph['argv'])}  # from step {ph['from_step']}" for ph in s["phases"]
+    )
     rows = "\n".join(f"| {L} | " + " | ".join(f"{acc[L][str(d)]:.0%}" for d in depths) + " |" for L in acc)
     card = f"""# ctxext reference model
 
@@ -326,11 +394,11 @@ model = AutoModelForCausalLM.from_pretrained(path); tokenizer = AutoTokenizer.fr
 
 | | |
 |---|---|
-| parameters | {s['parameters']:,} (4 layers, hidden 256, 4 heads x 64, tied embeddings, RoPE theta 10,000) |
-| tokenizer | byte-level BPE, {s['args']['vocab_size']} tokens, digits as single tokens, trained on the train split |
-| data | Python {s['python']} standard library source, split by file (SHA-256 of the path): {s['train_files']} train files ({s['train_tokens']:,} tokens), {s['held_out_files']} held-out files; plus synthetic copy blocks and passkey documents (see `scripts/train_reference.py`) |
-| steps | {s['steps']:,} x {s['args']['batch_size']} x {SEQ_LEN} = {s['tokens_seen']:,} tokens |
-| training time | {s['training_minutes']} minutes, {s['hardware']} |
+| parameters | {s["parameters"]:,} (4 layers, hidden 256, 4 heads x 64, tied embeddings, RoPE theta 10,000) |
+| tokenizer | byte-level BPE, {s["args"]["vocab_size"]} tokens, digits as single tokens, trained on the train split |
+| data | Python {s["python"]} standard library source, split by file (SHA-256 of the path): {s["train_files"]} train files ({s["train_tokens"]:,} tokens), {s["held_out_files"]} held-out files; plus synthetic copy blocks and passkey documents (see `scripts/train_reference.py`) |
+| steps | {s["steps"]:,} x {s["args"]["batch_size"]} x {SEQ_LEN} = {s["tokens_seen"]:,} tokens |
+| training time | {s["training_minutes"]} minutes, {s["hardware"]} |
 
 Reproduce (each line one phase; later phases continue with `--resume`):
 
@@ -346,19 +414,19 @@ Held-out perplexity, non-overlapping windows (`ctxext.evals.perplexity`, stride 
 
 | context | 64 | 128 | 256 |
 |---|---|---|---|
-| perplexity | {ppl['64']['perplexity']:.2f} | {ppl['128']['perplexity']:.2f} | {ppl['256']['perplexity']:.2f} |
+| perplexity | {ppl["64"]["perplexity"]:.2f} | {ppl["128"]["perplexity"]:.2f} | {ppl["256"]["perplexity"]:.2f} |
 
-Passkey retrieval within the window ({ev['passkey']['trials']} keys per cell, filler from held-out files, seed
-{ev['passkey']['seed']}), exact match of the 5 digits:
+Passkey retrieval within the window ({ev["passkey"]["trials"]} keys per cell, filler from held-out files, seed
+{ev["passkey"]["seed"]}), exact match of the 5 digits:
 
-| length \\ depth | {' | '.join(str(d) for d in depths)} |
-|---|{'---|' * len(depths)}
+| length \\ depth | {" | ".join(str(d) for d in depths)} |
+|---|{"---|" * len(depths)}
 {rows}
 
-Copy test (random 32-token sequence shown twice): loss {ev['copy']['first_copy_loss']:.2f} on the first copy,
-{ev['copy']['second_copy_loss']:.3f} on the second.
+Copy test (random 32-token sequence shown twice): loss {ev["copy"]["first_copy_loss"]:.2f} on the first copy,
+{ev["copy"]["second_copy_loss"]:.3f} on the second.
 
-Gates: {', '.join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in s['gates'].items())}.
+Gates: {", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in s["gates"].items())}.
 
 All numbers above were produced by the training command at the end of training; they are re-measured by
 `pytest tests/test_reference_model.py`.

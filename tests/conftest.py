@@ -58,10 +58,25 @@ def assert_left_padding_matches_unpadded(model, long: torch.Tensor, short: torch
     batch = torch.stack([long, torch.cat([torch.zeros(pad, dtype=torch.long), short])])
     mask = torch.ones_like(batch)
     mask[1, :pad] = 0
-    out = model.generate(batch, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                         output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        batch,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     for row, tokens in enumerate((long, short)):
-        alone = model.generate(tokens[None], max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                               output_logits=True, return_dict_in_generate=True)
-        torch.testing.assert_close(torch.stack(out.logits, 1)[row], torch.stack(alone.logits, 1)[0], rtol=1e-4, atol=1e-4)
+        alone = model.generate(
+            tokens[None],
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        torch.testing.assert_close(
+            torch.stack(out.logits, 1)[row], torch.stack(alone.logits, 1)[0], rtol=1e-4, atol=1e-4
+        )
         assert torch.equal(out.sequences[row, -new_tokens:], alone.sequences[0, -new_tokens:])

@@ -33,7 +33,9 @@ def dynamic(d: int, theta: float, L: int, n: int, factor: float = 1.0) -> torch.
     return rope_inv_freq(d, theta * alpha ** (d / (d - 2)))
 
 
-def yarn(d: int, theta: float, L: int, s: float, beta_fast: float = 32, beta_slow: float = 1) -> tuple[torch.Tensor, float]:
+def yarn(
+    d: int, theta: float, L: int, s: float, beta_fast: float = 32, beta_slow: float = 1
+) -> tuple[torch.Tensor, float]:
     """Peng et al. 2023, "NTK-by-parts" + temperature, ramp over the pair index as in the released code.
 
     Pair i completes r_i = L / lambda_i rotations over the trained context, lambda_i = 2 pi theta^(2i/d).
@@ -124,8 +126,20 @@ def selfextend_positions(i: int, j: int, group_size: int, window: int) -> int:
     return i // group_size - j // group_size + (window - window // group_size)
 
 
-def selfextend_attention(q, k, v, q_positions, k_positions, inv_freq, group_size: int, window: int, scaling: float,
-                         mask=None, softcap=None, group_bias=0.0):
+def selfextend_attention(
+    q,
+    k,
+    v,
+    q_positions,
+    k_positions,
+    inv_freq,
+    group_size: int,
+    window: int,
+    scaling: float,
+    mask=None,
+    softcap=None,
+    group_bias=0.0,
+):
     """Self-Extend on UNrotated q [H, Q, D], k/v [H, K, D]: an explicit float64 score matrix where the score of
     (i, j) is <rotate(q_i, r_ij), k_j> with the piecewise relative position r_ij (RoPE: <R(m) q, R(n) k> =
     <R(m - n) q, k>). Causal on positions; `mask` [Q, K] bool may restrict more; `softcap` as Gemma 2; `group_bias`
@@ -138,8 +152,10 @@ def selfextend_attention(q, k, v, q_positions, k_positions, inv_freq, group_size
             if j > i or (mask is not None and not mask[t, s]):
                 continue
             r = selfextend_positions(i, j, group_size, window)
-            qr = rotate(q[:, t:t + 1], torch.tensor([r]), inv_freq)[:, 0]  # [H, D]
+            qr = rotate(q[:, t : t + 1], torch.tensor([r]), inv_freq)[:, 0]  # [H, D]
             score = (qr * k[:, s].to(F64)).sum(-1) * scaling
-            logits[:, s] = (softcap * torch.tanh(score / softcap) if softcap else score) + (group_bias if i - j >= window else 0.0)
+            logits[:, s] = (softcap * torch.tanh(score / softcap) if softcap else score) + (
+                group_bias if i - j >= window else 0.0
+            )
         out[:, t] = torch.einsum("hk,hkd->hd", torch.softmax(logits, -1), v.to(F64))
     return out

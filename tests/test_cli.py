@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from ctxext import patch_model
-from ctxext.cli import main
+from ctxext.cli.main import main
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI in subprocesses
 
@@ -27,9 +27,14 @@ IDS = torch.randint(1, 97, (1, 150), generator=torch.Generator().manual_seed(7))
 
 
 def run_cli(*args, check_rc=None, **kwargs):
-    proc = subprocess.run([sys.executable, "-m", "ctxext.cli", *map(str, args)], check=False, capture_output=True,
-                          text=True,
-                          cwd=REPO, **kwargs)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxext.cli", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        **kwargs,
+    )
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stdout + proc.stderr
     return proc
@@ -92,16 +97,19 @@ assert "ctxext" not in sys.modules
 print(json.dumps(results))
 """
 
-NATIVE_CASES = [(f, "pi", ["--factor", 4], {"factor": 4}) for f in FAMILIES] + [
-    (f, "yarn", ["--target-length", 512], {"target_length": 512}) for f in FAMILIES
-] + [(f, "prope+pi", ["--keep", 0.5, "--factor", 2], {"keep": 0.5, "factor": 2}) for f in FAMILIES] + [
-    ("llama", "ntk", ["--factor", 3], {"factor": 3}),
-    ("llama", "dynamic", [], {}),
-    ("llama", "llama3", ["--factor", 8], {"factor": 8}),
-    ("llama", "prope", ["--keep", 0.75], {"keep": 0.75}),
-    ("llama", "ntk+prope", ["--factor", 2, "--keep", 0.5], {"factor": 2, "keep": 0.5}),
-    ("gemma3_text", "yarn", ["--factor", 4, "--scope", "all"], {"factor": 4, "scope": "all"}),
-]
+NATIVE_CASES = (
+    [(f, "pi", ["--factor", 4], {"factor": 4}) for f in FAMILIES]
+    + [(f, "yarn", ["--target-length", 512], {"target_length": 512}) for f in FAMILIES]
+    + [(f, "prope+pi", ["--keep", 0.5, "--factor", 2], {"keep": 0.5, "factor": 2}) for f in FAMILIES]
+    + [
+        ("llama", "ntk", ["--factor", 3], {"factor": 3}),
+        ("llama", "dynamic", [], {}),
+        ("llama", "llama3", ["--factor", 8], {"factor": 8}),
+        ("llama", "prope", ["--keep", 0.75], {"keep": 0.75}),
+        ("llama", "ntk+prope", ["--factor", 2, "--keep", 0.5], {"factor": 2, "keep": 0.5}),
+        ("gemma3_text", "yarn", ["--factor", 4, "--scope", "all"], {"factor": 4, "scope": "all"}),
+    ]
+)
 
 
 @pytest.mark.slow
@@ -120,9 +128,13 @@ def test_native_chains_load_with_stock_transformers_in_a_fresh_process(sources, 
         assert "ctxext" not in json.dumps(config.get("rope_parameters"))  # native types only
         assert config["ctxext"]["steps"][0]["spec"].startswith(spec.split("+")[0])
         assert list(out.glob("*.safetensors")) and (out / "generation_config.json").is_file()
-    proc = subprocess.run([sys.executable, "-c", STOCK_LOAD, json.dumps(jobs), str(ids_path)], check=False,
-                          capture_output=True,
-                          text=True, cwd="/")
+    proc = subprocess.run(
+        [sys.executable, "-c", STOCK_LOAD, json.dumps(jobs), str(ids_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results == {out: True for out in jobs}
@@ -132,8 +144,13 @@ def test_output_is_complete_with_tokenizer_and_record(sources, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("patch", sources["llama"], out, "--method", "yarn", "--factor", 8, check_rc=0)
     assert "64 -> 512" in proc.stdout and "loads with stock transformers: yes" in proc.stdout
-    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     assert config["max_position_embeddings"] == 512
@@ -154,7 +171,7 @@ def test_xpos_needs_ctxext_and_survives_a_plain_save_pretrained(sources, tmp_pat
 import json, torch, ctxext
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
-same = torch.equal(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits, torch.load({str(tmp_path / 'expected.pt')!r}))
+same = torch.equal(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, torch.load({str(tmp_path / "expected.pt")!r}))
 model.save_pretrained({str(resaved)!r})   # plain transformers save: drops attn_implementation
 print(json.dumps({{"same": same, "attn": model.config._attn_implementation}}))
 """)
@@ -164,8 +181,8 @@ print(json.dumps({{"same": same, "attn": model.config._attn_implementation}}))
 import json, torch, ctxext
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(resaved)!r}).eval()
-print(json.dumps({{"same": torch.equal(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits,
-                                       torch.load({str(tmp_path / 'expected.pt')!r}))}}))
+print(json.dumps({{"same": torch.equal(model(torch.load({str(tmp_path / "ids.pt")!r})).logits,
+                                       torch.load({str(tmp_path / "expected.pt")!r}))}}))
 """)
     assert reloaded["same"] is True
     info = run_cli("info", out, check_rc=0).stdout
@@ -196,23 +213,39 @@ print(json.dumps(m.model.rotary_emb.inv_freq.double().tolist()))
 def test_trained_context_flag_extends_from_the_given_context(sources, tmp_path):
     """`--trained-context 32` on a checkpoint whose config states 64: YaRN to 256 is x8 from 32, saved so."""
     out = tmp_path / "yarn"
-    run_cli("patch", sources["llama"], out, "--method", "yarn", "--target-length", 256, "--trained-context", 32,
-            check_rc=0)
+    run_cli(
+        "patch", sources["llama"], out, "--method", "yarn", "--target-length", 256, "--trained-context", 32, check_rc=0
+    )
     config = json.loads((out / "config.json").read_text())
     rope = config["rope_parameters"]
     assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 8.0, 32)
     assert config["max_position_embeddings"] == 256 and config["ctxext"]["original_context"] == 32
-    bad = run_cli("patch", sources["llama"], tmp_path / "bad", "--method", "yarn", "--factor", 2,
-                  "--trained-context", 128, check_rc=2)
+    bad = run_cli(
+        "patch",
+        sources["llama"],
+        tmp_path / "bad",
+        "--method",
+        "yarn",
+        "--factor",
+        2,
+        "--trained-context",
+        128,
+        check_rc=2,
+    )
     assert "trained_context=128 is invalid" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_methods_lists_every_method_with_parameters_and_papers():
     out = run_cli("methods", check_rc=0).stdout
-    for name, param, paper in [("pi", "factor", "2306.15595"), ("ntk", "factor", "bloc97"),
-                               ("dynamic", "factor", "emozilla"), ("yarn", "beta_fast", "2309.00071"),
-                               ("llama3", "high_freq_factor", "2407.21783"), ("prope", "keep", "2410.06205"),
-                               ("xpos", "scale_base", "2212.10554")]:
+    for name, param, paper in [
+        ("pi", "factor", "2306.15595"),
+        ("ntk", "factor", "bloc97"),
+        ("dynamic", "factor", "emozilla"),
+        ("yarn", "beta_fast", "2309.00071"),
+        ("llama3", "high_freq_factor", "2407.21783"),
+        ("prope", "keep", "2410.06205"),
+        ("xpos", "scale_base", "2212.10554"),
+    ]:
         assert f"\n{name}  [" in "\n" + out and param in out and paper in out
 
 
@@ -243,7 +276,11 @@ def odd_sources(tmp_path_factory):
         ("unsupported", ["{root}/gpt2", "--method", "pi", "--factor", "2"], "model_type 'gpt2' is not supported"),
         ("bad factor", ["{src}", "--method", "pi", "--factor", "-1"], "factor=-1.0 is invalid; valid range"),
         ("missing factor", ["{src}", "--method", "yarn"], "missing required parameter(s) factor"),
-        ("bad keep", ["{src}", "--method", "prope", "--keep", "1.5"], "keep=1.5 is invalid; valid range: 0 < keep <= 1"),
+        (
+            "bad keep",
+            ["{src}", "--method", "prope", "--keep", "1.5"],
+            "keep=1.5 is invalid; valid range: 0 < keep <= 1",
+        ),
         ("unknown method", ["{src}", "--method", "rerope"], "unknown method 'rerope'; valid methods"),
         ("bad chain", ["{src}", "--method", "xpos+pi", "--factor", "2"], "must come last"),
         ("bad scope", ["{src}", "--method", "pi", "--factor", "2", "--scope", "sliding"], "valid scopes: all"),
@@ -260,8 +297,17 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(case, args, message
 
 
 def test_pickled_weights_load_with_explicit_opt_in(odd_sources, tmp_path):
-    run_cli("patch", odd_sources / "pickled", tmp_path / "out", "--method", "pi", "--factor", 2, "--allow-pickle",
-            check_rc=0)
+    run_cli(
+        "patch",
+        odd_sources / "pickled",
+        tmp_path / "out",
+        "--method",
+        "pi",
+        "--factor",
+        2,
+        "--allow-pickle",
+        check_rc=0,
+    )
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -285,11 +331,24 @@ def test_unwritable_out_exits_2(sources):
 @pytest.mark.slow
 def test_a_patch_killed_while_writing_leaves_no_out(tmp_path):
     # big enough that writing takes a while: ~100 MB of fp32 weights
-    src = save_tiny(tmp_path / "big", "llama", vocab_size=32000, hidden_size=384, intermediate_size=64,
-                    num_attention_heads=4, num_key_value_heads=4, head_dim=96, num_hidden_layers=1)
+    src = save_tiny(
+        tmp_path / "big",
+        "llama",
+        vocab_size=32000,
+        hidden_size=384,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=96,
+        num_hidden_layers=1,
+    )
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "ctxext.cli", "patch", str(src), str(out), "--method", "pi",
-                             "--factor", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctxext.cli", "patch", str(src), str(out), "--method", "pi", "--factor", "2"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         temps = [p for p in tmp_path.glob(".out.ctxext-tmp-*") if "probe" not in p.name and any(p.iterdir())]

@@ -5,26 +5,32 @@ from pathlib import Path
 
 import pytest
 
-from ctxext.cli import build_parser, main, parse_args
-from ctxext.hub import check_source
-from ctxext.reference import REFERENCE_DIR, has_reference_model
+from ctxext.cli.main import build_parser, main, parse_args
+from ctxext.io.checkpoint import check_source
+from ctxext.io.sources import REFERENCE_DIR, has_reference_model
 
 
-@pytest.mark.parametrize("argv,overrides", [
-    (["finetune", "c.yaml", "--output-dir", "X", "optimization.lr=1e-4"], ["optimization.lr=1e-4"]),
-    (["finetune", "c.yaml", "a=1", "--output-dir", "X", "b=2", "--resume", "a=3"], ["a=1", "b=2", "a=3"]),
-    (["plan", "c.yaml", "--devices", "2", "tuning=full"], ["tuning=full"]),
-])
+@pytest.mark.parametrize(
+    "argv,overrides",
+    [
+        (["finetune", "c.yaml", "--output-dir", "X", "optimization.lr=1e-4"], ["optimization.lr=1e-4"]),
+        (["finetune", "c.yaml", "a=1", "--output-dir", "X", "b=2", "--resume", "a=3"], ["a=1", "b=2", "a=3"]),
+        (["plan", "c.yaml", "--devices", "2", "tuning=full"], ["tuning=full"]),
+    ],
+)
 def test_overrides_may_follow_options_in_their_order(argv, overrides):
     args = parse_args(build_parser(), argv)
     assert args.overrides == overrides and args.config == "c.yaml"
 
 
-@pytest.mark.parametrize("argv", [
-    ["finetune", "c.yaml", "--output-dir", "X", "a=1", "--no-such-flag"],
-    ["finetune", "c.yaml", "--output-dir", "X", "not-an-override"],
-    ["patch", "src", "out", "--method", "yarn", "factor=2"],  # patch takes no overrides
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["finetune", "c.yaml", "--output-dir", "X", "a=1", "--no-such-flag"],
+        ["finetune", "c.yaml", "--output-dir", "X", "not-an-override"],
+        ["patch", "src", "out", "--method", "yarn", "factor=2"],  # patch takes no overrides
+    ],
+)
 def test_anything_else_left_over_is_still_an_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(build_parser(), argv)

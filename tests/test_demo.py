@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ctxext import corpus
+from ctxext.data import corpus
+from ctxext.data.tokenizer import train_tokenizer
 from ctxext.errors import ConfigError
-from ctxext.reference import REFERENCE_DIR, train_tokenizer
+from ctxext.io.sources import REFERENCE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_THREADS = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -25,10 +26,20 @@ def small_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("small")
     tok = train_tokenizer(corpus.read_texts(corpus.stdlib_files("train")[:40]), vocab_size=400)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                 tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)).save_pretrained(path)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
@@ -36,8 +47,15 @@ def small_model(tmp_path_factory):
 def run(args, **kw):
     import os
 
-    proc = subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **ENV_THREADS}, **kw)
+    proc = subprocess.run(
+        [sys.executable, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **ENV_THREADS},
+        **kw,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -45,8 +63,9 @@ def run(args, **kw):
 @pytest.mark.slow
 def test_shortened_demo_writes_the_report(small_model, tmp_path):
     out = tmp_path / "demo"
-    stdout = run(["-m", "ctxext.cli", "demo", "--quick", "--model", small_model, "--output-dir", str(out),
-                  "--factor", "4"])
+    stdout = run(
+        ["-m", "ctxext.cli", "demo", "--quick", "--model", small_model, "--output-dir", str(out), "--factor", "4"]
+    )
     assert f"report: {out / 'report.md'}" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["headline"].startswith("original -> yarn x4 + LoRA: at 1024 tokens perplexity ")
@@ -54,7 +73,10 @@ def test_shortened_demo_writes_the_report(small_model, tmp_path):
     report = (out / "report.md").read_text()
     assert "| original |" in report and "| yarn x4 + LoRA |" in report and "ppl@1024" in report
     assert "Code outside the training domain (`package:numpy`" in report and "| model | multikey@256 |" in report
-    assert "worst passkey cell" in summary["headline"] and "cost on code outside the training domain" in summary["headline"]
+    assert (
+        "worst passkey cell" in summary["headline"]
+        and "cost on code outside the training domain" in summary["headline"]
+    )
     assert (out / "ood" / "ppl.json").is_file() and (out / "retrieval.json").is_file()
     for name in ("ppl.png", "ppl.json", "passkey.json", "commands.sh", "finetune.yaml", "summary.json"):
         assert (out / name).is_file(), name
@@ -71,20 +93,55 @@ def test_shortened_demo_writes_the_report(small_model, tmp_path):
 def test_leaderboard_quick_mode_runs(small_model, tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "RESULTS.md").write_text("old table\n<!-- notes -->\nWhy PI missed: ...\n")
-    run(["scripts/leaderboard.py", "--quick", "--model", small_model, "--factor", "4", "--methods",
-         "baseline,pi,pi+xpos", "--output", str(tmp_path / "docs"), "--work-dir", str(tmp_path / "work")])
+    run(
+        [
+            "scripts/leaderboard.py",
+            "--quick",
+            "--model",
+            small_model,
+            "--factor",
+            "4",
+            "--methods",
+            "baseline,pi,pi+xpos",
+            "--output",
+            str(tmp_path / "docs"),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ]
+    )
     table = (tmp_path / "docs" / "RESULTS.md").read_text()
     for row in ("| baseline |", "| pi |", "| pi + LoRA |", "| pi+xpos |", "| pi+xpos + LoRA |"):
         assert row in table
     assert (tmp_path / "docs" / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Targets" in table and "| baseline fails beyond 256" in table
     assert "old table" not in table and table.endswith("<!-- notes -->\nWhy PI missed: ...\n")
-    run(["scripts/leaderboard.py", "--report-from", str(tmp_path / "docs" / "results.json"), "--output",
-         str(tmp_path / "again")])  # re-rendered from the saved numbers alone: the same page (notes aside)
+    run(
+        [
+            "scripts/leaderboard.py",
+            "--report-from",
+            str(tmp_path / "docs" / "results.json"),
+            "--output",
+            str(tmp_path / "again"),
+        ]
+    )  # re-rendered from the saved numbers alone: the same page (notes aside)
     assert (tmp_path / "again" / "RESULTS.md").read_text() == table.split("<!-- notes -->")[0] + "<!-- notes -->\n"
     # resumed: the same sweep in the same work dir reuses every saved row (nothing trained or evaluated again)
-    rerun = run(["scripts/leaderboard.py", "--quick", "--model", small_model, "--factor", "4", "--methods", "baseline,pi",
-                 "--output", str(tmp_path / "resumed"), "--work-dir", str(tmp_path / "work")])
+    rerun = run(
+        [
+            "scripts/leaderboard.py",
+            "--quick",
+            "--model",
+            small_model,
+            "--factor",
+            "4",
+            "--methods",
+            "baseline,pi",
+            "--output",
+            str(tmp_path / "resumed"),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ]
+    )
     assert rerun.count("saved row reused") == 3, rerun
     first = json.loads((tmp_path / "docs" / "results.json").read_text())["rows"]
     resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())["rows"]
@@ -95,24 +152,50 @@ def test_leaderboard_quick_mode_runs(small_model, tmp_path):
 def test_leaderboard_training_free_and_checkpoint_rows(small_model, tmp_path):
     """A row with ``finetune: false`` and a checkpoint row are measured once, without fine-tuning; a checkpoint row
     that names a method, or whose checkpoint is missing, is refused."""
-    from ctxext.hub import patch_checkpoint
-    from ctxext.recipe import load_sweep
-    from ctxext.reference import resolve_model
+    from ctxext.experiments.recipe import load_sweep
+    from ctxext.io.sources import resolve_model
+    from ctxext.patch.checkpoint import patch_checkpoint
 
     ckpt = patch_checkpoint(resolve_model(small_model), tmp_path / "yarn4", "yarn", force=True, factor=4)
     sweep = tmp_path / "sweep.yaml"
-    rows = ("  baseline: {method: null}\n  se: {method: selfextend, group_size: 8, window: 64, finetune: false}\n"
-            f"  searched: {{checkpoint: {ckpt}}}\n")
+    rows = (
+        "  baseline: {method: null}\n  se: {method: selfextend, group_size: 8, window: 64, finetune: false}\n"
+        f"  searched: {{checkpoint: {ckpt}}}\n"
+    )
     sweep.write_text(f"# test\nmodel: {small_model}\nfactor: 4\nmethods:\n{rows}")
-    run(["scripts/leaderboard.py", "--quick", "--config", str(sweep), "--output", str(tmp_path / "docs"),
-         "--work-dir", str(tmp_path / "work")])
+    run(
+        [
+            "scripts/leaderboard.py",
+            "--quick",
+            "--config",
+            str(sweep),
+            "--output",
+            str(tmp_path / "docs"),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ]
+    )
     result = json.loads((tmp_path / "docs" / "results.json").read_text())["rows"]
     assert list(result) == ["baseline", "se", "searched"]
     assert result["searched"]["ppl"] != result["baseline"]["ppl"] != result["se"]["ppl"]
     sweep.write_text(f"# test\nmodel: {small_model}\nfactor: 4\nmethods:\n  x: {{checkpoint: {tmp_path / 'no'}}}\n")
-    missing = subprocess.run([sys.executable, "scripts/leaderboard.py", "--quick", "--config", str(sweep), "--output",
-                              str(tmp_path / "d2"), "--work-dir", str(tmp_path / "w2")], capture_output=True, text=True,
-                             cwd=REPO, check=False)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "scripts/leaderboard.py",
+            "--quick",
+            "--config",
+            str(sweep),
+            "--output",
+            str(tmp_path / "d2"),
+            "--work-dir",
+            str(tmp_path / "w2"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
     assert missing.returncode != 0 and "does not exist; make it first" in missing.stderr, missing.stderr[-2000:]
     sweep.write_text(f"# test\nmethods:\n  x: {{checkpoint: {ckpt}, method: yarn}}\n")
     with pytest.raises(ConfigError, match="a checkpoint row takes no method"):

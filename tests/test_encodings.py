@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctxext import corpus
-from ctxext.encodings import ENCODINGS, TinyLM, alibi_slopes, rope_rotate, sinusoidal_table
+from ctxext.data import corpus
+from ctxext.experiments.encodings import ENCODINGS, TinyLM, alibi_slopes, rope_rotate, sinusoidal_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,8 +42,10 @@ def test_rope_is_a_complex_rotation_of_each_half_split_pair():
     torch.testing.assert_close(out.double(), torch.cat([rotated.real, rotated.imag], -1), rtol=1e-5, atol=1e-5)
     # relative: q.k depends only on the distance
     q, k = torch.randn(8), torch.randn(8)
-    dots = [(rope_rotate(q[None], torch.tensor([n])) @ rope_rotate(k[None], torch.tensor([n - 3])).T).item()
-            for n in (3, 10, 50)]
+    dots = [
+        (rope_rotate(q[None], torch.tensor([n])) @ rope_rotate(k[None], torch.tensor([n - 3])).T).item()
+        for n in (3, 10, 50)
+    ]
     assert dots == pytest.approx([dots[0]] * 3, rel=1e-4)
 
 
@@ -89,8 +91,21 @@ def test_alibi_bias_is_minus_slope_times_distance():
 
 @pytest.mark.slow
 def test_compare_encodings_quick_mode_runs_end_to_end(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_encodings.py"), "--quick", "--output",
-                           str(tmp_path), "--threads", "1"], check=False, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "compare_encodings.py"),
+            "--quick",
+            "--output",
+            str(tmp_path),
+            "--threads",
+            "1",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "ENCODINGS.md").read_text()
     for e in ENCODINGS:
@@ -98,10 +113,20 @@ def test_compare_encodings_quick_mode_runs_end_to_end(tmp_path):
     assert (tmp_path / "encodings.png").read_bytes()[:4] == b"\x89PNG"
     # the report re-renders from the saved numbers alone, identically
     again = tmp_path / "again"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_encodings.py"), "--report-from",
-                           str(tmp_path / "encodings.json"), "--output", str(again)], check=False,
-                           capture_output=True, text=True,
-                          cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "compare_encodings.py"),
+            "--report-from",
+            str(tmp_path / "encodings.json"),
+            "--output",
+            str(again),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (again / "ENCODINGS.md").read_text() == table
 

@@ -15,8 +15,9 @@ torch.set_num_threads(1)
 def full_logits_nll(model, ids, targets):
     """The implementation window_nll replaced: full [L, vocab] fp32 logits."""
     logits = model(input_ids=ids).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from ctxext import corpus
-from ctxext.analysis import frequency_usage, suggest_keep
+from ctxext.data import corpus
+from ctxext.data.tokenizer import train_tokenizer
 from ctxext.evals import passkey
+from ctxext.evals.frequency import frequency_usage, suggest_keep
 from ctxext.evals.perplexity import perplexity, windows
-from ctxext.plots import plot_frequency_usage, plot_passkey, plot_perplexity
-from ctxext.reference import train_tokenizer
+from ctxext.evals.plots import plot_frequency_usage, plot_passkey, plot_perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,9 +30,18 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def lm(tokenizer):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -84,8 +93,9 @@ def test_non_overlapping_perplexity_matches_transformers_own_loss(lm):
     result = perplexity(lm, [doc], 32, progress=False)
     assert windows(96, 32, 32) == [(0, 32, 1), (32, 64, 33), (64, 96, 65)]
     with torch.no_grad():  # transformers' own mean loss per window (31 targets each)
-        losses = [lm(torch.tensor([doc[i : i + 32]]), labels=torch.tensor([doc[i : i + 32]])).loss.item()
-                  for i in (0, 32, 64)]
+        losses = [
+            lm(torch.tensor([doc[i : i + 32]]), labels=torch.tensor([doc[i : i + 32]])).loss.item() for i in (0, 32, 64)
+        ]
     assert result.tokens_scored == 3 * 31
     assert result.perplexity == pytest.approx(math.exp(sum(losses) / 3), rel=1e-5)
 
@@ -112,11 +122,23 @@ def test_passkey_prompt_has_the_key_at_the_requested_depth_and_length(tokenizer)
             # at a line break of the filler within one filler line (<= 64 tokens here) of the requested depth
             assert abs(prompt.key_token_index - depth * n_filler) <= 64
             assert prompt.key_token_index in (0, n_filler) or "\n" in tokenizer.decode(
-                [prompt.input_ids[prompt.key_token_index - 1]])
+                [prompt.input_ids[prompt.key_token_index - 1]]
+            )
 
 
-@pytest.mark.parametrize("answer,ok", [(" 48213.", True), ("48213", True), (" 48213\n", True), (" 4821", False),
-                                       (" 482134", False), (" 58213", False), ("", False), (" the key", False)])
+@pytest.mark.parametrize(
+    "answer,ok",
+    [
+        (" 48213.", True),
+        ("48213", True),
+        (" 48213\n", True),
+        (" 4821", False),
+        (" 482134", False),
+        (" 58213", False),
+        ("", False),
+        (" the key", False),
+    ],
+)
 def test_passkey_scoring_accepts_exactly_the_right_digits(answer, ok):
     assert passkey.score(answer, "48213") is ok
 
@@ -174,7 +196,7 @@ def test_frequency_analysis_finds_the_one_pair_that_carries_all_energy(lm, token
 def test_suggested_keep_matches_the_papers_choice_for_a_gemma_like_shape():
     import numpy as np
 
-    from ctxext.analysis import FrequencyUsage
+    from ctxext.evals.frequency import FrequencyUsage
 
     d, pairs = 256, 128
     inv = 10000.0 ** (-2 * np.arange(pairs) / d)
@@ -193,12 +215,21 @@ def _is_png(path: Path) -> bool:
 def test_plots_are_valid_pngs(tmp_path):
     import numpy as np
 
-    assert _is_png(plot_perplexity({"a": {256: 10.0, 512: 12.0}, "b": {256: 9.0, 512: 30.0}}, tmp_path / "p.png",
-                                   title="t", trained_context=256))
+    assert _is_png(
+        plot_perplexity(
+            {"a": {256: 10.0, 512: 12.0}, "b": {256: 9.0, 512: 30.0}},
+            tmp_path / "p.png",
+            title="t",
+            trained_context=256,
+        )
+    )
     assert _is_png(plot_passkey({"256": {"0.0": 1.0, "1.0": 0.5}}, tmp_path / "k.png", title="t"))
     grid = np.random.rand(3, 8)
-    assert _is_png(plot_frequency_usage({"q": grid, "k": grid}, np.arange(8) * 100.0, tmp_path / "f.png", title="t",
-                                        context_length=300))
+    assert _is_png(
+        plot_frequency_usage(
+            {"q": grid, "k": grid}, np.arange(8) * 100.0, tmp_path / "f.png", title="t", context_length=300
+        )
+    )
 
 
 @pytest.mark.slow
@@ -210,33 +241,54 @@ def test_eval_and_analyze_commands_write_json_and_plots(lm_dir, tmp_path):
     out = tmp_path / "eval"
 
     def run(*args):
-        proc = subprocess.run([sys.executable, "-m", "ctxext.cli", *map(str, args)], check=False,
-                              capture_output=True, text=True,
-                              cwd=REPO)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ctxext.cli", *map(str, args)], check=False, capture_output=True, text=True, cwd=REPO
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
-    text = run("eval", "ppl", lm_dir, lm_dir, "--lengths", "64,128", "--data", data, "--output", out,
-               "--max-documents", 4)
+    text = run(
+        "eval", "ppl", lm_dir, lm_dir, "--lengths", "64,128", "--data", data, "--output", out, "--max-documents", 4
+    )
     assert "perplexity" in text and "docs scored" in text
     res = json.loads((out / "ppl.json").read_text())
     assert res["protocol"]["data"] == str(data) and set(res["models"]) == {"lm0", "lm0'"}
     assert res["models"]["lm0"]["per_length"]["128"]["tokens_scored"] > 0 and _is_png(out / "ppl.png")
 
-    text = run("eval", "passkey", lm_dir, "--lengths", "96,128", "--depths", "0,1", "--trials", 2, "--filler", data,
-               "--output", out)
+    text = run(
+        "eval",
+        "passkey",
+        lm_dir,
+        "--lengths",
+        "96,128",
+        "--depths",
+        "0,1",
+        "--trials",
+        2,
+        "--filler",
+        data,
+        "--output",
+        out,
+    )
     res = json.loads((out / "passkey.json").read_text())
     assert set(res["models"]["lm0"]["accuracy"]) == {"96", "128"} and _is_png(out / "passkey_lm0.png")
     printed = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.split()[:1] in (["96"], ["128"])}
-    assert printed == {L: [f"{row[d]:.0%}" for d in ("0.0", "1.0")] for L, row in res["models"]["lm0"]["accuracy"].items()}
+    assert printed == {
+        L: [f"{row[d]:.0%}" for d in ("0.0", "1.0")] for L, row in res["models"]["lm0"]["accuracy"].items()
+    }
 
     text = run("analyze", "freq", lm_dir, "--data", data, "--compare", lm_dir, "--output", out, "--max-tokens", 512)
     assert "Suggested: --method prope --keep" in text and _is_png(out / "freq.png")
     res = json.loads((out / "freq.json").read_text())
     assert len(res["runs"]["model"]["q"]) == 2 and res["suggested_keep"] > 0
 
-    proc = subprocess.run([sys.executable, "-m", "ctxext.cli", "eval", "ppl", lm_dir, "--lengths", "64",
-                           "--data", tmp_path / "missing"], check=False, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxext.cli", "eval", "ppl", lm_dir, "--lengths", "64", "--data", tmp_path / "missing"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
@@ -276,11 +328,20 @@ def test_retrieval_prompt_plus_answer_fits_the_length_and_holds_the_needles(toke
         assert positions[: len(needles.lines)] == sorted(positions[: len(needles.lines)])
 
 
-@pytest.mark.parametrize("completion,answer,ok", [
-    (" 48213", ["48213"], True), (" 48213\n", ["48213"], True), (" 48214", ["48213"], False),
-    (" 482130", ["48213"], False), ("\n48213", ["48213"], True), (" x 48213", ["48213"], False),
-    (" 1, 2, 3", ["1", "2", "3"], True), (" 1, 3, 2", ["1", "2", "3"], False), (" 1, 2", ["1", "2", "3"], False),
-])
+@pytest.mark.parametrize(
+    "completion,answer,ok",
+    [
+        (" 48213", ["48213"], True),
+        (" 48213\n", ["48213"], True),
+        (" 48214", ["48213"], False),
+        (" 482130", ["48213"], False),
+        ("\n48213", ["48213"], True),
+        (" x 48213", ["48213"], False),
+        (" 1, 2, 3", ["1", "2", "3"], True),
+        (" 1, 3, 2", ["1", "2", "3"], False),
+        (" 1, 2", ["1", "2", "3"], False),
+    ],
+)
 def test_retrieval_scoring_is_exact_match_in_order(completion, answer, ok):
     from ctxext.evals.retrieval import score
 
@@ -327,15 +388,19 @@ def test_retrieval_grid_counts_what_an_oracle_answers(tokenizer):
 
 
 def test_worst_depth_table_takes_each_cells_worst_depth_and_marks_missing_tasks():
-    from ctxext.evals.report import worst_depth_table, worst_depths
+    from ctxext.evals.run import worst_depth_table, worst_depths
 
-    grids = {"multikey": {"accuracy": {"256": {"0.0": 0.9, "0.5": 0.4, "1.0": 1.0}, "512": {"0.0": 0.25, "1.0": 0.5}}},
-             "vartrack": {"accuracy": {"256": {"0.0": 1.0}, "512": {"0.0": 0.0}}}}
+    grids = {
+        "multikey": {"accuracy": {"256": {"0.0": 0.9, "0.5": 0.4, "1.0": 1.0}, "512": {"0.0": 0.25, "1.0": 0.5}}},
+        "vartrack": {"accuracy": {"256": {"0.0": 1.0}, "512": {"0.0": 0.0}}},
+    }
     worst = worst_depths(grids)
     assert worst == {"multikey": {"256": 0.4, "512": 0.25}, "vartrack": {"256": 1.0, "512": 0.0}}
-    assert worst_depth_table("model", {"a": worst, "b": {"vartrack": worst["vartrack"]}}, ["multikey", "vartrack"],
-                             [256, 512]) == [
+    assert worst_depth_table(
+        "model", {"a": worst, "b": {"vartrack": worst["vartrack"]}}, ["multikey", "vartrack"], [256, 512]
+    ) == [
         "| model | multikey@256 | multikey@512 | vartrack@256 | vartrack@512 |",
         "|---|---|---|---|---|",
         "| a | 40% | 25% | 100% | 0% |",
-        "| b | n/a | n/a | 100% | 0% |"]
+        "| b | n/a | n/a | 100% | 0% |",
+    ]

@@ -14,16 +14,28 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from ctxext import corpus
-from ctxext.config import ConfigError, load_config
+from ctxext.data import corpus
+from ctxext.data.tokenizer import train_tokenizer
 from ctxext.errors import TrainingError
-from ctxext.reference import train_tokenizer
+from ctxext.train.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 COMMON = ["lora.train_embeddings=true", "optimization.lr=1e-2"]
-TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+TWO_PROCESSES = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 FSDP = ["distributed.sharding=fsdp", "distributed.num_processes=2"]
 SHARDED_CURVE = {"rel": 1e-5}  # measured: 2.5e-7 relative (reduce-scatter sums in another order than one process)
 
@@ -33,10 +45,21 @@ def base(tmp_path_factory):
     path = tmp_path_factory.mktemp("base")
     tok = train_tokenizer(corpus.read_texts(corpus.stdlib_files("train")[:40]), vocab_size=400)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
-                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -66,7 +89,10 @@ def test_tiny_run_end_to_end(base, reference_run):
     assert len(curve) == 12 and all(torch.isfinite(torch.tensor(curve)))
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3  # learning
     assert [p.name for p in sorted((reference_run / "checkpoints").iterdir())] == [
-        "step-000004", "step-000008", "step-000012"]  # one per save interval
+        "step-000004",
+        "step-000008",
+        "step-000012",
+    ]  # one per save interval
     records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["seq_len"] for r in records] == [64] * 6 + [128] * 6
     assert any("held_out_loss" in r for r in records)
@@ -82,8 +108,9 @@ def test_tiny_run_end_to_end(base, reference_run):
 @pytest.mark.slow
 def test_kill_9_then_resume_reproduces_the_loss_curve(base, reference_run, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(finetune_cmd(base, out), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        finetune_cmd(base, out), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (out / "checkpoints" / "step-000004").is_dir():
@@ -93,8 +120,9 @@ def test_kill_9_then_resume_reproduces_the_loss_curve(base, reference_run, tmp_p
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "merged").exists()
-    resumed = subprocess.run(finetune_cmd(base, out, "--resume"), check=False, capture_output=True, text=True,
-                             cwd=REPO, env=ENV)
+    resumed = subprocess.run(
+        finetune_cmd(base, out, "--resume"), check=False, capture_output=True, text=True, cwd=REPO, env=ENV
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(out) == pytest.approx(losses(reference_run), rel=1e-5, abs=1e-6)
 
@@ -103,14 +131,16 @@ def test_kill_9_then_resume_reproduces_the_loss_curve(base, reference_run, tmp_p
 def test_two_cpu_processes_give_the_same_loss_curve(base, reference_run, tmp_path):
     out = tmp_path / "ddp"
     # `accelerate launch --cpu` runs one process without MPI; --multi_gpu on a CPU machine starts 2 gloo processes
-    proc = subprocess.run(finetune_cmd(base, out, launcher=TWO_PROCESSES), check=False, capture_output=True,
-                          text=True, cwd=REPO,
-                          env=ENV)
+    proc = subprocess.run(
+        finetune_cmd(base, out, launcher=TWO_PROCESSES), check=False, capture_output=True, text=True, cwd=REPO, env=ENV
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {json.loads(line)["processes"] for line in (out / "metrics.jsonl").read_text().splitlines()} == {2}
     assert losses(out) == pytest.approx(losses(reference_run), rel=2e-4)
-    lrs = [[json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-           for run in (out, reference_run)]
+    lrs = [
+        [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in (out, reference_run)
+    ]
     assert lrs[0] == pytest.approx(lrs[1])  # the scheduler steps once per optimizer step, not once per process
 
 
@@ -127,15 +157,22 @@ def shard_chunks(checkpoint: Path, name_part: str) -> list:
 def test_fsdp2_on_two_cpu_processes_equals_one_process(base, reference_run, tmp_path):
     """FSDP2 (fully_shard, gloo): the same loss curve, sharded checkpoints, and the same merged model."""
     out = tmp_path / "fsdp"
-    proc = subprocess.run(finetune_cmd(base, out, *FSDP, launcher=TWO_PROCESSES), check=False, capture_output=True,
-                          text=True,
-                          cwd=REPO, env=ENV)
+    proc = subprocess.run(
+        finetune_cmd(base, out, *FSDP, launcher=TWO_PROCESSES),
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {json.loads(line)["processes"] for line in (out / "metrics.jsonl").read_text().splitlines()} == {2}
     assert losses(out) == pytest.approx(losses(reference_run), **SHARDED_CURVE)
     # each process wrote its half of every trainable tensor: the embeddings [400, 64] in two row blocks
     assert sorted(shard_chunks(out / "checkpoints" / "step-000004", "embed_tokens")) == [
-        ((0, 0), (200, 64)), ((200, 0), (200, 64))]
+        ((0, 0), (200, 64)),
+        ((200, 0), (200, 64)),
+    ]
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
     single = AutoModelForCausalLM.from_pretrained(reference_run / "merged").state_dict()
     original = AutoModelForCausalLM.from_pretrained(base).state_dict()
@@ -148,8 +185,14 @@ def test_fsdp2_on_two_cpu_processes_equals_one_process(base, reference_run, tmp_
 @pytest.mark.slow
 def test_fsdp2_kill_9_then_resume_reproduces_the_loss_curve(base, reference_run, tmp_path):
     out = tmp_path / "fsdp"
-    proc = subprocess.Popen(finetune_cmd(base, out, *FSDP, launcher=TWO_PROCESSES), cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        finetune_cmd(base, out, *FSDP, launcher=TWO_PROCESSES),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if (out / "checkpoints" / "step-000004").is_dir():
@@ -159,9 +202,14 @@ def test_fsdp2_kill_9_then_resume_reproduces_the_loss_curve(base, reference_run,
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "merged").exists()
-    resumed = subprocess.run(finetune_cmd(base, out, *FSDP, "--resume", launcher=TWO_PROCESSES), check=False,
-                             capture_output=True,
-                             text=True, cwd=REPO, env=ENV)
+    resumed = subprocess.run(
+        finetune_cmd(base, out, *FSDP, "--resume", launcher=TWO_PROCESSES),
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(out) == pytest.approx(losses(reference_run), **SHARDED_CURVE)
 
@@ -170,16 +218,25 @@ GPUS = torch.cuda.device_count()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs, found {GPUS}: accelerate 1.15 ignores its FSDP2 plugin on "
-                    "CPU (MULTI_CPU, wrapped in DDP) and torch has no context-parallel rule for the CPU attention "
-                    "kernel (aten._scaled_dot_product_flash_attention_for_cpu); the CPU sharding is tested above")
+@pytest.mark.skipif(
+    GPUS < 2,
+    reason=f"needs 2 CUDA GPUs, found {GPUS}: accelerate 1.15 ignores its FSDP2 plugin on "
+    "CPU (MULTI_CPU, wrapped in DDP) and torch has no context-parallel rule for the CPU attention "
+    "kernel (aten._scaled_dot_product_flash_attention_for_cpu); the CPU sharding is tested above",
+)
 @pytest.mark.parametrize("cp_size", [1, 2])
 def test_accelerate_fsdp2_and_context_parallel_on_two_gpus_equal_one_gpu(base, reference_run, tmp_path, cp_size):
     """accelerate's route: FSDP2 plugin + ParallelismConfig(dp_shard_size=2 / cp_size, cp_size); with cp_size 2
     both GPUs train on every sequence, each on half of it (pre-shifted labels, maybe_context_parallel)."""
     out = tmp_path / f"cp{cp_size}"
-    proc = subprocess.run(finetune_cmd(base, out, *FSDP, f"distributed.cp_size={cp_size}", launcher=TWO_PROCESSES),
-                          check=False, capture_output=True, text=True, cwd=REPO, env=ENV)
+    proc = subprocess.run(
+        finetune_cmd(base, out, *FSDP, f"distributed.cp_size={cp_size}", launcher=TWO_PROCESSES),
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the ring attention and sharded reductions add in another order than one GPU (float32 model)
     assert losses(out) == pytest.approx(losses(reference_run), rel=1e-4)
@@ -192,9 +249,14 @@ def test_accelerate_fsdp2_and_context_parallel_on_two_gpus_equal_one_gpu(base, r
 @pytest.mark.slow
 def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
     out = tmp_path / "nan"
-    proc = subprocess.run(finetune_cmd(base, out, "optimization.lr=1e30", "optimization.grad_clip=null",
-                                       "logging.save_every=1"), check=False, capture_output=True, text=True,
-                                       cwd=REPO, env=ENV)
+    proc = subprocess.run(
+        finetune_cmd(base, out, "optimization.lr=1e30", "optimization.grad_clip=null", "logging.save_every=1"),
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     # an update wrecked the weights and the next step's loss is not finite: the checkpoint of the step before holds
     # the wrecked weights, so it is set aside (tests/test_reliability.py resumes from a good one)
@@ -207,14 +269,25 @@ def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
 
 @pytest.mark.slow
 def test_bad_data_is_refused_before_training(base, tmp_path):
-    proc = subprocess.run(finetune_cmd(base, tmp_path / "a", f"data.source={tmp_path}/missing"), check=False,
-                          capture_output=True,
-                          text=True, cwd=REPO, env=ENV)
+    proc = subprocess.run(
+        finetune_cmd(base, tmp_path / "a", f"data.source={tmp_path}/missing"),
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+    )
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     small = tmp_path / "small.txt"
     small.write_text("x = 1\n")
-    proc = subprocess.run(finetune_cmd(base, tmp_path / "b", f"data.source={small}", "data.held_out=null"),
-                          check=False, capture_output=True, text=True, cwd=REPO, env=ENV)
+    proc = subprocess.run(
+        finetune_cmd(base, tmp_path / "b", f"data.source={small}", "data.held_out=null"),
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+    )
     assert proc.returncode == 2 and "fewer than one block" in proc.stderr
 
 
@@ -223,12 +296,16 @@ def test_bad_data_is_refused_before_training(base, tmp_path):
 
 def test_every_yaml_under_configs_validates():
     """Fine-tuning configs, recipes and sweeps (whose recipe and overrides must validate too)."""
-    from ctxext.recipe import load_recipe, load_sweep
+    from ctxext.experiments.recipe import load_recipe, load_sweep
 
     kinds = {}
     for path in sorted((REPO / "configs").rglob("*.y*ml")):
         assert path.read_text().startswith("#"), f"{path}: the header comment names the command that runs it"
-        kind = path.relative_to(REPO / "configs").parts[0] if len(path.relative_to(REPO / "configs").parts) > 1 else "finetune"
+        kind = (
+            path.relative_to(REPO / "configs").parts[0]
+            if len(path.relative_to(REPO / "configs").parts) > 1
+            else "finetune"
+        )
         if kind == "finetune":
             assert load_config(path).stages
         elif kind == "recipes":
@@ -250,8 +327,8 @@ def test_patch_section_trained_context_reaches_every_stage_patch():
     stage patches from N, as `ctxext patch --trained-context N` does."""
     from conftest import tiny_model
 
-    from ctxext.patch import patch_model
-    from ctxext.train import stage_patch_params
+    from ctxext.patch.model import patch_model
+    from ctxext.train.loop import stage_patch_params
 
     cfg = load_config(REPO / "configs" / "qwen2.5-1.5b-128k.yaml")
     assert cfg.patch.trained_context == 32768
@@ -268,12 +345,19 @@ def test_retrieval_documents_of_a_pose_stage_fit_its_window(tmp_path):
     skip makes the distance), a plain stage's to its block."""
     from transformers import AutoTokenizer
 
-    from ctxext.recipe import load_recipe
-    from ctxext.reference import REFERENCE_DIR
+    from ctxext.experiments.recipe import load_recipe
+    from ctxext.io.sources import REFERENCE_DIR
 
     tokenizer = AutoTokenizer.from_pretrained(REFERENCE_DIR)
-    recipe = load_recipe(overrides=["data.passkey_documents=60", "data.train_documents=2", "data.full_length_share=1",
-                                    "finetune.stage_steps=[1, 1]", "finetune.stage_windows=[null, 128]"])
+    recipe = load_recipe(
+        overrides=[
+            "data.passkey_documents=60",
+            "data.train_documents=2",
+            "data.full_length_share=1",
+            "finetune.stage_steps=[1, 1]",
+            "finetune.stage_windows=[null, 128]",
+        ]
+    )
     data, _ = recipe.build_data(tokenizer, tmp_path, [512, 1024], 1024)
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     lengths = [len(tokenizer(r["text"])["input_ids"]) for r in rows if "answers" in r]
@@ -305,15 +389,21 @@ def test_config_errors_name_the_field(override, message):
 
 @pytest.mark.slow
 def test_cli_reports_config_errors_with_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "ctxext.cli", "finetune", str(REPO / "configs" / "tiny.yaml"),
-                           "optimization.lrr=1"], check=False, capture_output=True, text=True, cwd=REPO, env=ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxext.cli", "finetune", str(REPO / "configs" / "tiny.yaml"), "optimization.lrr=1"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+    )
     assert proc.returncode == 2 and "did you mean 'lr'" in proc.stderr
 
 
 def test_pose_position_ids_cover_the_target_with_one_skip():
     import numpy as np
 
-    from ctxext.data import pose_position_ids
+    from ctxext.data.text import pose_position_ids
 
     rng = np.random.default_rng(0)
     reach = []
@@ -326,18 +416,24 @@ def test_pose_position_ids_cover_the_target_with_one_skip():
 
 
 def test_pose_windows_are_refused_with_methods_that_cannot_see_skipped_positions(tmp_path):
-    from ctxext.train import finetune
+    from ctxext.train.loop import finetune
 
     for method in ("xpos", "dynamic"):
-        cfg = load_config(REPO / "configs" / "tiny.yaml", [f"patch.method={method}", "patch.factor=null",
-                                                            "stages.1.window=64", "stages.1.patch=null"])
+        cfg = load_config(
+            REPO / "configs" / "tiny.yaml",
+            [f"patch.method={method}", "patch.factor=null", "stages.1.window=64", "stages.1.patch=null"],
+        )
         with pytest.raises(TrainingError, match=f"PoSE windows.*{method}"):
             finetune(cfg, output_dir=str(tmp_path / method))
         assert not (tmp_path / method).exists()
-    from ctxext.train import check_config
+    from ctxext.train.loop import check_config
 
-    check_config(load_config(REPO / "configs" / "tiny.yaml", ["patch.method=yarn", "patch.factor=null",
-                                                              "patch.target_length=256", "stages.1.window=64"]))
+    check_config(
+        load_config(
+            REPO / "configs" / "tiny.yaml",
+            ["patch.method=yarn", "patch.factor=null", "patch.target_length=256", "stages.1.window=64"],
+        )
+    )
     with pytest.raises(ConfigError, match="window=128 must be shorter than seq_len=128"):
         load_config(REPO / "configs" / "tiny.yaml", ["stages.1.window=128"])
 
@@ -345,11 +441,18 @@ def test_pose_windows_are_refused_with_methods_that_cannot_see_skipped_positions
 @pytest.mark.slow
 def test_full_tuning_with_a_pose_stage_and_a_stage_source(base, tmp_path):
     retrieval = tmp_path / "retrieval.jsonl"
-    retrieval.write_text("".join(json.dumps({"text": f"# The pass key is {10000 + i}. Remember it.\n" * 20}) + "\n"
-                                 for i in range(30)))
+    retrieval.write_text(
+        "".join(json.dumps({"text": f"# The pass key is {10000 + i}. Remember it.\n" * 20}) + "\n" for i in range(30))
+    )
     out = tmp_path / "full"
-    proc = subprocess.run(finetune_cmd(base, out, "tuning=full", "stages.1.window=64", f"stages.1.source={retrieval}"),
-                          check=False, capture_output=True, text=True, cwd=REPO, env=ENV)
+    proc = subprocess.run(
+        finetune_cmd(base, out, "tuning=full", "stages.1.window=64", f"stages.1.source={retrieval}"),
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in records] == [512] * 12 and [r["seq_len"] for r in records][-1] == 128
@@ -362,7 +465,9 @@ def test_full_tuning_with_a_pose_stage_and_a_stage_source(base, tmp_path):
 
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     lines = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
-        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(8)]
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]"
+        for i in range(8)
+    ]
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(lines) + "\nstages: *i\n")
     with pytest.raises(ConfigError, match="YAML alias \\*a at line 2: aliases are not allowed"):
@@ -372,7 +477,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
 def test_stage_blocks_keep_every_document_that_fits_whole_and_lose_no_token():
     import numpy as np
 
-    from ctxext.data import stage_blocks
+    from ctxext.data.text import stage_blocks
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 120, size=400)  # documents of 3..119 tokens (EOS included), blocks of 64
@@ -386,7 +491,9 @@ def test_stage_blocks_keep_every_document_that_fits_whole_and_lose_no_token():
     for s, e in windows:
         covered[s:e] = True
     assert covered[: windows[-1][1]].all()  # consecutive up to the last block: no token skipped
-    whole = {int(d) for d, (s, n) in enumerate(zip(doc_starts, lengths)) if any(a <= s and s + n <= b for a, b in windows)}
+    whole = {
+        int(d) for d, (s, n) in enumerate(zip(doc_starts, lengths)) if any(a <= s and s + n <= b for a, b in windows)
+    }
     fits = {d for d, n in enumerate(lengths) if n <= 64 and doc_starts[d] + n <= windows[-1][1]}
     assert fits <= whole  # plain packing (starts 0, 64, 128, ...) cuts about half of these
     plain = {d for d in fits if doc_starts[d] // 64 == (doc_starts[d] + lengths[d] - 1) // 64}
@@ -398,12 +505,15 @@ def test_stage_blocks_keep_every_document_that_fits_whole_and_lose_no_token():
 def test_answer_spans_mark_the_answer_tokens_in_the_token_file_and_the_blocks(tmp_path):
     import numpy as np
 
-    from ctxext.data import answer_spans, document_starts, open_token_file, stage_blocks, write_token_file
+    from ctxext.data.text import answer_spans, document_starts, open_token_file, stage_blocks, write_token_file
 
     tokenizer = train_tokenizer(corpus.read_texts(corpus.stdlib_files("train")[:30]), vocab_size=512)
     rows = [{"text": "def f():\n    return 1\n"}]  # a code row: no answers
     for i in range(40):
-        head = f"# The pass key is {31000 + 37 * i}. Remember it.\nx = {i}\n" * (1 + i % 3) + "# What is the pass key? The pass key is"
+        head = (
+            f"# The pass key is {31000 + 37 * i}. Remember it.\nx = {i}\n" * (1 + i % 3)
+            + "# What is the pass key? The pass key is"
+        )
         answer = f" {31000 + 37 * i}."
         rows.append({"text": head + answer + "\n", "answers": [[len(head), len(head) + len(answer)]]})
     data = tmp_path / "data.jsonl"
@@ -437,9 +547,16 @@ def test_answer_weight_reaches_the_training_loss(base, tmp_path):
     first = {}
     for weight in (1, 10):
         out = tmp_path / f"w{weight}"
-        proc = subprocess.run(finetune_cmd(base, out, f"data.source={data}", f"data.answer_weight={weight}",
-                                           "stages.0.steps=2", "stages.1.steps=1"),
-                              check=False, capture_output=True, text=True, cwd=REPO, env=ENV)
+        proc = subprocess.run(
+            finetune_cmd(
+                base, out, f"data.source={data}", f"data.answer_weight={weight}", "stages.0.steps=2", "stages.1.steps=1"
+            ),
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=ENV,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         first[weight] = losses(out)[0]
     # the same blocks and weights at step 1: the answers' ~4% of the targets count 10x instead of 1x
@@ -448,7 +565,7 @@ def test_answer_weight_reaches_the_training_loss(base, tmp_path):
 
 @pytest.mark.parametrize("answers", [[[5, 2]], [["a", "b"]], [[0, 999]], [[1, 2, 3]]])
 def test_malformed_answer_spans_name_the_file(tmp_path, answers):
-    from ctxext.data import write_token_file
+    from ctxext.data.text import write_token_file
     from ctxext.errors import DataError
 
     tokenizer = train_tokenizer(corpus.read_texts(corpus.stdlib_files("train")[:10]), vocab_size=300)
@@ -461,7 +578,7 @@ def test_malformed_answer_spans_name_the_file(tmp_path, answers):
 
 def test_recipe_plan_says_what_trains():
     """Reports print the plan's tuning label: it follows the recipe (the full-tuning experiment once said LoRA r16)."""
-    from ctxext.recipe import load_recipe
+    from ctxext.experiments.recipe import load_recipe
 
     assert load_recipe().plan()["tuning"] == "LoRA r16 + embeddings/norms"  # the demo's recipe
     assert load_recipe(overrides=["finetune.tuning=full"]).plan()["tuning"] == "full (every weight)"

@@ -17,17 +17,28 @@ pytest.importorskip("gguf")  # the [gguf] extra; `make test` installs it
 
 from gguf_fixtures import CONTEXT, HEAD_DIM, save_tiny_llama, token_ids
 
-from ctxext.cli import main
-from ctxext.gguf.rope import FLT_MAX, GGUFRope, gguf_rope_from_parameters, llamacpp_inv_freq, parameters_from_gguf_rope
-from ctxext.gguf.write import permute_rotary_rows
-from ctxext.hub import patch_checkpoint
+from ctxext.cli.main import main
+from ctxext.io.gguf.rope import (
+    FLT_MAX,
+    GGUFRope,
+    gguf_rope_from_parameters,
+    llamacpp_inv_freq,
+    parameters_from_gguf_rope,
+)
+from ctxext.io.gguf.write import permute_rotary_rows
 from ctxext.models.base import compute_inv_freq
+from ctxext.patch.checkpoint import patch_checkpoint
 
 torch.set_num_threads(1)
 
 METHODS = [  # (chain, params): every exportable method and chain ctxext writes
-    ("pi", {"factor": 4}), ("ntk", {"factor": 4}), ("yarn", {"factor": 4}), ("llama3", {"factor": 4}),
-    ("prope", {"keep": 0.75}), ("prope+pi", {"keep": 0.5, "factor": 4}), ("yarn+prope", {"factor": 4, "keep": 0.75}),
+    ("pi", {"factor": 4}),
+    ("ntk", {"factor": 4}),
+    ("yarn", {"factor": 4}),
+    ("llama3", {"factor": 4}),
+    ("prope", {"keep": 0.75}),
+    ("prope+pi", {"keep": 0.5, "factor": 4}),
+    ("yarn+prope", {"factor": 4, "keep": 0.75}),
     ("yarn", {"factor": 4, "beta_fast": 16.0, "beta_slow": 2.0}),
 ]
 
@@ -96,8 +107,9 @@ def test_export_reads_back_exactly_with_transformers_gguf_loader(tiny, tmp_path)
     assert torch.equal(logits(tmp_path, ids, gguf_file=str(gguf)), logits(tiny, ids))
 
 
-@pytest.mark.parametrize("chain,params", [("llama3", {"factor": 4}), ("prope+pi", {"keep": 0.5, "factor": 4}),
-                                          ("yarn", {"factor": 4})])
+@pytest.mark.parametrize(
+    "chain,params", [("llama3", {"factor": 4}), ("prope+pi", {"keep": 0.5, "factor": 4}), ("yarn", {"factor": 4})]
+)
 def test_convert_round_trip_keeps_the_rope_scaling(tiny, tmp_path, chain, params):
     """transformers' GGUF loader drops llama.cpp's rope scaling; convert restores it (same logits past 64)."""
     ids = token_ids(200)
@@ -123,10 +135,15 @@ def test_export_dtypes_read_back_close(tiny, tmp_path, dtype):
     assert gguf.stat().st_size < 0.6 * f32.stat().st_size
 
 
-@pytest.mark.parametrize("chain,params,reason", [
-    ("xpos", {}, "xPos"), ("dynamic", {"factor": 4}, "dynamic NTK"), ("yarn+xpos", {"factor": 4}, "xPos"),
-    ("selfextend", {"group_size": 4, "window": 16}, "--grp-attn-n"),
-])
+@pytest.mark.parametrize(
+    "chain,params,reason",
+    [
+        ("xpos", {}, "xPos"),
+        ("dynamic", {"factor": 4}, "dynamic NTK"),
+        ("yarn+xpos", {"factor": 4}, "xPos"),
+        ("selfextend", {"group_size": 4, "window": 16}, "--grp-attn-n"),
+    ],
+)
 def test_methods_llamacpp_cannot_run_are_refused(tiny, tmp_path, capsys, chain, params, reason):
     patched = patch_checkpoint(tiny, tmp_path / "p", chain, **params)
     out = tmp_path / "x.gguf"
@@ -167,8 +184,10 @@ def tiny_gguf(tiny, tmp_path_factory):
 def test_damaged_gguf_exits_2_naming_the_file_and_writes_nothing(tiny_gguf, tmp_path, capsys, keep):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(tiny_gguf.read_bytes()[: int(tiny_gguf.stat().st_size * keep)])
-    for cmd in (["convert", str(bad), str(tmp_path / "out")],
-                ["patch", str(bad), str(tmp_path / "out"), "--method", "pi", "--factor", "2"]):
+    for cmd in (
+        ["convert", str(bad), str(tmp_path / "out")],
+        ["patch", str(bad), str(tmp_path / "out"), "--method", "pi", "--factor", "2"],
+    ):
         assert main(cmd) == 2
         err = capsys.readouterr().err
         assert str(bad) in err and ("truncated" in err or "corrupt" in err)
@@ -186,8 +205,12 @@ def test_unsupported_architecture_and_quantization_are_refused(tmp_path, capsys)
     assert "'bert'" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
     from gguf.quants import _type_traits  # a type the gguf package cannot dequantize
-    qtype = next(t for t in gguf.GGMLQuantizationType if t not in _type_traits and t.name not in ("F32", "F16")
-                 and t in gguf.GGML_QUANT_SIZES)
+
+    qtype = next(
+        t
+        for t in gguf.GGMLQuantizationType
+        if t not in _type_traits and t.name not in ("F32", "F16") and t in gguf.GGML_QUANT_SIZES
+    )
     _block, size = gguf.GGML_QUANT_SIZES[qtype]
     w = gguf.GGUFWriter(tmp_path / "q.gguf", "llama")
     w.add_tokenizer_model("gpt2")
@@ -212,7 +235,7 @@ def test_patch_takes_a_gguf_file_and_caches_its_conversion(tiny_gguf, tiny, tmp_
 
 
 def test_named_source_from_a_wheel_and_the_missing_source_message(tiny_gguf, tmp_path, capsys, monkeypatch):
-    from ctxext.gguf import sources
+    from ctxext.io.gguf import sources
 
     fake = sources.GGUFSource("tinyllama", "tiny.gguf", "ctxext_no_such_package", "ctxext-no-such-package", "test")
     monkeypatch.setitem(sources.SOURCES, "tinyllama", fake)
@@ -234,7 +257,7 @@ def test_pre_tokenizer_is_restored_for_llamacpp_names(tmp_path):
     from gguf_fixtures import REFERENCE
     from tokenizers import Tokenizer
 
-    from ctxext.gguf.tokenizer import detect_pre, restore_pre_tokenizer
+    from ctxext.io.gguf.tokenizer import detect_pre, restore_pre_tokenizer
 
     data = json.loads((REFERENCE / "tokenizer.json").read_text())
     assert detect_pre(data) == "smollm"

@@ -21,25 +21,42 @@ llama_cpp = pytest.importorskip("llama_cpp")  # `make test` installs it: these t
 
 from gguf_fixtures import CONTEXT, save_tiny_llama, token_ids
 
-from ctxext.gguf.write import export_gguf
-from ctxext.hub import patch_checkpoint
+from ctxext.io.gguf.write import export_gguf
+from ctxext.patch.checkpoint import patch_checkpoint
 
 torch.set_num_threads(1)
 LENGTH = 4 * CONTEXT
 GGML_TYPE_F32 = 0
 
 METHODS = [
-    ("none", {}), ("pi", {"factor": 4}), ("ntk", {"factor": 4}), ("yarn", {"factor": 4}),
-    ("yarn", {"factor": 4, "beta_fast": 16.0, "beta_slow": 2.0}), ("llama3", {"factor": 4}),
-    ("prope", {"keep": 0.75}), ("prope+pi", {"keep": 0.5, "factor": 4}), ("ntk+prope", {"factor": 4, "keep": 0.5}),
+    ("none", {}),
+    ("pi", {"factor": 4}),
+    ("ntk", {"factor": 4}),
+    ("yarn", {"factor": 4}),
+    ("yarn", {"factor": 4, "beta_fast": 16.0, "beta_slow": 2.0}),
+    ("llama3", {"factor": 4}),
+    ("prope", {"keep": 0.75}),
+    ("prope+pi", {"keep": 0.5, "factor": 4}),
+    ("ntk+prope", {"factor": 4, "keep": 0.5}),
     ("yarn+prope", {"factor": 4, "keep": 0.75}),
 ]
 
 
 def llamacpp_logits(path: Path, ids: torch.Tensor, **kw) -> np.ndarray:
     n = ids.shape[-1]
-    llm = llama_cpp.Llama(str(path), n_ctx=n, n_batch=n, n_ubatch=n, logits_all=True, type_k=GGML_TYPE_F32,
-                          type_v=GGML_TYPE_F32, n_threads=1, n_threads_batch=1, verbose=False, **kw)
+    llm = llama_cpp.Llama(
+        str(path),
+        n_ctx=n,
+        n_batch=n,
+        n_ubatch=n,
+        logits_all=True,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+        n_threads=1,
+        n_threads_batch=1,
+        verbose=False,
+        **kw,
+    )
     llm.eval(ids[0].tolist())
     scores = np.array(llm.scores[:n], dtype=np.float32)
     llm.close()
@@ -60,20 +77,28 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama3_source(tmp_path_factory):
     """A Llama 3.1-style checkpoint: its own llama3 scaling, trained context 64."""
-    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
     return save_tiny_llama(tmp_path_factory.mktemp("l3") / "ckpt", seed=1, rope_parameters=rope)
 
 
 def compare(patched: Path, gguf: Path, ids: torch.Tensor) -> float:
     want, got = hf_logits(patched, ids), llamacpp_logits(gguf, ids)
     diff = float(np.abs(want - got).max())
-    agree = (want.argmax(-1) == got.argmax(-1))
+    agree = want.argmax(-1) == got.argmax(-1)
     assert agree.all(), f"top-1 differs at positions {np.flatnonzero(~agree)[:10]} (max logit diff {diff:.2e})"
     return diff
 
 
-@pytest.mark.parametrize("chain,params", METHODS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v)) or "default")
+@pytest.mark.parametrize(
+    "chain,params", METHODS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v)) or "default"
+)
 def test_llamacpp_matches_transformers_past_the_original_context(tiny, tmp_path, chain, params, record_property):
     patched = tiny if chain == "none" else patch_checkpoint(tiny, tmp_path / "p", chain, **params)
     gguf = export_gguf(patched, tmp_path / "p.gguf")
@@ -126,8 +151,11 @@ def test_tokenizer_metadata_tokenizes_like_transformers(tiny, tmp_path):
     gguf = export_gguf(tiny, tmp_path / "t.gguf")
     hf = AutoTokenizer.from_pretrained(tiny)
     llm = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
-    texts = ["def f(x):\n    return x + 12345  # sum\n", "  indented\ttabs and ünïcødé 3.14159 <|endoftext|>",
-             Path(__file__).read_text()[:2000]]
+    texts = [
+        "def f(x):\n    return x + 12345  # sum\n",
+        "  indented\ttabs and ünïcødé 3.14159 <|endoftext|>",
+        Path(__file__).read_text()[:2000],
+    ]
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf(text)["input_ids"]
     assert llm.token_eos() == hf.eos_token_id and llm.token_bos() == hf.bos_token_id
@@ -148,8 +176,8 @@ def test_reduced_precision_exports_stay_close(tiny, tmp_path, dtype, min_agree):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from ctxext.gguf.read import convert_gguf
-    from ctxext.gguf.sources import SOURCES, find_installed
+    from ctxext.io.gguf.read import convert_gguf
+    from ctxext.io.gguf.sources import SOURCES, find_installed
 
     gguf = find_installed(SOURCES["smollm2"])
     if gguf is None:
@@ -175,7 +203,11 @@ def test_smollm2_tokenizer_splits_digits_like_llamacpp(smollm2):
     gguf, hf = smollm2
     tok = AutoTokenizer.from_pretrained(hf)
     llm = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
-    for text in ["x = 1234567 + 89", "<|im_start|>user\nWhat is 2024 * 3?<|im_end|>", Path(json.__file__).read_text()[:3000]]:
+    for text in [
+        "x = 1234567 + 89",
+        "<|im_start|>user\nWhat is 2024 * 3?<|im_end|>",
+        Path(json.__file__).read_text()[:3000],
+    ]:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
     llm.close()
 

@@ -5,12 +5,21 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ctxext.loss import ChunkedLMLoss, linear_cross_entropy
+from ctxext.train.loss import ChunkedLMLoss, linear_cross_entropy
 
 
 def tiny_llama(tie: bool) -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=101,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=tie,
+        )
+    )
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])

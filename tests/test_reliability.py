@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from ctxext.atomic import disk_full, temporary_beside
-from ctxext.config import ConfigError, load_config
-from ctxext.data import check_data_file
+from ctxext.data.text import check_data_file
 from ctxext.errors import CheckpointError, DataError, OutputError, TrainingError
-from ctxext.lock import lock_path, output_lock
-from ctxext.validate import check_checkpoint, load_tokenizer
+from ctxext.io.atomic import disk_full, temporary_beside
+from ctxext.io.lock import lock_path, output_lock
+from ctxext.io.validate import check_checkpoint, load_tokenizer
+from ctxext.train.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -63,7 +63,7 @@ def test_a_missing_folder_or_an_uncached_hub_id_offline_is_refused_at_once(tmp_p
 
     from huggingface_hub import constants
 
-    from ctxext.cli import main
+    from ctxext.cli.main import main
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -74,8 +74,9 @@ def test_a_missing_folder_or_an_uncached_hub_id_offline_is_refused_at_once(tmp_p
         check_checkpoint("nobody/no-such-model")
     assert main(["info", "nobody/no-such-model"]) == 2
     assert "Download the model when online, or give a local checkpoint folder" in capsys.readouterr().err
-    assert main(["patch", str(tmp_path / "no-such-folder"), str(tmp_path / "out"), "--method", "pi",
-                 "--factor", "2"]) == 2
+    assert (
+        main(["patch", str(tmp_path / "no-such-folder"), str(tmp_path / "out"), "--method", "pi", "--factor", "2"]) == 2
+    )
     assert not (tmp_path / "out").exists()
     assert time.time() - started < 10
 
@@ -85,14 +86,17 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny):
         load_tokenizer(tiny.src, 1000)
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "is empty (0 bytes)"),
-    (b" \n\t\n", "holds only whitespace"),
-    (bytes(range(256)) * 64, "is binary"),
-    (b"print('hi')\n" * 100 + b"\0", "a NUL byte at offset 1,200"),
-    ("déjà vu\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 1)"),
-    ("x = 'é'\n".encode()[:-3], "ends inside a multi-byte character"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "is empty (0 bytes)"),
+        (b" \n\t\n", "holds only whitespace"),
+        (bytes(range(256)) * 64, "is binary"),
+        (b"print('hi')\n" * 100 + b"\0", "a NUL byte at offset 1,200"),
+        ("déjà vu\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 1)"),
+        ("x = 'é'\n".encode()[:-3], "ends inside a multi-byte character"),
+    ],
+)
 def test_data_files_empty_binary_or_not_utf8_are_refused_naming_the_file(tmp_path, content, message):
     path = tmp_path / "data.txt"
     path.write_bytes(content)
@@ -110,10 +114,13 @@ def test_utf8_split_across_read_blocks_and_parquet_files_pass(tmp_path):
     check_data_file(table)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["stages.0.steps=1000000000000"], "stages.0.steps: Input should be less than or equal to 10000000"),
-    (["stages.0.steps=null", "stages.0.tokens=100000000000000"], "at most 10,000,000 per stage"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["stages.0.steps=1000000000000"], "stages.0.steps: Input should be less than or equal to 10000000"),
+        (["stages.0.steps=null", "stages.0.tokens=100000000000000"], "at most 10,000,000 per stage"),
+    ],
+)
 def test_huge_steps_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "configs" / "tiny.yaml", overrides)
@@ -188,8 +195,9 @@ def test_a_lock_flocked_for_a_pid_that_is_not_running_is_taken_over(tmp_path, ca
 
 def test_disk_full_is_recognised_in_every_wording_and_nothing_else(tmp_path):
     assert disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "x") is not None
-    rust = type("SafetensorError", (Exception,), {})("Error while serializing: I/O error: No space left on device "
-                                                     "(os error 28)")
+    rust = type("SafetensorError", (Exception,), {})(
+        "Error while serializing: I/O error: No space left on device (os error 28)"
+    )
     assert "no space left on the disk that holds" in str(disk_full(rust, tmp_path / "x"))
     assert disk_full(ValueError("bad value"), tmp_path / "x") is None
     assert disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path / "x") is None
@@ -203,7 +211,7 @@ def test_an_atomic_write_on_a_full_disk_keeps_the_previous_file(tmp_path):
         tmp.write_text("half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    from ctxext.atomic import atomic_write
+    from ctxext.io.atomic import atomic_write
 
     with pytest.raises(OutputError, match=f"Nothing was written: {target} is unchanged"):
         atomic_write(target, write)
@@ -222,7 +230,7 @@ def test_a_replacement_killed_between_its_two_renames_is_restored(tmp_path):
 
 
 def test_metrics_of_a_resumed_run_drop_later_steps_and_a_line_cut_short(tmp_path):
-    from ctxext.train import MetricsLog
+    from ctxext.train.loop import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in (1, 2, 3)) + '{"step": 4, "lo')
@@ -240,7 +248,7 @@ class _OneProcess:
 
 
 def test_a_diverged_step_sets_aside_the_checkpoint_whose_weights_gave_it(tmp_path):
-    from ctxext.train import EXIT_DIVERGED, Position, diverged
+    from ctxext.train.loop import EXIT_DIVERGED, Position, diverged
 
     for step in (2, 4):
         (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
@@ -263,8 +271,11 @@ def fixtures(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hostile,command", [(h, c) for h in drill.HOSTILE for c in h.commands],
-                         ids=lambda x: x.name if isinstance(x, drill.Hostile) else x)
+@pytest.mark.parametrize(
+    "hostile,command",
+    [(h, c) for h in drill.HOSTILE for c in h.commands],
+    ids=lambda x: x.name if isinstance(x, drill.Hostile) else x,
+)
 def test_every_command_refuses_every_hostile_input(hostile, command, fixtures):
     outcome = drill.run_input_case(hostile, command, fixtures)
     assert outcome.handled, outcome.note
@@ -278,8 +289,12 @@ def reference(fixtures):
 @pytest.mark.slow
 @pytest.mark.parametrize("operation", ["patch", "export", "finetune", "merge"])
 def test_kill_9_at_random_moments_loses_nothing(operation, fixtures, reference):
-    make = {"patch": drill.patch_operation, "export": drill.export_operation, "finetune": drill.finetune_operation,
-            "merge": drill.merge_operation}[operation]
+    make = {
+        "patch": drill.patch_operation,
+        "export": drill.export_operation,
+        "finetune": drill.finetune_operation,
+        "merge": drill.merge_operation,
+    }[operation]
     op = make(fixtures) if operation in ("patch", "export") else make(fixtures, reference)
     log = fixtures.root / f"{operation}.log"
     window = drill.calibrate(op, log)
@@ -316,9 +331,12 @@ def test_a_diverging_run_exits_3_and_its_last_good_checkpoint_resumes(fixtures):
 
 
 def test_the_drill_table_counts_what_it_is_given():
-    outcomes = [drill.Outcome("inputs", "a", True), drill.Outcome("inputs", "b", False),
-                drill.Outcome("kill", "c", False, corrupted=True, lost=True),
-                drill.Outcome("kill", "summary row", True, note="summary")]
+    outcomes = [
+        drill.Outcome("inputs", "a", True),
+        drill.Outcome("inputs", "b", False),
+        drill.Outcome("kill", "c", False, corrupted=True, lost=True),
+        drill.Outcome("kill", "summary row", True, note="summary"),
+    ]
     lines = drill.table(outcomes)
     assert "| inputs | 2 | 1 | 0 | 0 |" in lines and "| kill | 1 | 0 | 1 | 1 |" in lines
     assert lines[-1] == "| **all** | **3** | **1** | **1** | **1** |"
@@ -330,7 +348,7 @@ PLAN_CASES = [h for h in drill.HOSTILE if h.kind == "checkpoint" and "plan" in h
 @pytest.mark.parametrize("hostile", PLAN_CASES, ids=lambda h: h.name)
 def test_plan_refuses_each_hostile_config_json_naming_the_file(hostile, tiny, tmp_path):
     """`ctxext plan` reads config.json alone: every hostile one is refused as the other commands refuse it."""
-    from ctxext.memory import model_shape
+    from ctxext.train.memory import model_shape
 
     bad = hostile.build(tmp_path, tiny)
     with pytest.raises(CheckpointError) as err:

@@ -21,10 +21,10 @@ from conftest import CONTEXT, HEAD_DIM
 from test_cli import save_tiny
 from transformers import AutoModelForCausalLM
 
-from ctxext import longrope
-from ctxext.cli import main
+from ctxext.cli.main import main
 from ctxext.errors import DataError, SearchError
-from ctxext.longrope import (
+from ctxext.longrope import checkpoint as longrope
+from ctxext.longrope.checkpoint import (
     CalibrationObjective,
     calibration_ids,
     proxy_position_ids,
@@ -32,8 +32,7 @@ from ctxext.longrope import (
     state_path,
     use_rope_parameters,
 )
-from ctxext.rope.registry import RopeContext
-from ctxext.search import (
+from ctxext.longrope.evolution import (
     Candidate,
     EvolutionConfig,
     RefineConfig,
@@ -46,6 +45,7 @@ from ctxext.search import (
     seed_candidates,
     yarn_attention_factor,
 )
+from ctxext.rope.registry import RopeContext
 
 CTX = RopeContext(head_dim=HEAD_DIM, rope_theta=10000.0, context_length=CONTEXT)
 SCALE = 4.0
@@ -99,8 +99,11 @@ def test_space_refuses_what_breaks_the_constraints():
 def test_seeds_are_the_pi_ntk_and_yarn_shapes_of_the_independent_references():
     default = ref.rope_inv_freq(HEAD_DIM, 10000.0)
     yarn_freq, yarn_af = ref.yarn(HEAD_DIM, 10000.0, CONTEXT, SCALE)
-    expected = {"pi": default / ref.pi(default, SCALE), "ntk": default / ref.ntk(HEAD_DIM, 10000.0, SCALE),
-                "yarn": default / yarn_freq}
+    expected = {
+        "pi": default / ref.pi(default, SCALE),
+        "ntk": default / ref.ntk(HEAD_DIM, 10000.0, SCALE),
+        "yarn": default / yarn_freq,
+    }
     by_method = {}
     for c in SEEDS:
         by_method.setdefault(c.origin.split()[0], []).append(c)
@@ -144,7 +147,8 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_search_ends(tm
     assert state.evaluations == 32 and state.generation == 3
     resumed = evolve(toy_fitness, SPACE, config, SEEDS, state=state, on_generation=save, progress=False)
     assert [(e.candidate.key(), e.fitness, e.generation) for e in resumed.history] == [
-        (e.candidate.key(), e.fitness, e.generation) for e in whole.history]
+        (e.candidate.key(), e.fitness, e.generation) for e in whole.history
+    ]
     assert resumed.population == whole.population and resumed.evaluations == 70
 
 
@@ -185,8 +189,9 @@ def test_refinement_descends_stays_in_the_space_and_resumes_exactly(tmp_path):
     evolved = evolve(toy_fitness, SPACE, EvolutionConfig(budget=24, seed=0), SEEDS, progress=False)
     start, n = evolved.best.fitness, evolved.evaluations
     config = RefineConfig(steps=60, lr=0.05)
-    whole = refine(toy_value_and_grad, toy_fitness, SPACE, config,
-                   SearchState.from_json(evolved.to_json()), progress=False)
+    whole = refine(
+        toy_value_and_grad, toy_fitness, SPACE, config, SearchState.from_json(evolved.to_json()), progress=False
+    )
     refined = whole.history[n:]
     assert len(refined) == 61 and [e.candidate.origin for e in refined[:2]] == ["refine 0", "refine 1"]
     assert refined[0].candidate == evolved.best.candidate  # it starts from the evolution's best
@@ -206,13 +211,21 @@ def test_refinement_descends_stays_in_the_space_and_resumes_exactly(tmp_path):
         saved.write_text(json.dumps(state.to_json()))
 
     with pytest.raises(KeyboardInterrupt):
-        refine(interrupted, toy_fitness, SPACE, config, SearchState.from_json(evolved.to_json()), on_step=save,
-               progress=False)
+        refine(
+            interrupted,
+            toy_fitness,
+            SPACE,
+            config,
+            SearchState.from_json(evolved.to_json()),
+            on_step=save,
+            progress=False,
+        )
     state = SearchState.from_json(json.loads(saved.read_text()))
     assert state.refine.step == 24
     resumed = refine(toy_value_and_grad, toy_fitness, SPACE, config, state, on_step=save, progress=False)
     assert [(e.candidate.key(), e.fitness) for e in resumed.history] == [
-        (e.candidate.key(), e.fitness) for e in whole.history]
+        (e.candidate.key(), e.fitness) for e in whole.history
+    ]
     # the attention factor stays put where the space fixes it
     fixed = SearchSpace.for_extension(HEAD_DIM // 2, SCALE, 1.2)
     state = SearchState([e for e in evolved.history[:1]], [0])
@@ -271,8 +284,15 @@ def tiny_source(tmp_path_factory):
 
 
 def run_search(src, data, out, **kw):
-    kw = {"target_length": TARGET, "data": str(data), "budget": 20, "population": 8, "windows": 2,
-          "progress": False, **kw}
+    kw = {
+        "target_length": TARGET,
+        "data": str(data),
+        "budget": 20,
+        "population": 8,
+        "windows": 2,
+        "progress": False,
+        **kw,
+    }
     return search_checkpoint(str(src), out, **kw)
 
 
@@ -296,8 +316,10 @@ def test_resumed_checkpoint_search_equals_an_uninterrupted_one(tiny_source, tmp_
     monkeypatch.setattr(CalibrationObjective, "__call__", original)
     resumed = run_search(src, data, tmp_path / "resumed", resume=True)
     assert resumed["evaluations"] == whole["evaluations"] and resumed["best"] == whole["best"]
-    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["rope_parameters"] == json.loads(
-        (tmp_path / "whole" / "config.json").read_text())["rope_parameters"]
+    assert (
+        json.loads((tmp_path / "resumed" / "config.json").read_text())["rope_parameters"]
+        == json.loads((tmp_path / "whole" / "config.json").read_text())["rope_parameters"]
+    )
 
     with pytest.raises(SearchError, match="belongs to another search"):  # another seed: not this state's search
         run_search(src, data, tmp_path / "resumed", resume=True, force=True, seed=9)
@@ -318,7 +340,7 @@ def test_saved_checkpoint_is_native_longrope_with_the_searched_factors(tiny_sour
     # reloaded (stock transformers) on the calibration windows: the search's own best perplexity
     from transformers import AutoTokenizer
 
-    from ctxext.data import load_texts, tokenize_documents
+    from ctxext.data.text import load_texts, tokenize_documents
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     ids = calibration_ids(load_texts(str(data)), lambda b: tokenize_documents(tokenizer, b), TARGET, 2)
@@ -348,7 +370,7 @@ def test_calibration_gradient_matches_finite_differences_of_the_fitness(tiny_sou
     type, rebuilt per candidate): the same value, and a gradient that central differences reproduce."""
     from transformers import AutoTokenizer
 
-    from ctxext.data import load_texts, tokenize_documents
+    from ctxext.data.text import load_texts, tokenize_documents
 
     src, data = tiny_source
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float64).eval()
@@ -367,6 +389,7 @@ def test_calibration_gradient_matches_finite_differences_of_the_fitness(tiny_sou
             if i is None:
                 return objective(Candidate(c.factors, c.attention_factor + d))
             return objective(Candidate(tuple(f + d * (j == i) for j, f in enumerate(c.factors)), c.attention_factor))
+
         return (at(h) - at(-h)) / (2 * h)
 
     def numeric(i):  # transformers computes the angles in float32, so the fitness is rough at small steps: the
@@ -411,8 +434,9 @@ def test_refined_checkpoint_search_resumes_and_improves_on_the_evolution(tiny_so
     # a finished search takes more steps into its own OUT (no --force), which it replaces, and ends where a search
     # with that many steps from the start ends
     longer = run_search(src, data, tmp_path / "whole", refine_steps=6, refine_lr=0.02, resume=True)
-    assert longer["evaluations"] == run_search(src, data, tmp_path / "six", refine_steps=6,
-                                                refine_lr=0.02)["evaluations"]
+    assert (
+        longer["evaluations"] == run_search(src, data, tmp_path / "six", refine_steps=6, refine_lr=0.02)["evaluations"]
+    )
     rope = json.loads((tmp_path / "whole" / "config.json").read_text())["rope_parameters"]
     torch.testing.assert_close(torch.tensor(rope["long_factor"]), torch.tensor(longer["best"]["factors"]))
 
@@ -424,8 +448,9 @@ def longrope_problem(src, data):
 def _nll(model, ids):
     from ctxext.evals.perplexity import window_nll
 
-    return sum(window_nll(model, ids[k:k + 1], ids[k:k + 1, 1:]).item() for k in range(len(ids))) / (
-        ids.shape[0] * (ids.shape[1] - 1))
+    return sum(window_nll(model, ids[k : k + 1], ids[k : k + 1, 1:]).item() for k in range(len(ids))) / (
+        ids.shape[0] * (ids.shape[1] - 1)
+    )
 
 
 STOCK_LOGITS = """
@@ -459,10 +484,21 @@ def test_stock_transformers_loads_the_search_result_to_the_same_logits(tiny_sour
         torch.save(searched(ids[:, :40]).logits, tmp_path / "short.pt")  # within it: the original frequencies
         torch.testing.assert_close(rotary.inv_freq, original.model.rotary_emb.inv_freq, rtol=0, atol=0)
     torch.save(ids, tmp_path / "ids.pt")
-    proc = subprocess.run([sys.executable, "-c", STOCK_LOGITS, str(out), str(tmp_path / "ids.pt"),
-                           str(tmp_path / "long.pt"), str(tmp_path / "short.pt")], check=False, capture_output=True,
-                           text=True,
-                          cwd="/")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            STOCK_LOGITS,
+            str(out),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "long.pt"),
+            str(tmp_path / "short.pt"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"long": True, "short": True}
 
@@ -472,9 +508,32 @@ def test_cli_search_runs_end_to_end_in_a_subprocess(tiny_source, tmp_path):
     src, data = tiny_source
     out = tmp_path / "out"
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "ctxext.cli", "search", str(src), str(out), "--target-length",
-                           str(TARGET), "--data", str(data), "--budget", "12", "--population", "8", "--windows", "1",
-                           "--window", "128"], check=False, capture_output=True, text=True, cwd=repo)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctxext.cli",
+            "search",
+            str(src),
+            str(out),
+            "--target-length",
+            str(TARGET),
+            "--data",
+            str(data),
+            "--budget",
+            "12",
+            "--population",
+            "8",
+            "--windows",
+            "1",
+            "--window",
+            "128",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=repo,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "searched (" in proc.stdout and "PoSE proxy" in proc.stdout
     saved = json.loads((out / "search.json").read_text())
@@ -513,27 +572,51 @@ def test_init_starts_from_an_earlier_search_and_is_part_of_the_resumed_state(tin
 
 @pytest.fixture(scope="module")
 def yarn_source(tiny_source, tmp_path_factory):
-    from ctxext.hub import patch_checkpoint
+    from ctxext.patch.checkpoint import patch_checkpoint
 
     return patch_checkpoint(tiny_source[0], tmp_path_factory.mktemp("yarn") / "yarn", "yarn", factor=2)
 
 
-@pytest.mark.parametrize("case", ["target below", "target equal", "budget 0", "budget small", "missing data",
-                                  "short data", "not plain rope", "nothing to resume", "window too long",
-                                  "refine negative", "refine lr 0", "max factor below 1", "init not longrope",
-                                  "init missing", "init corrupt"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "target below",
+        "target equal",
+        "budget 0",
+        "budget small",
+        "missing data",
+        "short data",
+        "not plain rope",
+        "nothing to resume",
+        "window too long",
+        "refine negative",
+        "refine lr 0",
+        "max factor below 1",
+        "init not longrope",
+        "init missing",
+        "init corrupt",
+    ],
+)
 def test_bad_input_exits_2_and_writes_nothing(case, tiny_source, yarn_source, tmp_path, capsys):
     src, data = tiny_source
     out = tmp_path / "out"
-    args = {"target below": ["--target-length", "32"], "target equal": ["--target-length", str(CONTEXT)],
-            "budget 0": ["--budget", "0"], "budget small": ["--budget", "15"],
-            "missing data": ["--data", str(tmp_path / "nope")], "short data": ["--windows", "1", "--window", "400",
-                                                                              "--target-length", "400"],
-            "not plain rope": [], "nothing to resume": ["--resume"], "window too long": ["--window", "512"],
-            "refine negative": ["--refine", "-1"], "refine lr 0": ["--refine", "2", "--refine-lr", "0"],
-            "max factor below 1": ["--max-factor", "0.9"], "init not longrope": ["--init", str(yarn_source)],
-            "init missing": ["--init", str(tmp_path / "nope.json")],
-            "init corrupt": ["--init", str(tmp_path / "corrupt.json")]}[case]
+    args = {
+        "target below": ["--target-length", "32"],
+        "target equal": ["--target-length", str(CONTEXT)],
+        "budget 0": ["--budget", "0"],
+        "budget small": ["--budget", "15"],
+        "missing data": ["--data", str(tmp_path / "nope")],
+        "short data": ["--windows", "1", "--window", "400", "--target-length", "400"],
+        "not plain rope": [],
+        "nothing to resume": ["--resume"],
+        "window too long": ["--window", "512"],
+        "refine negative": ["--refine", "-1"],
+        "refine lr 0": ["--refine", "2", "--refine-lr", "0"],
+        "max factor below 1": ["--max-factor", "0.9"],
+        "init not longrope": ["--init", str(yarn_source)],
+        "init missing": ["--init", str(tmp_path / "nope.json")],
+        "init corrupt": ["--init", str(tmp_path / "corrupt.json")],
+    }[case]
     (tmp_path / "corrupt.json").write_text('{"best": {"factors": [1.0, 1.0], "attention_factor": null}}')
     source = yarn_source if case == "not plain rope" else src
     defaults = {"--target-length": str(TARGET), "--data": str(data), "--budget": "20", "--population": "16"}

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ctxext.cli import main
-from ctxext.config import load_config
+from ctxext.cli.main import main
 from ctxext.errors import ConfigError, TrainingError
-from ctxext.loss import ChunkedLMLoss, linear_cross_entropy
-from ctxext.sharding import check_launch, shifted_labels
+from ctxext.train.config import load_config
+from ctxext.train.loss import ChunkedLMLoss, linear_cross_entropy
+from ctxext.train.sharding import check_launch, shifted_labels
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -28,8 +28,10 @@ FSDP = ["distributed.sharding=fsdp"]
         ([*FSDP, "distributed.cp_size=3"], "stages.0.seq_len=64 is not divisible by 2 x distributed.cp_size = 6"),
         ([*FSDP, "distributed.cp_size=2", "stages.1.window=62"], "stages.1.window=62 is not divisible by 2 x"),
         ([*FSDP, "distributed.cp_size=2", "model.attn_implementation=eager"], "needs model.attn_implementation: sdpa"),
-        ([*FSDP, "distributed.cp_size=4", "distributed.num_processes=6"], ("num_processes=6 is not a multiple of "
-                                                                           "cp_size=4")),
+        (
+            [*FSDP, "distributed.cp_size=4", "distributed.num_processes=6"],
+            ("num_processes=6 is not a multiple of cp_size=4"),
+        ),
         (["distributed.sharding=zero3"], "distributed.sharding: Input should be 'none' or 'fsdp'"),
         (["distributed.cp_size=0"], "distributed.cp_size: Input should be greater than or equal to 1"),
     ],
@@ -56,8 +58,10 @@ def test_a_launch_that_does_not_match_is_refused():
 def test_the_cli_refuses_before_any_work_with_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     out = tmp_path / "run"
-    for override, message in (("distributed.num_processes=2", "num_processes=2 but 1 process"),
-                              ("distributed.cp_size=2", "needs sharding: fsdp")):
+    for override, message in (
+        ("distributed.num_processes=2", "num_processes=2 but 1 process"),
+        ("distributed.cp_size=2", "needs sharding: fsdp"),
+    ):
         assert main(["finetune", str(TINY), override, "--output-dir", str(out)]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()  # nothing loaded, nothing written
@@ -81,8 +85,9 @@ def test_shifted_labels_split_along_the_sequence_add_up_to_the_whole_loss(groups
     whole_grads = torch.autograd.grad(whole, (hidden, weight))
     labels = shifted_labels(ids)
     assert labels[0, -1] == -100 and torch.equal(labels[0, :-1], ids[0, 1:])
-    parts = [linear_cross_entropy(hidden[0, idx], weight, labels[0, idx], chunk=8)
-             for idx in head_tail_split(64, groups)]
+    parts = [
+        linear_cross_entropy(hidden[0, idx], weight, labels[0, idx], chunk=8) for idx in head_tail_split(64, groups)
+    ]
     split_grads = torch.autograd.grad(sum(parts), (hidden, weight))
     torch.testing.assert_close(sum(parts), whole)
     for a, b in zip(split_grads, whole_grads):  # the head's gradient accumulates in float32 (ctxext.loss)
@@ -91,8 +96,17 @@ def test_shifted_labels_split_along_the_sequence_add_up_to_the_whole_loss(groups
 
 def test_the_model_loss_with_shifted_labels_equals_the_default():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=101,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     ids = torch.randint(0, 101, (2, 40))
     positions = torch.arange(40).expand(2, -1)
     loss = ChunkedLMLoss(model, chunk=16)
@@ -103,11 +117,11 @@ def test_the_model_loss_with_shifted_labels_equals_the_default():
 def test_sharding_needs_several_processes_and_only_the_cpu_route_shards_itself():
     from types import SimpleNamespace
 
-    from ctxext.sharding import shards_itself
+    from ctxext.train.sharding import shards_itself
 
     cfg = load_config(TINY, FSDP)
-    assert shards_itself(cfg, SimpleNamespace(num_processes=2, is_fsdp2=False))      # CPU: ctxext calls fully_shard
-    assert not shards_itself(cfg, SimpleNamespace(num_processes=2, is_fsdp2=True))   # GPU: accelerate shards
+    assert shards_itself(cfg, SimpleNamespace(num_processes=2, is_fsdp2=False))  # CPU: ctxext calls fully_shard
+    assert not shards_itself(cfg, SimpleNamespace(num_processes=2, is_fsdp2=True))  # GPU: accelerate shards
     assert not shards_itself(cfg, SimpleNamespace(num_processes=1, is_fsdp2=False))  # one process: nothing to shard
     assert not shards_itself(load_config(TINY), SimpleNamespace(num_processes=2, is_fsdp2=False))
 
@@ -115,14 +129,15 @@ def test_sharding_needs_several_processes_and_only_the_cpu_route_shards_itself()
 def test_context_parallel_refuses_sliding_windows_and_attention_methods(tmp_path):
     from conftest import tiny_model
 
-    from ctxext.sharding import check_full_attention
-    from ctxext.train import check_config
+    from ctxext.train.loop import check_config
+    from ctxext.train.sharding import check_full_attention
 
     check_full_attention(tiny_model("llama"))
     for family in ("gemma2", "mistral"):  # alternating sliding layers; a window on every layer
         with pytest.raises(ConfigError, match="context parallel cannot run"):
             check_full_attention(tiny_model(family))
-    cfg = load_config(TINY, [*FSDP, "distributed.cp_size=2", "patch.method=xpos", "patch.factor=null",
-                             "stages.1.patch=null"])
+    cfg = load_config(
+        TINY, [*FSDP, "distributed.cp_size=2", "patch.method=xpos", "patch.factor=null", "stages.1.patch=null"]
+    )
     with pytest.raises(TrainingError, match="xpos: the method replaces the attention function"):
         check_config(cfg)

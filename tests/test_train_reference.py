@@ -15,9 +15,25 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quick_mode_writes_a_candidate_with_a_model_card(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train_reference.py"), "--output", str(out),
-                           "--work-dir", str(work), "--quick", "--threads", "1", "--edge-depth-share", "0.2"],
-                          check=False, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train_reference.py"),
+            "--output",
+            str(out),
+            "--work-dir",
+            str(work),
+            "--quick",
+            "--threads",
+            "1",
+            "--edge-depth-share",
+            "0.2",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]  # a 30-step model cannot pass the passkey gate
     assert not out.exists() and "gates failed" in proc.stdout
     candidate = work / "candidate"

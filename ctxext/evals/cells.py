@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+from ctxext.io.atomic import atomic_write_text
 
 
 def _normal(spec: dict) -> dict:
@@ -57,13 +57,29 @@ def load_cell(root: str | Path, name: str, spec: dict) -> dict | None:
     return record if isinstance(record, dict) and record.get("spec") == _normal(spec) else None
 
 
-def save_cell(root: str | Path, name: str, spec: dict, result: dict, *, seconds: float, device: str,
-              cpu_seconds: float | None = None) -> dict:
+def save_cell(
+    root: str | Path,
+    name: str,
+    spec: dict,
+    result: dict,
+    *,
+    seconds: float,
+    device: str,
+    cpu_seconds: float | None = None,
+) -> dict:
     """Write the record of cell ``name`` atomically (replacing a stale one) and return it. ``seconds``: wall
     clock; ``cpu_seconds``: the process's CPU time, which other jobs on a shared machine do not inflate."""
-    record = {"name": name, "spec": _normal(spec), "result": result, "seconds": round(seconds, 1),
-              "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 1), "device": device,
-              "date": time.strftime("%Y-%m-%d"), "command": shlex.join(["python", *sys.argv]), "versions": _versions()}
+    record = {
+        "name": name,
+        "spec": _normal(spec),
+        "result": result,
+        "seconds": round(seconds, 1),
+        "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 1),
+        "device": device,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": shlex.join(["python", *sys.argv]),
+        "versions": _versions(),
+    }
     path = cell_path(root, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1))

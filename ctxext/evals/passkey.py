@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DataError, EvalError
+from ctxext.errors import DataError, EvalError
 
 KEY_LINE = "# The pass key is {key}. Remember it.\n"
 QUESTION = "\n# What is the pass key? The pass key is"
@@ -76,8 +76,9 @@ def score(generated_text: str, key: str) -> bool:
     return match is not None and match.group(1) == key
 
 
-def training_parts(tokenizer, filler_ids: list[int], rng: random.Random, length: int,
-                   edge_depth_share: float = 0.0) -> tuple[list[int], list[int]]:
+def training_parts(
+    tokenizer, filler_ids: list[int], rng: random.Random, length: int, edge_depth_share: float = 0.0
+) -> tuple[list[int], list[int]]:
     """A passkey document for training, as (prompt ids, answer ids): ``length`` prompt tokens, then the answer and a
     newline.
 
@@ -92,8 +93,9 @@ def training_parts(tokenizer, filler_ids: list[int], rng: random.Random, length:
     return prompt.input_ids, tokenizer.encode(ANSWER.format(key=key) + ".\n", add_special_tokens=False)
 
 
-def training_document(tokenizer, filler_ids: list[int], rng: random.Random, length: int,
-                      edge_depth_share: float = 0.0) -> list[int]:
+def training_document(
+    tokenizer, filler_ids: list[int], rng: random.Random, length: int, edge_depth_share: float = 0.0
+) -> list[int]:
     """``training_parts`` joined: the prompt followed by its answer."""
     prompt, answer = training_parts(tokenizer, filler_ids, rng, length, edge_depth_share)
     return prompt + answer
@@ -101,8 +103,16 @@ def training_document(tokenizer, filler_ids: list[int], rng: random.Random, leng
 
 @torch.no_grad()
 def passkey_accuracy(
-    model, tokenizer, filler_ids: list[int], lengths: list[int], depths: list[float], trials: int, *, seed: int = 0,
-    batch_size: int = 16, progress: bool = True,
+    model,
+    tokenizer,
+    filler_ids: list[int],
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> dict:
     """Exact-match accuracy grid ``accuracy[length][depth]`` of greedy answers, ``trials`` keys per cell.
 
@@ -125,9 +135,14 @@ def passkey_accuracy(
         for start in range(0, trials, batch_size):
             chunk = prompts[start : start + batch_size]
             ids = torch.tensor([p.input_ids for p in chunk], device=device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=answer_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
-            for p, row in zip(chunk, out[:, ids.shape[1]:]):
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=answer_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or 0,
+            )
+            for p, row in zip(chunk, out[:, ids.shape[1] :]):
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 ok = score(text, p.key)
                 correct += ok
@@ -135,5 +150,11 @@ def passkey_accuracy(
         examples += sorted(answers, key=lambda a: a["correct"])[:3]  # per cell, wrong answers first
         grid.append((length, depth, correct / trials))
     accuracy = {str(length): {str(depth): acc for l2, depth, acc in grid if l2 == length} for length in lengths}
-    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed, "accuracy": accuracy,
-            "examples": examples}
+    return {
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "trials": trials,
+        "seed": seed,
+        "accuracy": accuracy,
+        "examples": examples,
+    }

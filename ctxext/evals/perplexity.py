@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import DataError, EvalError
+from ctxext.errors import DataError, EvalError
 
 
 @dataclass(frozen=True)
@@ -54,15 +54,27 @@ LOGITS_CHUNK = 1024  # positions per LM-head chunk: [chunk, vocab] fp32 logits a
 
 
 @torch.no_grad()
-def window_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOGITS_CHUNK, *,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def window_nll(
+    model,
+    ids: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = LOGITS_CHUNK,
+    *,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Summed next-token NLL of ``ids [B, L]`` against ``targets [B, L-1]`` (-100 ignored), fp32, without grad
     (``summed_nll``)."""
     return summed_nll(model, ids, targets, chunk, position_ids=position_ids)
 
 
-def summed_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOGITS_CHUNK, *,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def summed_nll(
+    model,
+    ids: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = LOGITS_CHUNK,
+    *,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Summed next-token NLL of ``ids [B, L]`` against ``targets [B, L-1]`` (-100 ignored), fp32; under grad it
     backpropagates into whatever the forward depends on except the LM head's weight (``ctxext search --refine``:
     the rope frequencies).
@@ -76,8 +88,8 @@ def summed_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOG
     """
     from torch import nn
 
-    from ..loss import linear_cross_entropy
-    from ..models import causal_lm, decoder_body, lm_head, logit_softcap
+    from ctxext.models import causal_lm, decoder_body, lm_head, logit_softcap
+    from ctxext.train.loss import linear_cross_entropy
 
     lm = causal_lm(model)  # any module whose forward returns .logits is scored too (scripts/compare_encodings.py)
     head = lm_head(model) if hasattr(lm, "lm_head") and hasattr(lm, "model") else None
@@ -87,10 +99,13 @@ def summed_nll(model, ids: torch.Tensor, targets: torch.Tensor, chunk: int = LOG
         softcap = logit_softcap(lm.config)
         # the weight detached: parameters keep requires_grad under no_grad, and linear_cross_entropy would compute
         # its grad (under no_grad the hidden states need no detaching: they carry no graph)
-        return linear_cross_entropy(hidden.flatten(0, 1), head.weight.detach(), targets.flatten(), chunk=chunk,
-                                    softcap=softcap)
+        return linear_cross_entropy(
+            hidden.flatten(0, 1), head.weight.detach(), targets.flatten(), chunk=chunk, softcap=softcap
+        )
     logits = model(input_ids=ids, **positions).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 @torch.no_grad()
@@ -102,7 +117,7 @@ def position_nll(model, ids: torch.Tensor, chunk: int = LOGITS_CHUNK) -> torch.T
     """
     from torch import nn
 
-    from ..models import causal_lm, decoder_body, lm_head, logit_softcap
+    from ctxext.models import causal_lm, decoder_body, lm_head, logit_softcap
 
     head, targets = lm_head(model), ids[:, 1:]
     if type(head) is not nn.Linear or head.bias is not None:
@@ -122,8 +137,14 @@ def position_nll(model, ids: torch.Tensor, chunk: int = LOGITS_CHUNK) -> torch.T
 
 @torch.no_grad()
 def perplexity(
-    model, documents: Sequence[Sequence[int]], length: int, stride: int | None = None, *, batch_size: int = 1,
-    progress: bool = True, max_documents: int | None = None,
+    model,
+    documents: Sequence[Sequence[int]],
+    length: int,
+    stride: int | None = None,
+    *,
+    batch_size: int = 1,
+    progress: bool = True,
+    max_documents: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on token-id ``documents`` at context ``length`` (see the module docstring)."""
     stride = stride or length

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DataError, EvalError
-from .passkey import _nearest_line_start, random_key
+from ctxext.errors import DataError, EvalError
+from ctxext.evals.passkey import _nearest_line_start, random_key
 
 
 @dataclass(frozen=True)
@@ -102,12 +102,15 @@ def build_prompt(tokenizer, filler_ids: list[int], length: int, needles: Needles
     answer = tokenizer.encode(needles.answer_text, add_special_tokens=False)
     n_filler = length - sum(len(ids) for _, ids in encoded) - len(question) - len(answer)
     if n_filler < 0:
-        raise EvalError(f"length={length} is too short for this task's needles, question and answer "
-                        f"({length - n_filler} tokens)")
+        raise EvalError(
+            f"length={length} is too short for this task's needles, question and answer ({length - n_filler} tokens)"
+        )
     if len(filler_ids) < n_filler:
         raise DataError(f"not enough filler: {len(filler_ids)} tokens for a prompt of {length}")
     filler = filler_ids[:n_filler]
-    cuts = sorted(((_nearest_line_start(tokenizer, filler, round(d * n_filler)), i) for i, (d, _) in enumerate(encoded)))
+    cuts = sorted(
+        ((_nearest_line_start(tokenizer, filler, round(d * n_filler)), i) for i, (d, _) in enumerate(encoded))
+    )
     ids, previous = [], 0
     for cut, i in cuts:
         ids += filler[previous:cut] + encoded[i][1]
@@ -137,8 +140,9 @@ def count_with_interval(correct: int, n: int) -> str:
     return f"{correct}/{n} [{lo:.2f}, {hi:.2f}]"
 
 
-def training_parts(tokenizer, filler_ids: list[int], rng: random.Random, task: str,
-                   length: int) -> tuple[list[int], list[int]]:
+def training_parts(
+    tokenizer, filler_ids: list[int], rng: random.Random, task: str, length: int
+) -> tuple[list[int], list[int]]:
     """A document of ``task`` for fine-tuning, as (prompt ids, answer ids) (use a training rng and the training
     filler)."""
     needles = TASKS[task](rng, rng.random())
@@ -153,8 +157,19 @@ def training_document(tokenizer, filler_ids: list[int], rng: random.Random, task
 
 
 @torch.no_grad()
-def task_accuracy(model, tokenizer, filler_ids: list[int], task: str, lengths: list[int], depths: list[float],
-                  trials: int, *, seed: int = 0, batch_size: int = 16, progress: bool = True) -> dict:
+def task_accuracy(
+    model,
+    tokenizer,
+    filler_ids: list[int],
+    task: str,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict:
     """Exact-match accuracy grid ``accuracy[length][depth]`` of greedy answers with Wilson 95% intervals."""
     check_tasks([task])
     rng = random.Random(f"{task}-{seed}")
@@ -178,16 +193,36 @@ def task_accuracy(model, tokenizer, filler_ids: list[int], task: str, lengths: l
                     chunk = group[start : start + batch_size]
                     ids = torch.tensor([p for _, p in chunk], device=device)
                     new = max(len(tokenizer.encode(n.answer_text, add_special_tokens=False)) for n, _ in chunk)
-                    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                         do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
-                    for (needles, _), row in zip(chunk, out[:, ids.shape[1]:]):
+                    out = model.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=new,
+                        do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id or 0,
+                    )
+                    for (needles, _), row in zip(chunk, out[:, ids.shape[1] :]):
                         text = tokenizer.decode(row, skip_special_tokens=True)
                         ok = score(text, needles.answer)
                         correct += ok
-                        answers.append({"length": length, "depth": depth, "answer": needles.answer,
-                                        "completion": text, "correct": ok})
+                        answers.append(
+                            {
+                                "length": length,
+                                "depth": depth,
+                                "answer": needles.answer,
+                                "completion": text,
+                                "correct": ok,
+                            }
+                        )
             accuracy.setdefault(str(length), {})[str(depth)] = correct / trials
             interval.setdefault(str(length), {})[str(depth)] = [round(x, 4) for x in wilson(correct, trials)]
             examples += sorted(answers, key=lambda a: a["correct"])[:2]
-    return {"task": task, "lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed,
-            "accuracy": accuracy, "wilson95": interval, "examples": examples}
+    return {
+        "task": task,
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "trials": trials,
+        "seed": seed,
+        "accuracy": accuracy,
+        "wilson95": interval,
+        "examples": examples,
+    }

@@ -1,7 +1,7 @@
 """Model-family adapters (import registers every family); the only package that touches transformers internals."""
 
-from . import gemma, llama  # noqa: F401  (registration)
-from .base import (
+from ctxext.models import gemma, llama  # noqa: F401  (registration)
+from ctxext.models.base import (
     FAMILIES,
     Family,
     causal_lm,

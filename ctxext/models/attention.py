@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from ..native import BASE_TYPE_KEY, attention_rope_type, unwrap_attention
-from ..rope.registry import METHODS
-from .base import compute_inv_freq, head_dim_of
+from ctxext.models.base import compute_inv_freq, head_dim_of
+from ctxext.models.native import BASE_TYPE_KEY, attention_rope_type, unwrap_attention
+from ctxext.rope.registry import METHODS
 
 _REGISTERED: set[str] = set()
 
@@ -53,14 +53,17 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
 
     method, inv_freq = _layer_method(module)
     if method is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
     extra = {}
     if method.needs_rotary:  # e.g. selfextend: re-rotates q/k, needs the layer's frequencies
         extra = {"inv_freq": inv_freq, "positions": kwargs.get("position_ids")}
-    out = method.attention(query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                           softcap=kwargs.get("softcap"), **extra)
+    out = method.attention(
+        query, key, value, attention_mask, scaling=scaling, dropout=dropout, softcap=kwargs.get("softcap"), **extra
+    )
     return out, None
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import MethodError, UnsupportedModelError
+from ctxext.errors import MethodError, UnsupportedModelError
 
 SCOPE_LAYER_TYPES = {"global": "full_attention", "sliding": "sliding_attention"}
 
@@ -57,8 +57,14 @@ class Family:
         scope = scope or self.default_scope
         if scope not in scopes:
             known = scope in ("all", *SCOPE_LAYER_TYPES)
-            why = self.scope_note if known and self.scope_note else (
-                f"this {self.name} model has no {SCOPE_LAYER_TYPES.get(scope, scope)} layers" if known else "unknown scope"
+            why = (
+                self.scope_note
+                if known and self.scope_note
+                else (
+                    f"this {self.name} model has no {SCOPE_LAYER_TYPES.get(scope, scope)} layers"
+                    if known
+                    else "unknown scope"
+                )
             )
             raise MethodError(f"scope {scope!r} is not available: {why}; valid scopes: {', '.join(scopes)}")
         return scopes[scope]
@@ -82,8 +88,7 @@ def family_of(config) -> Family:
         return FAMILIES[model_type]
     supported = ", ".join(sorted(FAMILIES))
     raise UnsupportedModelError(
-        f"model_type {model_type!r} is not supported: ctxext patches rotary (RoPE) decoders of the families "
-        f"{supported}"
+        f"model_type {model_type!r} is not supported: ctxext patches rotary (RoPE) decoders of the families {supported}"
     )
 
 
@@ -105,8 +110,9 @@ def _probe_max_positions(params: dict[str, Any], max_position_embeddings: int) -
     return max(int(original) + 1, round(int(original) * float(params.get("factor") or 1.0)))
 
 
-def compute_inv_freq(params: dict[str, Any], head_dim: int, max_position_embeddings: int,
-                     seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def compute_inv_freq(
+    params: dict[str, Any], head_dim: int, max_position_embeddings: int, seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
     """transformers' own fp32 ``(inv_freq, attention_factor)`` for one flat rope-parameter dict.
 
     Uses transformers' ``ROPE_INIT_FUNCTIONS`` on a throw-away Llama config, so it applies to every family.
@@ -129,7 +135,9 @@ def compute_inv_freq(params: dict[str, Any], head_dim: int, max_position_embeddi
         max_position_embeddings=_probe_max_positions(params, max_position_embeddings),
         rope_parameters=copy.deepcopy(params),
     )
-    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](probe, None, **({"seq_len": seq_len} if seq_len else {}))
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](
+        probe, None, **({"seq_len": seq_len} if seq_len else {})
+    )
     return inv_freq.float(), float(attention_factor)
 
 

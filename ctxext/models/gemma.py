@@ -2,7 +2,7 @@
 frequencies for its global (``full_attention``) and local (``sliding_attention``) layers, and ctxext patches
 only the global ones unless asked (local layers never see more than their window)."""
 
-from .base import Family, register_family
+from ctxext.models.base import Family, register_family
 
 GEMMA = register_family(Family(name="gemma", model_types=("gemma",)))
 GEMMA2 = register_family(

@@ -1,6 +1,6 @@
 """Llama-style decoders with one rotary embedding shared by every layer: Llama, Mistral, Qwen2, Qwen3."""
 
-from .base import Family, register_family
+from ctxext.models.base import Family, register_family
 
 LLAMA = register_family(Family(name="llama", model_types=("llama",)))
 MISTRAL = register_family(

@@ -4,13 +4,23 @@ Importing this package registers every built-in method in ``METHODS`` (a new met
 line below; see ``registry.py``).
 """
 
-from ..errors import MethodError
-from .registry import METHODS, ROLES, MethodConfig, RopeContext, RopeState, make_method, param, register_method
+from ctxext.errors import MethodError
+from ctxext.rope.registry import (
+    METHODS,
+    ROLES,
+    MethodConfig,
+    RopeContext,
+    RopeState,
+    make_method,
+    param,
+    register_method,
+)
 
 # isort: off
-from . import pi, ntk, dynamic, yarn, llama3, prope, xpos, selfextend  # noqa: F401  (registration, in display order)
+from ctxext.rope import pi, ntk, dynamic, yarn, llama3, prope, xpos, selfextend  # noqa: F401  (registration, in display order)
+
 # isort: on
-from .chain import apply_chain, format_chain, parse_chain, rescale_factor, validate_chain
+from ctxext.rope.chain import apply_chain, format_chain, parse_chain, rescale_factor, validate_chain
 
 __all__ = [
     "METHODS",

@@ -15,8 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import MethodError
-from .registry import METHODS, RopeContext, RopeState, make_method, method_fields, names_with_role
+from ctxext.errors import MethodError
+from ctxext.rope.registry import METHODS, RopeContext, RopeState, make_method, method_fields, names_with_role
 
 
 def _parse_value(text: str) -> Any:
@@ -72,7 +72,9 @@ def parse_chain(spec: str | Sequence[str], *, default_factor: float | None = Non
     if unused:
         owners = {k: sorted(n for n, c in METHODS.items() if k in {f.name for f in method_fields(c)}) for k in unused}
         detail = "; ".join(f"{k} belongs to {', '.join(v) or 'no method'}" for k, v in owners.items())
-        raise MethodError(f"parameter(s) {', '.join(unused)} not used by the chain {'+'.join(m.name for m in methods)} ({detail})")
+        raise MethodError(
+            f"parameter(s) {', '.join(unused)} not used by the chain {'+'.join(m.name for m in methods)} ({detail})"
+        )
     validate_chain(methods)
     return tuple(methods)
 
@@ -85,7 +87,9 @@ def validate_chain(methods: Sequence) -> None:
     chain = "+".join(names)
     for name in set(names):
         if names.count(name) > 1:
-            raise MethodError(f"chain {chain}: method {name!r} appears twice; give it once with the combined parameters")
+            raise MethodError(
+                f"chain {chain}: method {name!r} appears twice; give it once with the combined parameters"
+            )
     rescalers = [m.name for m in methods if m.role == "rescale"]
     if len(rescalers) > 1:
         others = names_with_role("filter") + names_with_role("attention")
@@ -114,9 +118,6 @@ def apply_chain(methods: Sequence, state: RopeState, ctx: RopeContext) -> RopeSt
 def rescale_factor(methods: Sequence) -> float:
     """How much the chain extends the context (1 when no method of it takes a factor)."""
     return math.prod(m.extension for m in methods)
-
-
-
 
 
 def chain_to_records(methods: Sequence) -> list[dict[str, Any]]:

@@ -15,20 +15,26 @@ from typing import Any, ClassVar
 
 import torch
 
-from .registry import MethodConfig, RopeContext, param, register_method
+from ctxext.rope.registry import MethodConfig, RopeContext, param, register_method
 
 
 @register_method
 @dataclass(frozen=True)
 class DynamicNTKConfig(MethodConfig):
-    factor: float = param(1.0, help="transformers' dynamic `factor`: NTK alpha = factor * n / L - (factor - 1) "
-                          "for a forward over n > L positions (1: alpha = n / L)", gt=0)
+    factor: float = param(
+        1.0,
+        help="transformers' dynamic `factor`: NTK alpha = factor * n / L - (factor - 1) "
+        "for a forward over n > L positions (1: alpha = n / L)",
+        gt=0,
+    )
     name: ClassVar[str] = "dynamic"
     role: ClassVar[str] = "rescale"
     per_forward: ClassVar[bool] = True
     static_alternative: ClassVar[str] = "ntk"
     plain_source_only: ClassVar[bool] = True
-    paper: ClassVar[str] = "emozilla 2023, Dynamically Scaled RoPE (as formalised in Peng et al. 2023, arXiv:2309.00071)"
+    paper: ClassVar[str] = (
+        "emozilla 2023, Dynamically Scaled RoPE (as formalised in Peng et al. 2023, arXiv:2309.00071)"
+    )
 
     def alpha(self, seq_len: int, ctx: RopeContext) -> float:
         n = max(seq_len, ctx.context_length)

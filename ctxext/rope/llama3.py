@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import MethodError
-from .registry import MethodConfig, RopeContext, RopeState, param, register_method
+from ctxext.errors import MethodError
+from ctxext.rope.registry import MethodConfig, RopeContext, RopeState, param, register_method
 
 
 @register_method

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .registry import MethodConfig, RopeContext, RopeState, param, register_method
+from ctxext.rope.registry import MethodConfig, RopeContext, RopeState, param, register_method
 
 
 @register_method

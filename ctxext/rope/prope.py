@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..errors import MethodError
-from .registry import MethodConfig, RopeContext, RopeState, param, register_method
+from ctxext.errors import MethodError
+from ctxext.rope.registry import MethodConfig, RopeContext, RopeState, param, register_method
 
 
 @register_method
@@ -21,7 +21,9 @@ class PRopeConfig(MethodConfig):
     keep: float = param(help="fraction of rotation pairs kept, highest frequencies first", gt=0, le=1)
     name: ClassVar[str] = "prope"
     role: ClassVar[str] = "filter"
-    paper: ClassVar[str] = "Barbero et al. 2024, Round and Round We Go! What makes Rotary Positional Encodings useful? (arXiv:2410.06205)"
+    paper: ClassVar[str] = (
+        "Barbero et al. 2024, Round and Round We Go! What makes Rotary Positional Encodings useful? (arXiv:2410.06205)"
+    )
 
     def kept_pairs(self, ctx: RopeContext) -> int:
         k = round(self.keep * ctx.num_pairs)
@@ -34,7 +36,7 @@ class PRopeConfig(MethodConfig):
 
     def transform(self, state: RopeState, ctx: RopeContext) -> RopeState:
         inv_freq = state.inv_freq.clone()
-        inv_freq[self.kept_pairs(ctx):] = 0.0
+        inv_freq[self.kept_pairs(ctx) :] = 0.0
         return RopeState(inv_freq, state.attention_factor)
 
     def native(self, ctx: RopeContext) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import MethodError
+from ctxext.errors import MethodError
 
 # role -> what it means in a chain (shown by `ctxext methods` and in chain errors)
 ROLES = {
@@ -75,8 +75,15 @@ class RopeState:
     attention_factor: float = 1.0
 
 
-def param(default: Any = dataclasses.MISSING, *, help: str, gt: float | None = None, ge: float | None = None,
-          lt: float | None = None, le: float | None = None) -> Any:
+def param(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> Any:
     """A method parameter: its help text (CLI, YAML, ``ctxext methods``) and valid range, checked on construction.
 
     Leave ``default`` out for a required parameter. A default of None means "derived" (the help says from what).
@@ -117,9 +124,17 @@ class MethodConfig:
         missing), or None: the universal ``longrope`` form is used."""
         return None
 
-    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, *, scaling: float | None, dropout: float,
-                  softcap: float | None) -> torch.Tensor:
+    def attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        scaling: float | None,
+        dropout: float,
+        softcap: float | None,
+    ) -> torch.Tensor:
         """Attention-side methods: causal attention on rotated ``query`` ``[B, H, Q, D]``, ``key``/``value``
         ``[B, Hkv, K, D]``, boolean mask ``[B|1, 1|H, Q, K]`` or None; returns ``[B, Q, H, D]``."""
         raise NotImplementedError(f"{self.name} is not an attention-side method")
@@ -233,7 +248,9 @@ def make_method(name: str, **params: Any) -> MethodConfig:
         )
     missing = [f for f in required_fields(cls) if f not in params]
     if missing:
-        raise MethodError(f"{name}: missing required parameter(s) {', '.join(missing)} (e.g. --{missing[0].replace('_', '-')})")
+        raise MethodError(
+            f"{name}: missing required parameter(s) {', '.join(missing)} (e.g. --{missing[0].replace('_', '-')})"
+        )
     return cls(**params)
 
 

@@ -38,8 +38,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..errors import MethodError
-from .registry import MethodConfig, RopeContext, RopeState, param, register_method
+from ctxext.errors import MethodError
+from ctxext.rope.registry import MethodConfig, RopeContext, RopeState, param, register_method
 
 BLOCK = 256  # queries per block
 
@@ -48,14 +48,23 @@ BLOCK = 256  # queries per block
 @dataclass(frozen=True)
 class SelfExtendConfig(MethodConfig):
     group_size: int = param(help="G: beyond the window, positions are floor-divided by G (the paper uses 2-16)", ge=2)
-    window: int = param(help="W: neighbour window; distances below it keep exact positions (must be below the "
-                        "trained context; the paper uses 512-2048 for 4k models)", ge=1)
-    group_bias: float = param(0.0, help="added to every grouped attention logit (not in the paper: 0); a negative "
-                              "value gives the G keys that share each grouped position less of the softmax "
-                              "(docs/SELFEXTEND.md)", le=0)
+    window: int = param(
+        help="W: neighbour window; distances below it keep exact positions (must be below the "
+        "trained context; the paper uses 512-2048 for 4k models)",
+        ge=1,
+    )
+    group_bias: float = param(
+        0.0,
+        help="added to every grouped attention logit (not in the paper: 0); a negative "
+        "value gives the G keys that share each grouped position less of the softmax "
+        "(docs/SELFEXTEND.md)",
+        le=0,
+    )
     name: ClassVar[str] = "selfextend"
     role: ClassVar[str] = "attention"
-    paper: ClassVar[str] = "Jin et al. 2024, LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning (arXiv:2401.01325)"
+    paper: ClassVar[str] = (
+        "Jin et al. 2024, LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning (arXiv:2401.01325)"
+    )
     needs_rotary: ClassVar[bool] = True  # attention() also gets the layer's inv_freq and the queries' positions
 
     @property
@@ -67,27 +76,43 @@ class SelfExtendConfig(MethodConfig):
         """``(L - W) * G + W``: the longest input whose relative positions all stay below the context ``L``."""
         G, W = int(self.group_size), int(self.window)
         if W >= context_length:
-            raise MethodError(f"selfextend: window={W} must be below the context {context_length} (the window keeps "
-                              f"exact positions; grouping starts beyond it); try window={max(1, context_length // 4)}")
+            raise MethodError(
+                f"selfextend: window={W} must be below the context {context_length} (the window keeps "
+                f"exact positions; grouping starts beyond it); try window={max(1, context_length // 4)}"
+            )
         reach = (context_length - W) * G + W
         if target_length is not None and target_length > reach:
             need = -(-(target_length - W) // (context_length - W))
-            raise MethodError(f"selfextend: target_length={target_length} is beyond the {reach} tokens that "
-                              f"group_size={G}, window={W} reach on context {context_length} ((L - W) * G + W); "
-                              f"use group_size >= {need} or a smaller window")
+            raise MethodError(
+                f"selfextend: target_length={target_length} is beyond the {reach} tokens that "
+                f"group_size={G}, window={W} reach on context {context_length} ((L - W) * G + W); "
+                f"use group_size >= {need} or a smaller window"
+            )
         return reach
 
     def transform(self, state: RopeState, ctx: RopeContext) -> RopeState:
         self.reach(ctx.context_length)  # refuse a window that does not fit the trained context
         return state  # frequencies unchanged; the grouping lives in attention
 
-    def attention(self, query, key, value, attention_mask, *, scaling, dropout, softcap, inv_freq=None,
-                  positions=None):
+    def attention(self, query, key, value, attention_mask, *, scaling, dropout, softcap, inv_freq=None, positions=None):
         if inv_freq is None:
-            raise RuntimeError("selfextend attention needs the layer's inv_freq (the ctxext attention adapter passes it)")
-        return selfextend_attention(query, key, value, attention_mask, group_size=int(self.group_size),
-                                    window=int(self.window), inv_freq=inv_freq, positions=positions, scaling=scaling,
-                                    dropout=dropout, softcap=softcap, group_bias=float(self.group_bias))
+            raise RuntimeError(
+                "selfextend attention needs the layer's inv_freq (the ctxext attention adapter passes it)"
+            )
+        return selfextend_attention(
+            query,
+            key,
+            value,
+            attention_mask,
+            group_size=int(self.group_size),
+            window=int(self.window),
+            inv_freq=inv_freq,
+            positions=positions,
+            scaling=scaling,
+            dropout=dropout,
+            softcap=softcap,
+            group_bias=float(self.group_bias),
+        )
 
 
 def rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
@@ -97,7 +122,7 @@ def rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     n = angle.shape[-1]
     cos = torch.cat((angle.cos(), angle.cos()), -1).to(x.dtype)[:, None]  # [B, 1, S, 2n]
     sin = torch.cat((angle.sin(), angle.sin()), -1).to(x.dtype)[:, None]
-    rot, rest = x[..., : 2 * n], x[..., 2 * n:]
+    rot, rest = x[..., : 2 * n], x[..., 2 * n :]
     half = torch.cat((-rot[..., n:], rot[..., :n]), -1)
     return torch.cat((rot * cos + half * sin, rest), -1) if rest.shape[-1] else rot * cos + half * sin
 
@@ -132,8 +157,13 @@ def selfextend_attention(
     if kernel not in ("auto", "split", "joint"):
         raise ValueError(f"kernel={kernel!r}; valid: auto, split, joint")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    split_applies = (softcap is None and not dropout and not needs_grad and query.device.type == "cpu"
-                     and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+    split_applies = (
+        softcap is None
+        and not dropout
+        and not needs_grad
+        and query.device.type == "cpu"
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
     if kernel == "split" and not split_applies:  # (the CPU kernel's log-sum-exp has no gradient)
         raise ValueError("the split Self-Extend kernel needs CPU tensors, no soft-capping, no dropout and no autograd")
     bsz, heads, q_len, head_dim = query.shape
@@ -155,8 +185,19 @@ def selfextend_attention(
     q_group = rotate(query, q_delta[..., None] * freq)
     k_group = rotate(key, k_delta[..., None] * freq)
     if split_applies and kernel != "joint":
-        return _split_kernel(query, key, value, q_group, k_group, attention_mask, q_slots, window=W, scale=scale,
-                             group_bias=group_bias, block=block)
+        return _split_kernel(
+            query,
+            key,
+            value,
+            q_group,
+            k_group,
+            attention_mask,
+            q_slots,
+            window=W,
+            scale=scale,
+            group_bias=group_bias,
+            block=block,
+        )
     if kv_heads != heads and softcap is not None:
         key, k_group = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, k_group))
         value = value.repeat_interleave(heads // kv_heads, dim=1)
@@ -170,30 +211,30 @@ def selfextend_attention(
         dist_g = q_slots[start:stop, None] - torch.arange(0, g_hi, device=device)[None, :]
         mask_n, mask_g = (dist_n >= 0) & (dist_n < W), dist_g >= W
         if attention_mask is not None:
-            mask_n = mask_n & attention_mask[..., start:stop, n_lo:last + 1]
+            mask_n = mask_n & attention_mask[..., start:stop, n_lo : last + 1]
             mask_g = mask_g & attention_mask[..., start:stop, :g_hi]
         if softcap is not None:  # logit soft-capping (Gemma 2) needs explicit scores
-            s_n = torch.matmul(query[:, :, start:stop].float(), key[:, :, n_lo:last + 1].float().transpose(-1, -2))
+            s_n = torch.matmul(query[:, :, start:stop].float(), key[:, :, n_lo : last + 1].float().transpose(-1, -2))
             s_g = torch.matmul(q_group[:, :, start:stop].float(), k_group[:, :, :g_hi].float().transpose(-1, -2))
             scores = torch.cat((s_n, s_g), -1) * scale
             scores = softcap * torch.tanh(scores / softcap)
-            scores[..., s_n.shape[-1]:] += group_bias
+            scores[..., s_n.shape[-1] :] += group_bias
             mask = torch.cat((mask_n.expand(*scores.shape[:2], -1, -1), mask_g.expand(*scores.shape[:2], -1, -1)), -1)
             probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
             probs = F.dropout(probs, p=dropout, training=dropout > 0)
-            vb = torch.cat((value[:, :, n_lo:last + 1], value[:, :, :g_hi]), 2)
+            vb = torch.cat((value[:, :, n_lo : last + 1], value[:, :, :g_hi]), 2)
             out[:, :, start:stop] = torch.matmul(probs.to(vb.dtype), vb)
             continue
         qb = torch.cat((query[:, :, start:stop], q_group[:, :, start:stop]), -1)  # [B, H, b, 2D]
-        kn = key[:, :, n_lo:last + 1]
+        kn = key[:, :, n_lo : last + 1]
         kg = k_group[:, :, :g_hi]
         kb = torch.cat((torch.cat((kn, torch.zeros_like(kn)), -1), torch.cat((torch.zeros_like(kg), kg), -1)), 2)
-        vb = torch.cat((value[:, :, n_lo:last + 1], value[:, :, :g_hi]), 2)
+        vb = torch.cat((value[:, :, n_lo : last + 1], value[:, :, :g_hi]), 2)
         lead = torch.broadcast_shapes(mask_n.shape[:-2], mask_g.shape[:-2])
         mask = torch.cat((mask_n.expand(*lead, -1, -1), mask_g.expand(*lead, -1, -1)), -1)
         if group_bias:  # an additive float mask: -inf where masked, the bias on the grouped keys
             bias = torch.zeros(mask.shape[-1], dtype=query.dtype, device=device)
-            bias[mask_n.shape[-1]:] = group_bias
+            bias[mask_n.shape[-1] :] = group_bias
             mask = bias.masked_fill(~mask, float("-inf"))
         out[:, :, start:stop] = F.scaled_dot_product_attention(
             qb, kb, vb, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=kv_heads != heads
@@ -201,8 +242,20 @@ def selfextend_attention(
     return out.transpose(1, 2).contiguous()
 
 
-def _split_kernel(query, key, value, q_group, k_group, attention_mask, q_slots, *, window: int, scale: float,
-                  group_bias: float, block: int) -> torch.Tensor:
+def _split_kernel(
+    query,
+    key,
+    value,
+    q_group,
+    k_group,
+    attention_mask,
+    q_slots,
+    *,
+    window: int,
+    scale: float,
+    group_bias: float,
+    block: int,
+) -> torch.Tensor:
     """``selfextend_attention``'s CPU kernel (module docstring): per block, the keys grouped for every query in one
     unmasked SDPA call with its log-sum-exp, the band where the two position sets meet scored explicitly (float32),
     the two merged. Query heads are folded onto their key/value head (``[B, Hkv, rep * b, D]``), so GQA copies
@@ -227,17 +280,17 @@ def _split_kernel(query, key, value, q_group, k_group, attention_mask, q_slots, 
         qg5 = q_group[:, :, start:stop].unflatten(1, (kv_heads, rep))
         # the band, keys [lo, last]: neighbour scores below the window, grouped ones at and beyond it
         dist = q_slots[start:stop, None] - torch.arange(lo, last + 1, device=query.device)[None, :]
-        scores = torch.matmul(q5, key[:, :, None, lo:last + 1].float().transpose(-1, -2)).mul_(scale)
-        grouped = torch.matmul(qg5.float(), k_group[:, :, None, lo:last + 1].float().transpose(-1, -2))
+        scores = torch.matmul(q5, key[:, :, None, lo : last + 1].float().transpose(-1, -2)).mul_(scale)
+        grouped = torch.matmul(qg5.float(), k_group[:, :, None, lo : last + 1].float().transpose(-1, -2))
         scores = torch.where(dist < W, scores, grouped.mul_(scale).add_(group_bias))
         del grouped
         keep = dist >= 0
         if attention_mask is not None:
-            keep = keep & per_kv_head(attention_mask[..., start:stop, lo:last + 1])
+            keep = keep & per_kv_head(attention_mask[..., start:stop, lo : last + 1])
         scores.masked_fill_(~keep, float("-inf"))
         lse_band = torch.logsumexp(scores, -1)  # [B, Hkv, rep, b]; -inf: no key in the band
         probs = scores.sub_(lse_band[..., None]).exp_().nan_to_num_(0.0)
-        o_band = torch.matmul(probs, value[:, :, None, lo:last + 1].float())
+        o_band = torch.matmul(probs, value[:, :, None, lo : last + 1].float())
         del scores, probs
         if lo == 0:
             out[:, :, start:stop] = o_band.flatten(1, 2).to(out.dtype)
@@ -246,8 +299,9 @@ def _split_kernel(query, key, value, q_group, k_group, attention_mask, q_slots, 
         mask = visible = None
         if attention_mask is not None:
             visible = per_kv_head(attention_mask[..., start:stop, :lo]).expand(-1, kv_heads, rep, -1, -1)
-            mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill(~visible,
-                                                                                                 float("-inf"))
+            mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~visible, float("-inf")
+            )
             mask = mask.flatten(2, 3)
         o_far, lse_far = _sdpa_with_lse(qg5.flatten(2, 3), k_group[:, :, :lo], value[:, :, :lo], mask, scale)
         o_far = o_far.unflatten(2, (rep, b)).float()
@@ -265,4 +319,5 @@ def _split_kernel(query, key, value, q_group, k_group, attention_mask, q_slots, 
 def _sdpa_with_lse(query, key, value, mask, scale):
     """SDPA that also returns the log-sum-exp of its scores (``[B, H, Q]``): PyTorch's CPU flash kernel."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query.contiguous(), key.contiguous(), value.contiguous(), 0.0, False, attn_mask=mask, scale=scale)
+        query.contiguous(), key.contiguous(), value.contiguous(), 0.0, False, attn_mask=mask, scale=scale
+    )

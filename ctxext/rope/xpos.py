@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .registry import MethodConfig, param, register_method
+from ctxext.rope.registry import MethodConfig, param, register_method
 
 BLOCK = 256  # queries per block; bounds every scale factor by zeta ** (-BLOCK / scale_base)
 
@@ -30,16 +30,25 @@ BLOCK = 256  # queries per block; bounds every scale factor by zeta ** (-BLOCK /
 @register_method
 @dataclass(frozen=True)
 class XPosConfig(MethodConfig):
-    scale_base: float = param(512.0, help="decay scale gamma: pair i is damped by zeta_i ** (distance / gamma) "
-                              "(512 in the paper)", gt=0)
+    scale_base: float = param(
+        512.0, help="decay scale gamma: pair i is damped by zeta_i ** (distance / gamma) (512 in the paper)", gt=0
+    )
     name: ClassVar[str] = "xpos"
     role: ClassVar[str] = "attention"
     paper: ClassVar[str] = "Sun et al. 2022, A Length-Extrapolatable Transformer (arXiv:2212.10554)"
 
     # frequencies unchanged (transform is the identity); the decay lives in attention
     def attention(self, query, key, value, attention_mask, *, scaling, dropout, softcap):
-        return xpos_attention(query, key, value, attention_mask, scale_base=float(self.scale_base), scaling=scaling,
-                              dropout=dropout, softcap=softcap)
+        return xpos_attention(
+            query,
+            key,
+            value,
+            attention_mask,
+            scale_base=float(self.scale_base),
+            scaling=scaling,
+            dropout=dropout,
+            softcap=softcap,
+        )
 
 
 def xpos_zeta(head_dim: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:

@@ -16,20 +16,23 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import MethodError
-from .registry import MethodConfig, RopeContext, RopeState, param, register_method
+from ctxext.errors import MethodError
+from ctxext.rope.registry import MethodConfig, RopeContext, RopeState, param, register_method
 
 
 @register_method
 @dataclass(frozen=True)
 class YaRNConfig(MethodConfig):
     factor: float = param(help="extension factor s", gt=0)
-    beta_fast: float = param(32.0, help="pairs with more than this many rotations over the trained context are kept",
-                             gt=0)
-    beta_slow: float = param(1.0, help="pairs with fewer rotations over the trained context are fully interpolated",
-                             gt=0)
-    attention_factor: float | None = param(None, help="cos/sin multiplier (None: 0.1 ln s + 1, the paper's "
-                                           "sqrt(1/t))", gt=0)
+    beta_fast: float = param(
+        32.0, help="pairs with more than this many rotations over the trained context are kept", gt=0
+    )
+    beta_slow: float = param(
+        1.0, help="pairs with fewer rotations over the trained context are fully interpolated", gt=0
+    )
+    attention_factor: float | None = param(
+        None, help="cos/sin multiplier (None: 0.1 ln s + 1, the paper's sqrt(1/t))", gt=0
+    )
     name: ClassVar[str] = "yarn"
     role: ClassVar[str] = "rescale"
     takes_factor: ClassVar[bool] = True

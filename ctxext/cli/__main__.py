@@ -1,0 +1,5 @@
+import sys
+
+from ctxext.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Text and tokens: text sources (stdlib, files, datasets), tokenization, packing into blocks, PoSE positions."""

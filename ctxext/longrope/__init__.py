@@ -1,0 +1,1 @@
+"""LongRoPE: the evolutionary factor search (``evolution``) and its run on a checkpoint (``checkpoint``)."""
