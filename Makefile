@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,13 @@ $(VENV)/.installed-llamacpp: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/ctxext demo
 
-test: install $(VENV)/.installed-llamacpp
+test: install $(VENV)/.installed-llamacpp lint
 	$(PY) -m pytest
 
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # the edit loop: everything but subprocess and training tests (`-m slow` is the rest); under 2 minutes on 2 cores
-test-fast: install
+test-fast: install lint
 	$(PY) -m pytest -m "not slow" -q

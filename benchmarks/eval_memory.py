@@ -141,7 +141,8 @@ def main() -> int:
             "peak = peak RSS of the scoring call minus RSS before it)."
         ),
         "",
-        "| seq_len | model(x, labels=x) peak MB | ctxext peak MB | memory ratio | baseline s | ctxext s | loss (baseline / ctxext) |",
+        "| seq_len | model(x, labels=x) peak MB | ctxext peak MB | memory ratio | baseline s | ctxext s "
+        "| loss (baseline / ctxext) |",
         "|---|---|---|---|---|---|---|",
     ]
     for L in lengths:

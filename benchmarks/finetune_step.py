@@ -249,7 +249,8 @@ def main() -> int:
         ),
         "",
         (
-            "| seq_len | baseline peak MB | ctxext peak MB | memory ratio | baseline tok/s | ctxext tok/s | speed ratio "
+            "| seq_len | baseline peak MB | ctxext peak MB | memory ratio | baseline tok/s | ctxext tok/s "
+            "| speed ratio "
             "| pair ratios |"
         ),
         "|---|---|---|---|---|---|---|---|",

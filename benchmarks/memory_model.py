@@ -2,13 +2,13 @@
 
     python benchmarks/memory_model.py                        # every case below, writes docs/benchmarks/memory_model.*
     python benchmarks/memory_model.py --cases s1-lora-1024   # one case, for a check
-    python benchmarks/memory_model.py --predictions          # the 1B/8B/70B table, docs/benchmarks/memory_predictions.md
+    python benchmarks/memory_model.py --predictions   # the 1B/8B/70B table, docs/benchmarks/memory_predictions.md
 
 Each case runs in its own process: a random Llama of the case's shape, set up as ``ctxext.train`` sets it up
 (``add_lora`` from a config, activation checkpointing, ``ChunkedLMLoss``, AdamW), three optimizer steps at the
 case's length. Measured peak = the process's peak resident set (``ru_maxrss``) minus its resident set before the
-model is built (after a warm-up run of the same code on a minute model), so it counts weights, gradients, optimizer states,
-activations and the loss, as the model does. glibc's mmap threshold is fixed (``ctxext.memory.MALLOC_ENV``) so
+model is built (after a warm-up run of the same code on a minute model), so it counts weights, gradients, optimizer
+states, activations and the loss, as the model does. glibc's mmap threshold is fixed (``ctxext.memory.MALLOC_ENV``) so
 that freed tensors leave the resident set, as they leave CUDA's allocated bytes.
 """
 

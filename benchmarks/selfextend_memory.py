@@ -126,7 +126,8 @@ def main() -> int:
         "",
         "Command: `python benchmarks/selfextend_memory.py` (see its docstring for the model and the protocol).",
         (
-            f"One forward, no grad, {SHAPE['num_hidden_layers']} layers of SmolLM-135M's attention shape (9 heads, 3 kv "
+            f"One forward, no grad, {SHAPE['num_hidden_layers']} layers of SmolLM-135M's attention shape "
+            "(9 heads, 3 kv "
             f"heads, head_dim 64), fp32, Self-Extend G={GROUP_SIZE}, W={WINDOW}; device {rows[0]['device']}, torch "
             f"{rows[0]['torch']}. Peak = peak RSS minus RSS after the model is built (MALLOC_MMAP_THRESHOLD_=65536)."
         ),

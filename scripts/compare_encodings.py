@@ -1,6 +1,6 @@
 """Train one small model per position encoding under the same budget at length L0; measure extrapolation.
 
-    python scripts/compare_encodings.py                 # full run (about 45 minutes on 2 CPU cores) -> docs/ENCODINGS.md
+    python scripts/compare_encodings.py      # full run (about 45 minutes on 2 CPU cores) -> docs/ENCODINGS.md
     python scripts/compare_encodings.py --quick --output /tmp/enc    # a couple of minutes (CI)
 
 Every model: the same pre-norm Llama-style decoder (ctxext.encodings.TinyLM), tokenizer, data (Python stdlib,
@@ -86,8 +86,9 @@ def write_report(results: dict, args: dict, n_held: int, out: Path) -> None:
         "",
         (
             f"Command: `{cmd}` ({args['date']}, CPU, {args['threads']} threads). "
-            f"Same model (`ctxext.encodings.TinyLM`: dim {args['dim']}, {args['layers']} layers, {args['heads']} heads), "
-            f"data (Python stdlib train split), tokenizer, seed and budget ({args['steps']} steps x {args['batch_size']} "
+            f"Same model (`ctxext.experiments.encodings.TinyLM`: dim {args['dim']}, {args['layers']} layers, "
+            f"{args['heads']} heads), data (Python stdlib train split), tokenizer, seed and budget "
+            f"({args['steps']} steps x {args['batch_size']} "
             f"x {args['length']} tokens) for every encoding; held-out perplexity (stdlib held-out split, {n_held} "
             "documents, non-overlapping windows) without fine-tuning. Raw numbers: `encodings.json`."
         ),

@@ -1,7 +1,7 @@
 """Progressive-length LoRA fine-tuning: the same code path as `ctxext finetune`.
 
 python scripts/finetune.py --config configs/tiny.yaml [--output-dir DIR] [--resume] [key=value ...]
-accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py --config configs/tiny.yaml   # 2 CPU processes (gloo)
+accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py --config configs/tiny.yaml  # 2 CPU processes
 """
 
 import argparse

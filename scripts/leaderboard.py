@@ -1,12 +1,13 @@
 """Every method on the reference model, with and without the same fine-tuning budget: the leaderboard.
 
-    python scripts/leaderboard.py                         # full sweep (configs/sweeps/leaderboard.yaml) -> docs/RESULTS.md
+    python scripts/leaderboard.py                   # full sweep (configs/sweeps/leaderboard.yaml) -> docs/RESULTS.md
     python scripts/leaderboard.py --quick --output /tmp/lb    # a minute or two (CI)
     python scripts/leaderboard.py --methods pi,yarn       # a subset of the config's rows
 
 For each row of the sweep config (baseline = no extension): patch the model x factor (256 -> 2048), evaluate
 without fine-tuning, fine-tune with the sweep's recipe (default configs/recipes/demo.yaml, the demo's: LoRA r16 +
-embeddings/norms, progressive 512 -> 1024 -> 2048, identical steps and data for every method) and evaluate again. Columns: held-out
+embeddings/norms, progressive 512 -> 1024 -> 2048, identical steps and data for every method) and evaluate again.
+Columns: held-out
 perplexity at 256/512/1024/2048, passkey (worst depth) at every length, change at 256 against the original model,
 fine-tuning seconds and tokens; then the targets of the issue, checked for the best fine-tuned method. Text below
 the line "<!-- notes -->" in an existing RESULTS.md is kept when the table is rewritten.

@@ -307,7 +307,7 @@ def check_rows(source: str, context: int, groups: dict[tuple, list[dict]]) -> No
     from transformers import AutoConfig
 
     from ctxext.errors import CheckpointError, MethodError
-    from ctxext.io.checkpoint import check_source
+    from ctxext.io.sources import check_source
     from ctxext.patch.model import plan_patch
 
     config = AutoConfig.from_pretrained(source)
@@ -344,7 +344,8 @@ def run_cells(
 
     from ctxext.evals.cells import load_cell, save_cell
     from ctxext.evals.run import pick_device
-    from ctxext.io.checkpoint import check_source, load_model
+    from ctxext.io.checkpoint import load_model
+    from ctxext.io.sources import check_source
     from ctxext.patch.model import patch_model
 
     todo = [c for c in cells if load_cell(root, c["name"], c["spec"]) is None]
@@ -363,7 +364,7 @@ def run_cells(
     where = describe_device(device)
     bucket = max(1, context // sweep.perplexity.buckets_per_context)
     model, loaded = None, None
-    for (dtype, row, target, checkpoint), group in groups.items():
+    for (dtype, _row, target, checkpoint), group in groups.items():
         if loaded != (dtype, checkpoint):
             del model  # one model in memory: a fresh load per dtype (a cast would round the rotary buffers too)
             model = load_model(check_source(checkpoint or source), dtype=dtype).to(device)
@@ -564,8 +565,7 @@ def main(argv=None) -> int:
     from ctxext.errors import CtxextError
     from ctxext.evals.cells import load_cell
     from ctxext.experiments.recipe import load_sweep
-    from ctxext.io.checkpoint import check_source
-    from ctxext.io.sources import resolve_model
+    from ctxext.io.sources import check_source
 
     try:
         sweep = load_sweep(Path(args.config) if Path(args.config).is_absolute() else REPO / args.config)
@@ -580,7 +580,7 @@ def main(argv=None) -> int:
                 f"{', '.join(unknown)} not in {args.config} (rows: {', '.join(sweep.methods)}; factors: "
                 f"{', '.join(f'{f:g}' for f in sweep.factors)}; measures: {', '.join(known_measures)})"
             )
-        source = check_source(resolve_model(args.model or sweep.model))
+        source = check_source(args.model or sweep.model)
         checkpoint_context = AutoConfig.from_pretrained(source).max_position_embeddings
         context = args.context or sweep.context or checkpoint_context
         if context > checkpoint_context:

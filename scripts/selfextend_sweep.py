@@ -164,7 +164,10 @@ def plot(data: dict, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(x) for x in s.split(",")]
+
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",")]
+
     ap.add_argument("--model", default="reference")
     ap.add_argument("--windows", type=ints, default=[16, 32, 64, 96, 128, 160])
     ap.add_argument("--groups", type=ints, default=[8, 12, 16, 24, 32])

@@ -20,7 +20,8 @@ def main(path: str) -> None:
             correct = [round(row[str(d)] * trials) for d in depths]
             cells = [count_with_interval(c, trials) for c in correct]
             print(
-                f"| {label} | {length} | {' | '.join(cells)} | {count_with_interval(sum(correct), trials * len(depths))} |"
+                f"| {label} | {length} | {' | '.join(cells)} "
+                f"| {count_with_interval(sum(correct), trials * len(depths))} |"
             )
 
 

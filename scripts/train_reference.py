@@ -382,6 +382,11 @@ def write_model_card(out: Path, s: dict) -> None:
         f"python scripts/train_reference.py {' '.join(ph['argv'])}  # from step {ph['from_step']}" for ph in s["phases"]
     )
     rows = "\n".join(f"| {L} | " + " | ".join(f"{acc[L][str(d)]:.0%}" for d in depths) + " |" for L in acc)
+    data_row = (
+        f"| data | Python {s['python']} standard library source, split by file (SHA-256 of the path): "
+        f"{s['train_files']} train files ({s['train_tokens']:,} tokens), {s['held_out_files']} held-out files; "
+        "plus synthetic copy blocks and passkey documents (see `scripts/train_reference.py`) |"
+    )
     card = f"""# ctxext reference model
 
 A small Llama-architecture causal LM trained by ctxext so that context-extension experiments have a real model
@@ -396,7 +401,7 @@ model = AutoModelForCausalLM.from_pretrained(path); tokenizer = AutoTokenizer.fr
 |---|---|
 | parameters | {s["parameters"]:,} (4 layers, hidden 256, 4 heads x 64, tied embeddings, RoPE theta 10,000) |
 | tokenizer | byte-level BPE, {s["args"]["vocab_size"]} tokens, digits as single tokens, trained on the train split |
-| data | Python {s["python"]} standard library source, split by file (SHA-256 of the path): {s["train_files"]} train files ({s["train_tokens"]:,} tokens), {s["held_out_files"]} held-out files; plus synthetic copy blocks and passkey documents (see `scripts/train_reference.py`) |
+{data_row}
 | steps | {s["steps"]:,} x {s["args"]["batch_size"]} x {SEQ_LEN} = {s["tokens_seen"]:,} tokens |
 | training time | {s["training_minutes"]} minutes, {s["hardware"]} |
 

@@ -171,7 +171,8 @@ def test_xpos_needs_ctxext_and_survives_a_plain_save_pretrained(sources, tmp_pat
 import json, torch, ctxext
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
-same = torch.equal(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, torch.load({str(tmp_path / "expected.pt")!r}))
+ids, expected = torch.load({str(tmp_path / "ids.pt")!r}), torch.load({str(tmp_path / "expected.pt")!r})
+same = torch.equal(model(ids).logits, expected)
 model.save_pretrained({str(resaved)!r})   # plain transformers save: drops attn_implementation
 print(json.dumps({{"same": same, "attn": model.config._attn_implementation}}))
 """)

@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from ctxext.cli.main import build_parser, main, parse_args
-from ctxext.io.checkpoint import check_source
-from ctxext.io.sources import REFERENCE_DIR, has_reference_model
+from ctxext.io.sources import REFERENCE_DIR, check_source, has_reference_model
 
 
 @pytest.mark.parametrize(

@@ -203,11 +203,7 @@ def test_leaderboard_training_free_and_checkpoint_rows(small_model, tmp_path):
 
 
 def test_leaderboard_targets_pick_the_best_tuned_row_and_can_fail():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("leaderboard", REPO / "scripts" / "leaderboard.py")
-    lb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lb)
+    from scripts import leaderboard as lb
 
     def row(p256, p2048, pk):
         return {"ppl": {"256": p256, "2048": p2048}, "passkey_worst_depth": {"256": 1.0, "2048": pk}}

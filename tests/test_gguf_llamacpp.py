@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")  # `make test` installs it: these tests run in CI
 
-from gguf_fixtures import CONTEXT, save_tiny_llama, token_ids
+from gguf_fixtures import CONTEXT, save_tiny_llama, token_ids  # noqa: E402  (after the skips above)
 
-from ctxext.io.gguf.write import export_gguf
-from ctxext.patch.checkpoint import patch_checkpoint
+from ctxext.io.gguf.write import export_gguf  # noqa: E402
+from ctxext.patch.checkpoint import patch_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)
 LENGTH = 4 * CONTEXT

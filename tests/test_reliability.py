@@ -1,6 +1,6 @@
-"""The reliability drill (issue 16) as tests: hostile inputs, kill -9 at random moments, a full disk, two runs into
-one output, a diverging run. ``scripts/reliability_drill.py`` runs the same cases at full size (20+ kills per
-operation) and prints the table of docs/RELIABILITY.md; the fast tests here pin the checks underneath it."""
+"""The reliability drill as tests: hostile inputs, kill -9 at random moments, a full disk, two runs into one output, a
+diverging run. ``python -m tests.reliability_drill`` runs the same cases at full size (20+ kills per operation) and
+prints the table of docs/RELIABILITY.md; the fast tests here pin the checks underneath it."""
 
 import errno
 import json
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import reliability_drill as drill
 
 from ctxext.data.text import check_data_file
 from ctxext.errors import CheckpointError, DataError, OutputError, TrainingError
@@ -25,8 +26,6 @@ from ctxext.io.validate import check_checkpoint, load_tokenizer
 from ctxext.train.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import reliability_drill as drill
 
 CHECKPOINT_CASES = [h for h in drill.HOSTILE if h.kind == "checkpoint"]
 

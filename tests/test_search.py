@@ -359,10 +359,10 @@ def test_max_factor_ratio_bounds_every_candidate_and_is_part_of_the_resumed_stat
 
     run_search(src, data, tmp_path / "default")
     assert largest(tmp_path / "default") > scale + 0.01
-    result = run_search(src, data, tmp_path / "tight", max_factor_ratio=1.0, refine_steps=2)
+    result = run_search(src, data, tmp_path / "tight", max_factor=1.0, refine=2)
     assert largest(tmp_path / "tight") <= scale + 1e-9 and max(result["best"]["factors"]) <= scale + 1e-9
     with pytest.raises(SearchError, match="belongs to another search"):
-        run_search(src, data, tmp_path / "tight", resume=True, force=True, refine_steps=2)
+        run_search(src, data, tmp_path / "tight", resume=True, force=True, refine=2)
 
 
 def test_calibration_gradient_matches_finite_differences_of_the_fitness(tiny_source):
@@ -405,7 +405,7 @@ def test_calibration_gradient_matches_finite_differences_of_the_fitness(tiny_sou
 def test_refined_checkpoint_search_resumes_and_improves_on_the_evolution(tiny_source, tmp_path, monkeypatch):
     src, data = tiny_source
     evolved = run_search(src, data, tmp_path / "evolved")
-    whole = run_search(src, data, tmp_path / "whole", refine_steps=4, refine_lr=0.02)
+    whole = run_search(src, data, tmp_path / "whole", refine=4, refine_lr=0.02)
     assert whole["refine_steps"] == 4 and len(whole["evaluations"]) == 20 + 5
     # the gradient steps find a better point than the whole evolution (not just the evolution's own best again)
     assert min(e["fitness"] for e in whole["evaluations"][20:]) < evolved["best"]["fitness"]
@@ -422,21 +422,19 @@ def test_refined_checkpoint_search_resumes_and_improves_on_the_evolution(tiny_so
 
     monkeypatch.setattr(CalibrationObjective, "value_and_grad", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_search(src, data, tmp_path / "resumed", refine_steps=4, refine_lr=0.02)
+        run_search(src, data, tmp_path / "resumed", refine=4, refine_lr=0.02)
     monkeypatch.setattr(CalibrationObjective, "value_and_grad", original)
     with pytest.raises(SearchError, match="has started its gradient refinement"):
-        run_search(src, data, tmp_path / "resumed", refine_steps=4, refine_lr=0.02, resume=True, budget=28)
-    resumed = run_search(src, data, tmp_path / "resumed", refine_steps=4, refine_lr=0.02, resume=True)
+        run_search(src, data, tmp_path / "resumed", refine=4, refine_lr=0.02, resume=True, budget=28)
+    resumed = run_search(src, data, tmp_path / "resumed", refine=4, refine_lr=0.02, resume=True)
     assert resumed["evaluations"] == whole["evaluations"] and resumed["best"] == whole["best"]
     rope = json.loads((tmp_path / "resumed" / "config.json").read_text())["rope_parameters"]
     torch.testing.assert_close(torch.tensor(rope["long_factor"]), torch.tensor(whole["best"]["factors"]))
 
     # a finished search takes more steps into its own OUT (no --force), which it replaces, and ends where a search
     # with that many steps from the start ends
-    longer = run_search(src, data, tmp_path / "whole", refine_steps=6, refine_lr=0.02, resume=True)
-    assert (
-        longer["evaluations"] == run_search(src, data, tmp_path / "six", refine_steps=6, refine_lr=0.02)["evaluations"]
-    )
+    longer = run_search(src, data, tmp_path / "whole", refine=6, refine_lr=0.02, resume=True)
+    assert longer["evaluations"] == run_search(src, data, tmp_path / "six", refine=6, refine_lr=0.02)["evaluations"]
     rope = json.loads((tmp_path / "whole" / "config.json").read_text())["rope_parameters"]
     torch.testing.assert_close(torch.tensor(rope["long_factor"]), torch.tensor(longer["best"]["factors"]))
 
@@ -552,7 +550,7 @@ def test_init_starts_from_an_earlier_search_and_is_part_of_the_resumed_state(tin
     """``init`` (an earlier search's OUT or its search.json) is the first candidate evaluated, at the earlier
     search's own best fitness on the same windows, so the new search ends no worse; another init is another search."""
     src, data = tiny_source
-    first = run_search(src, data, tmp_path / "first", refine_steps=2)
+    first = run_search(src, data, tmp_path / "first", refine=2)
     for init in (tmp_path / "first", tmp_path / "first" / "search.json"):
         out = tmp_path / f"from-{init.name}"
         result = run_search(src, data, out, budget=8, init=init)

@@ -129,7 +129,8 @@ def suggest_keep(usage: FrequencyUsage, context_length: int | None = None) -> tu
     lines = [
         (
             f"{int(long.sum())} of {pairs} rotation pairs have a wavelength above the trained context {L} "
-            f"(pairs {int(np.argmax(long)) if long.any() else pairs}..{pairs - 1}); they never complete a rotation in training."
+            f"(pairs {int(np.argmax(long)) if long.any() else pairs}..{pairs - 1}); "
+            "they never complete a rotation in training."
         ),
         f"Those pairs carry {share_long:.0%} of the q.k norm product (mean over layers and heads); "
         + (

@@ -118,8 +118,8 @@ def passkey_accuracy(
 
     Each trial draws a key and a filler offset from ``random.Random(seed)`` (same prompts for every model).
     A cell of ``length`` builds prompts of ``length`` minus the answer's tokens, so prompt plus generated answer
-    fit the length being tested. Prompts of one cell have the same length, so they are batched without padding. ``examples`` keeps up to three
-    answers per cell, wrong ones first.
+    fit the length being tested. Prompts of one cell have the same length, so they are batched without padding.
+    ``examples`` keeps up to three answers per cell, wrong ones first.
     """
     rng = random.Random(seed)
     device = next(model.parameters()).device

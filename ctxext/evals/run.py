@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import field_validator
 
 from ctxext import __version__
 from ctxext.data.text import DEFAULT_EVAL_SOURCE, join_documents, load_texts, tokenize_documents
@@ -28,7 +29,7 @@ from ctxext.evals.passkey import passkey_accuracy
 from ctxext.evals.perplexity import perplexity
 from ctxext.io.atomic import atomic_write_text
 from ctxext.io.lock import output_lock
-from ctxext.io.sources import resolve_model
+from ctxext.options import DType, FloatList, IntList, Options, opt, takes
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -39,37 +40,104 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def load_for_eval(name: str, *, device: str = "auto", dtype: str = "auto"):
     """``(model, tokenizer, path)`` for a model folder or ``reference``."""
-    from ctxext.io.checkpoint import check_source, load_model
+    from ctxext.io.checkpoint import load_model
+    from ctxext.io.sources import check_source
     from ctxext.io.validate import load_tokenizer
 
-    path = check_source(resolve_model(name))
+    path = check_source(name)
     model = load_model(path, dtype=dtype).to(pick_device(device))
     return model, load_tokenizer(path, model.config.vocab_size), path
 
 
 def check_models(names: list[str]) -> None:
     """Every model's checkpoint and tokenizer, checked before the first evaluation starts (headers only)."""
-    from ctxext.io.checkpoint import check_source
+    from ctxext.io.sources import check_source
     from ctxext.io.validate import check_checkpoint, load_tokenizer
 
     for name in names:
-        path = check_source(resolve_model(name))
+        path = check_source(name)
         load_tokenizer(path, check_checkpoint(path).config.vocab_size)
 
 
-def writes_results(command: str):
-    """Decorate an evaluation: its models are checked first and its ``output`` folder is locked while it runs."""
+def writes_results(command: str, options: type[Options]):
+    """Decorate an evaluation: it takes ``options``' fields (``ctxext.options.takes``); its models are checked
+    first and its ``output`` folder is locked while it runs."""
 
     def wrap(evaluate):
+        @takes(options)
         @functools.wraps(evaluate)
-        def locked(models, *args, output: str | Path = "ctxext-eval", **kwargs):
-            check_models([models] if isinstance(models, str) else [*models, *filter(None, [kwargs.get("compare")])])
-            with output_lock(output, command):
-                return evaluate(models, *args, output=output, **kwargs)
+        def locked(**fields):
+            names = fields.get("models") or [fields["model"], *filter(None, [fields.get("compare")])]
+            check_models(names)
+            with output_lock(fields["output"], command):
+                return evaluate(**fields)
 
         return locked
 
     return wrap
+
+
+DATA_HELP = "text source: stdlib:held_out, a file/folder (.txt/.py/.md/.jsonl/.parquet) or a hub dataset"
+MODELS_HELP = "checkpoint folders, 'reference' (the shipped model) or GGUF source names (smollm2)"
+
+
+class EvalOptions(Options):
+    """What every evaluation command takes."""
+
+    output: str = opt("ctxext-eval", "folder for JSON results and PNG plots")
+    text_field: str = opt("text", "field of .jsonl/.parquet rows holding the text")
+    device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: DType = opt("auto", "weights dtype for evaluation; auto keeps the stored one")
+
+
+class PerplexityOptions(EvalOptions):
+    models: list[str] = opt(..., MODELS_HELP, positional=True, min_length=1)
+    lengths: IntList = opt(..., "comma-separated context lengths, e.g. 256,512,1024", min_length=1)
+    data: str = opt(DEFAULT_EVAL_SOURCE, DATA_HELP)
+    stride: int | None = opt(None, "window stride (default: the length, i.e. non-overlapping windows)", gt=0)
+    max_documents: int | None = opt(None, "score at most this many documents per length", gt=0)
+    all_documents: bool = opt(
+        False,
+        "score every document long enough for each length, whole (default: the first "
+        "max(lengths) tokens of documents at least that long, at every length, so lengths "
+        "compare the same text)",
+    )
+    batch_size: int = opt(1, "windows per forward", gt=0)
+    labels: list[str] | None = opt(None, "names of the models in the results (default: their paths)")
+
+
+class GridOptions(EvalOptions):
+    """A length x depth grid of generated prompts."""
+
+    models: list[str] = opt(..., MODELS_HELP, positional=True, min_length=1)
+    lengths: IntList = opt(..., "comma-separated prompt lengths in tokens", min_length=1)
+    depths: FloatList = opt([0.0, 0.25, 0.5, 0.75, 1.0], "needle depths in [0, 1]", min_length=1)
+    seed: int = opt(0, "seed of the keys and of the filler's order")
+    filler: str = opt(DEFAULT_EVAL_SOURCE, "filler text source (" + DATA_HELP + ")")
+    batch_size: int = opt(8, "prompts per forward", gt=0)
+    labels: list[str] | None = opt(None, "names of the models in the results (default: their paths)")
+
+
+class PasskeyOptions(GridOptions):
+    trials: int = opt(10, "keys per (length, depth) cell", gt=0)
+
+
+class RetrievalOptions(GridOptions):
+    tasks: list[str] = opt(["multikey", "multivalue", "vartrack"], "comma-separated tasks")
+    trials: int = opt(40, "prompts per (length, depth) cell (40: +-15 points at 50%)", gt=0)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split_tasks(cls, value):
+        return [t for t in value.split(",") if t] if isinstance(value, str) else value
+
+
+class FrequencyOptions(EvalOptions):
+    model: str = opt(..., "checkpoint folder, 'reference' or a GGUF source name", positional=True)
+    data: str = opt(DEFAULT_EVAL_SOURCE, DATA_HELP)
+    compare: str | None = opt(None, "a second (e.g. patched) checkpoint shown side by side")
+    seq_len: int | None = opt(None, "tokens per forward (default: the model's trained context)", gt=1)
+    max_tokens: int = opt(16384, "tokens of data to measure on", gt=0)
 
 
 def _label(name: str, used: set[str]) -> str:
@@ -140,26 +208,14 @@ def write_markdown_keeping_notes(path: Path, text: str) -> None:
     path.write_text(text.rstrip("\n") + "\n\n" + NOTES_MARKER + notes)
 
 
-@writes_results("ctxext eval ppl")
+@writes_results("ctxext eval ppl", PerplexityOptions)
 def evaluate_perplexity(
-    models: list[str],
-    *,
-    lengths: list[int],
-    data: str = DEFAULT_EVAL_SOURCE,
-    stride: int | None = None,
-    output: str | Path = "ctxext-eval",
-    text_field: str = "text",
-    max_documents: int | None = None,
-    batch_size: int = 1,
-    device: str = "auto",
-    dtype: str = "auto",
-    same_documents: bool = True,
-    labels: list[str] | None = None,
+    models, lengths, data, stride, output, text_field, max_documents, batch_size, device, dtype, all_documents, labels
 ) -> dict:
     """Perplexity of each model at each length; writes ``ppl.json`` and ``ppl.png`` under ``output``.
 
-    ``same_documents``: every length scores the same text, the first ``max(lengths)`` tokens of each document at
-    least that long (shorter documents are counted as skipped), so the curve compares like with like; otherwise
+    By default every length scores the same text, the first ``max(lengths)`` tokens of each document at least that
+    long (shorter documents are counted as skipped), so the curve compares like with like; with ``all_documents``
     each length scores every document long enough for it, whole.
     """
     if not lengths or any(L < 2 for L in lengths):
@@ -173,7 +229,7 @@ def evaluate_perplexity(
         record = getattr(model.config, "ctxext", None) or {}
         trained = trained or record.get("original_context", model.config.max_position_embeddings)
         docs = tokenize_documents(tokenizer, texts)
-        if same_documents:  # every length scores the same text: the first `longest` tokens of long documents
+        if not all_documents:  # every length scores the same text: the first `longest` tokens of long documents
             longest = max(lengths)
             docs = [d[:longest] for d in docs if len(d) >= longest] + [d[:1] for d in docs if len(d) < longest]
         label = _label(labels[i] if labels else name, used)
@@ -199,7 +255,7 @@ def evaluate_perplexity(
             "lengths": lengths,
             "stride": stride or "length (non-overlapping windows)",
             "max_documents": max_documents,
-            "same_documents_at_every_length": same_documents,
+            "same_documents_at_every_length": not all_documents,
             "score": "exp(mean NLL) over every scored token; documents shorter than the length skipped",
             "ctxext": __version__,
             "date": time.strftime("%Y-%m-%d"),
@@ -245,21 +301,9 @@ def _each_model(models: list[str], labels: list[str] | None, texts: list[str], d
         del model  # the caller drops its reference too, so one model is in memory at a time
 
 
-@writes_results("ctxext eval passkey")
+@writes_results("ctxext eval passkey", PasskeyOptions)
 def evaluate_passkey(
-    models: list[str],
-    *,
-    lengths: list[int],
-    depths: list[float],
-    trials: int = 10,
-    seed: int = 0,
-    filler: str = DEFAULT_EVAL_SOURCE,
-    output: str | Path = "ctxext-eval",
-    text_field: str = "text",
-    batch_size: int = 8,
-    device: str = "auto",
-    dtype: str = "auto",
-    labels: list[str] | None = None,
+    models, lengths, depths, trials, seed, filler, output, text_field, batch_size, device, dtype, labels
 ) -> dict:
     """Passkey accuracy grid per model; writes ``passkey.json`` and ``passkey_<model>.png`` under ``output``."""
     texts = _filler_texts(filler, text_field, seed, trials)
@@ -298,22 +342,9 @@ def evaluate_passkey(
     return payload
 
 
-@writes_results("ctxext eval retrieval")
+@writes_results("ctxext eval retrieval", RetrievalOptions)
 def evaluate_retrieval(
-    models: list[str],
-    *,
-    tasks: list[str],
-    lengths: list[int],
-    depths: list[float],
-    trials: int = 40,
-    seed: int = 0,
-    filler: str = DEFAULT_EVAL_SOURCE,
-    output: str | Path = "ctxext-eval",
-    text_field: str = "text",
-    batch_size: int = 8,
-    device: str = "auto",
-    dtype: str = "auto",
-    labels: list[str] | None = None,
+    models, tasks, lengths, depths, trials, seed, filler, output, text_field, batch_size, device, dtype, labels
 ) -> dict:
     """RULER-style task grids (``ctxext.evals.retrieval``) per model and task, with Wilson 95% intervals; writes
     ``retrieval.json`` and ``retrieval_<task>_<model>.png`` under ``output``."""
@@ -359,19 +390,8 @@ def evaluate_retrieval(
     return payload
 
 
-@writes_results("ctxext analyze freq")
-def analyze_frequencies(
-    model_name: str,
-    *,
-    data: str = DEFAULT_EVAL_SOURCE,
-    compare: str | None = None,
-    output: str | Path = "ctxext-eval",
-    seq_len: int | None = None,
-    max_tokens: int = 16384,
-    text_field: str = "text",
-    device: str = "auto",
-    dtype: str = "auto",
-) -> dict:
+@writes_results("ctxext analyze freq", FrequencyOptions)
+def analyze_frequencies(model, data, compare, output, seq_len, max_tokens, text_field, device, dtype) -> dict:
     """Frequency usage of a model (and optionally a patched one); writes ``freq.json`` and ``freq.png``."""
     from ctxext.evals.frequency import frequency_usage, suggest_keep
     from ctxext.evals.plots import plot_frequency_usage
@@ -380,7 +400,7 @@ def analyze_frequencies(
     texts = load_texts(data, text_field=text_field)
     runs, panels = {}, {}
     keep, reasoning, wavelengths, context = None, [], None, None
-    for role, name in [("model", model_name)] + ([("compare", compare)] if compare else []):
+    for role, name in [("model", model)] + ([("compare", compare)] if compare else []):
         model, tokenizer, path = load_for_eval(name, device=device, dtype=dtype)
         record = getattr(model.config, "ctxext", None) or {}
         context = context or record.get("original_context", model.config.max_position_embeddings)

@@ -25,6 +25,8 @@ from pathlib import Path
 import yaml
 
 from ctxext.io.atomic import atomic_write_text
+from ctxext.io.lock import locks_output
+from ctxext.options import Options, opt, takes
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +65,27 @@ def build_stand_in(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def run_demo(
-    output_dir: str = "ctxext-demo",
-    *,
-    recipe: str | None = None,
-    factor: float | None = None,
-    method: str | None = None,
-    quick: bool = False,
-    model: str = "reference",
-) -> dict:
+class DemoOptions(Options):
+    """``ctxext demo``: the recipe's defaults unless given."""
+
+    output_dir: str = opt("ctxext-demo", "where the report and checkpoints go")
+    recipe: str | None = opt(
+        None,
+        "recipe YAML (default configs/recipes/demo.yaml: its method, factor, data, fine-tuning and evaluation budget)",
+    )
+    factor: float | None = opt(None, "extension factor (default: the recipe's, 8: 256 -> 2048)", gt=1)
+    method: str | None = opt(None, "method or chain (default: the recipe's), e.g. yarn, prope+pi")
+    model: str = opt("reference", "base model (default: the shipped reference model)")
+    quick: bool = opt(False, "a few steps and trials: checks the pipeline in a minute")
+
+
+@takes(DemoOptions)
+@locks_output("ctxext demo", "output_dir")
+def run_demo(output_dir, recipe, factor, method, model, quick) -> dict:
     """Run the recipe (default ``configs/recipes/demo.yaml``) on ``model``; returns the summary (table, headline,
     report path) that ``ctxext demo`` prints. ``factor`` and ``method`` replace the recipe's. The output folder is
     locked while the demo runs; the recipe, the model, its tokenizer and the method are checked before it is
     created."""
-    from ctxext.io.lock import output_lock
-
-    with output_lock(output_dir, "ctxext demo"):
-        return _run_demo(output_dir, recipe=recipe, factor=factor, method=method, quick=quick, model=model)
-
-
-def _run_demo(
-    output_dir: str, *, recipe: str | None, factor: float | None, method: str | None, quick: bool, model: str
-) -> dict:
     from ctxext.evals.retrieval import wilson
     from ctxext.evals.run import (
         evaluate_passkey,
@@ -95,8 +96,7 @@ def _run_demo(
     )
     from ctxext.experiments.demo import build_stand_in
     from ctxext.experiments.recipe import load_recipe, stage_lengths
-    from ctxext.io.checkpoint import check_source
-    from ctxext.io.sources import has_reference_model, resolve_model
+    from ctxext.io.sources import check_source, has_reference_model
     from ctxext.io.validate import check_checkpoint, load_tokenizer
     from ctxext.patch.checkpoint import patch_checkpoint
     from ctxext.patch.model import plan_patch
@@ -121,7 +121,7 @@ def _run_demo(
         )
         model = "tiny random stand-in"
     else:
-        base = check_source(resolve_model(model))
+        base = check_source(model)
     config = check_checkpoint(base, finite=True).config
     tokenizer = load_tokenizer(base, config.vocab_size)
     context = config.max_position_embeddings
@@ -225,7 +225,8 @@ def _run_demo(
         )
         extra += [
             (
-                f"RULER-style tasks in code, worst of {len(ruler_depths)} depths ({ev.retrieval_trials} prompts per cell, "
+                f"RULER-style tasks in code, worst of {len(ruler_depths)} depths "
+                f"({ev.retrieval_trials} prompts per cell, "
                 "`retrieval.json`, `retrieval_*.png`; every length: the leaderboard):"
             ),
             "",

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ctxext.errors import ConfigError
+from ctxext.options import Options
 from ctxext.train.config import (
     FinetuneConfig,
     LoggingSection,
@@ -30,11 +31,7 @@ REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_RECIPE = "configs/recipes/demo.yaml"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RecipeData(_Strict):
+class RecipeData(Options):
     passkey_documents: int = Field(2000, ge=0, description="passkey documents mixed into the stdlib train files")
     edge_depth_share: float = Field(0.2, ge=0, le=1, description="share of passkey documents with the key at an edge")
     full_length_share: float = Field(
@@ -57,7 +54,7 @@ class RecipeData(_Strict):
     )
 
 
-class RecipeEvaluation(_Strict):
+class RecipeEvaluation(Options):
     ppl_documents: int = Field(24, gt=0)
     passkey_trials: int = Field(10, gt=0)
     depths: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
@@ -71,12 +68,12 @@ class RecipeEvaluation(_Strict):
     )
 
 
-class RetrievalPhase(_Strict):
+class RetrievalPhase(Options):
     steps: int = Field(..., gt=0, description="optimizer steps of a last stage at the target length")
     documents: int = Field(..., gt=0, description="retrieval-only documents it trains on (passkey and tasks)")
 
 
-class RecipeFinetune(_Strict):
+class RecipeFinetune(Options):
     stage_steps: list[int] = Field(..., min_length=1, description="optimizer steps at 2x, 4x and the target length")
     stage_windows: list[int | None] | None = Field(None, description="PoSE windows per stage (null: plain)")
     tuning: str = Field("lora", description="lora or full")
@@ -96,7 +93,7 @@ class RecipeFinetune(_Strict):
         return f"LoRA r{self.lora.r}" + (f" + {'/'.join(extra)}" if extra else "")
 
 
-class Recipe(_Strict):
+class Recipe(Options):
     method: str = "pi"
     factor: float = Field(8.0, gt=1)
     data: RecipeData = RecipeData()
@@ -213,7 +210,7 @@ class SweepRow(_Row):
     checkpoint: str | None = Field(None, description="an extended checkpoint folder (method null, no parameters)")
 
 
-class Sweep(_Strict):
+class Sweep(Options):
     """A leaderboard sweep (``configs/sweeps/*.yaml``): rows of methods on one recipe."""
 
     kind: Literal["finetune"] = Field("finetune", description="finetune: every row without and with fine-tuning")
@@ -236,7 +233,7 @@ class TrainingFreeRow(_Row):
     )
 
 
-class PerplexityPlan(_Strict):
+class PerplexityPlan(Options):
     texts: dict[str, str] = Field(
         ...,
         min_length=1,
@@ -252,7 +249,7 @@ class PerplexityPlan(_Strict):
     dtype: Dtype = Field("float32", description="model dtype for these cells")
 
 
-class RetrievalPlan(_Strict):
+class RetrievalPlan(Options):
     lengths: list[int] = Field(
         ...,
         min_length=1,
@@ -279,7 +276,7 @@ class RetrievalPlan(_Strict):
         return trials
 
 
-class TrainingFreeSweep(_Strict):
+class TrainingFreeSweep(Options):
     """A training-free sweep (``configs/sweeps/smollm2.yaml``): every row patched in memory at every factor and
     evaluated without fine-tuning (``scripts/real_model_leaderboard.py``).
 

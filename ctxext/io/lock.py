@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -146,3 +147,18 @@ def output_lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def locks_output(command: str, field: str):
+    """Decorate a function whose keyword argument ``field`` names its output: the output is locked for the call
+    (``output_lock``), so a second run into it is refused, naming this one."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def locked(**kwargs):
+            with output_lock(kwargs[field], command):
+                return fn(**kwargs)
+
+        return locked
+
+    return wrap

@@ -55,6 +55,7 @@ POSITIVE_NUMBERS = (
     "window",
 )
 ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # org/name; ./x or ../x are paths
 TOKENIZER_CORE = re.compile(r"^(tokenizer\.json|tokenizer\.model|vocab\.(json|txt)|spiece\.model|.*\.tiktoken)$")
 
 
@@ -73,7 +74,8 @@ class CheckedCheckpoint:
 
 
 def read_raw_config(src: str | os.PathLike) -> tuple[Path, dict]:
-    """``(path, mapping)`` of SRC/config.json; ``CheckpointError`` when it is unreadable, not JSON or no model config."""
+    """``(path, mapping)`` of SRC/config.json; ``CheckpointError`` when it is unreadable, not JSON or not a model's
+    config."""
     path = Path(src) / "config.json"
     try:
         text = path.read_text(encoding="utf-8")
@@ -152,7 +154,7 @@ def hub_config(model_id: str, fix: str = "") -> tuple[str, dict]:
     reachable. Offline (``HF_HUB_OFFLINE``, or the Hub's host does not answer within a few seconds) an id that is
     not cached fails at once, instead of after huggingface_hub's retries (30-60 s). ``fix``: what else the caller
     accepts, ending every error's advice (e.g. "or a shape with --shape ...")."""
-    if re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", model_id) is None:  # org/name; ./x or ../x are paths
+    if HUB_ID.fullmatch(model_id) is None:
         raise CheckpointError(
             f"model {model_id!r} is neither a local checkpoint folder nor an org/name hub id; give "
             f"a folder that holds config.json{', ' + fix if fix else ''}"
@@ -399,7 +401,7 @@ def load_tokenizer(src: str | os.PathLike, vocab_size: int | None = None):
         raise CheckpointError(
             f"the tokenizer of {src} cannot be loaded ({type(err).__name__}: {str(err)[:200]}); its "
             f"files ({shown}) are damaged or incomplete: copy them again from the original model"
-        )
+        ) from None
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise CheckpointError(
             f"the tokenizer of {src} has {len(tokenizer):,} tokens but the model's vocab_size is "

@@ -53,6 +53,7 @@ import torch
 from ctxext import __version__
 from ctxext.errors import DataError, SearchError
 from ctxext.io.atomic import atomic_write_text
+from ctxext.io.lock import locks_output
 from ctxext.longrope.evolution import (
     MAX_FACTOR_RATIO,
     Candidate,
@@ -62,14 +63,17 @@ from ctxext.longrope.evolution import (
     SearchState,
     evolve,
     longrope_attention_factor,
-    refine,
     seed_candidates,
     summary,
     yarn_attention_factor,
 )
+from ctxext.longrope.evolution import (
+    refine as refine_factors,
+)
 from ctxext.models import compute_inv_freq, family_of, head_dim_of, rebuild_rotary
 from ctxext.models.base import get_rope_parameters
-from ctxext.models.native import RECORD_KEY, universal_form
+from ctxext.models.native import RECORD_KEY, extended_record, universal_form
+from ctxext.options import DType, Options, opt, takes
 from ctxext.rope.registry import RopeContext, RopeState
 
 log = logging.getLogger(__name__)
@@ -154,10 +158,12 @@ def check_searchable(config, target_length: Any) -> tuple[int, dict[str, Any]]:
         )
     params = get_rope_parameters(config, None)
     if params.get("rope_type", "default") != "default" or params.get("partial_rotary_factor", 1.0) != 1.0:
+        partial = params.get("partial_rotary_factor", 1.0)
+        partial = f", partial_rotary_factor {partial}" if partial != 1.0 else ""
         raise SearchError(
             f"the factor search needs a checkpoint with plain RoPE (rope_type 'default' on every "
             f"dimension); this one has rope_type {params.get('rope_type')!r}"
-            f"{', partial_rotary_factor ' + str(params['partial_rotary_factor']) if params.get('partial_rotary_factor', 1.0) != 1.0 else ''}. "
+            f"{partial}. "
             "Search on the original checkpoint"
         )
     context = int(config.max_position_embeddings)
@@ -201,9 +207,7 @@ def init_candidate(path: str | os.PathLike, problem: SearchProblem, space: Searc
             factors = [float(f) for f in params["long_factor"]]
             attention = params.get("attention_factor")
             if attention is None:  # transformers' default for longrope (Phi-3: factor from the two contexts)
-                original = int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
-                factor = float(params.get("factor") or config.max_position_embeddings / original)
-                attention = longrope_attention_factor(factor, original)
+                attention = compute_inv_freq(params, head_dim_of(config), config.max_position_embeddings)[1]
         else:
             saved = json.loads(path.read_text())
             if saved.get("context_length") not in (None, problem.context_length):
@@ -408,70 +412,110 @@ def write_state(path: Path, settings: dict[str, Any], budget: int, state: Search
 # ---------------------------------------------------------------- the command
 
 
-def search_checkpoint(src: str, out: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+class SearchOptions(Options):
+    """``ctxext search SRC OUT --target-length N``."""
+
+    src: str = opt(
+        ..., "checkpoint folder with plain RoPE, 'reference', or a GGUF source such as smollm2", positional=True
+    )
+    out: str = opt(..., "output folder (must not exist unless --force)", positional=True)
+    target_length: int = opt(..., "the context to search for (> the trained one)", gt=0)
+    data: str = opt(
+        DEFAULT_DATA,
+        "calibration text: stdlib:train (disjoint from the default evaluation text "
+        "stdlib:held_out), package:NAME, a file/folder (.txt/.py/.md/.jsonl/.parquet) or a hub dataset",
+    )
+    budget: int = opt(
+        DEFAULT_BUDGET,
+        "perplexity evaluations in all; the first generation takes --population of "
+        "them, each later one --population / 2",
+        gt=0,
+    )
+    population: int = opt(16, "population size (LongRoPE: 64)", ge=2)
+    seed: int = opt(0, "seed of the evolution")
+    window: int | None = opt(
+        None, "calibration window tokens (default: the target length; shorter: the PoSE proxy, see above)", gt=1
+    )
+    windows: int = opt(DEFAULT_WINDOWS, "calibration windows per evaluation", gt=0)
+    attention_factor: float | None = opt(None, "fix the attention factor instead of searching it", gt=0)
+    max_factor: float = opt(
+        MAX_FACTOR_RATIO,
+        "the largest factor as a multiple of the extension (1.25: LongRoPE's "
+        "search space; larger lets the lowest frequencies be interpolated further than the paper "
+        "allows)",
+        ge=1,
+        metavar="RATIO",
+    )
+    refine: int = opt(
+        0,
+        "after the evolution, this many gradient steps on the best factors (see above; 0: none)",
+        ge=0,
+        metavar="STEPS",
+    )
+    refine_lr: float = opt(
+        RefineConfig.lr,
+        "Adam learning rate of --refine, in log factor (0.005: each step moves a factor by about 0.5%)",
+        gt=0,
+    )
+    init: str | None = opt(
+        None,
+        "start from an earlier search's factors: its OUT folder (or any longrope "
+        "checkpoint) or its search.json; they join the first generation as its first seed, as "
+        "LongRoPE's progressive search starts from the previous extension's factors (e.g. more "
+        "--windows from where a search on fewer ended)",
+        metavar="SEARCH",
+    )
+    resume: bool = opt(False, "continue the search saved in OUT.search-state.json")
+    force: bool = opt(False, "replace OUT and start over from scratch")
+    text_field: str = opt("text", "field of .jsonl/.parquet rows holding the text")
+    device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: DType = opt("auto", "weights dtype of the search; auto keeps the stored one")
+    progress: bool = opt(False, "(library) show progress bars; the command line always does")
+
+
+@takes(SearchOptions)
+@locks_output("ctxext search", "out")
+def search_checkpoint(
+    src,
+    out,
+    target_length,
+    data,
+    budget,
+    population,
+    seed,
+    window,
+    windows,
+    attention_factor,
+    max_factor,
+    refine,
+    refine_lr,
+    init,
+    resume,
+    force,
+    text_field,
+    device,
+    dtype,
+    progress,
+) -> dict[str, Any]:
     """Search LongRoPE factors for ``src`` at ``target_length`` and write OUT (see the module docstring); OUT (and
-    its search state beside it) is locked while the search runs (``ctxext.lock``: a second search into OUT is
+    its search state beside it) is locked while the search runs (``ctxext.io.lock``: a second search into OUT is
     refused, naming this one).
 
     Returns the search summary (also OUT/search.json). Every check runs before a weight is loaded or a file written.
     """
-    from ctxext.io.lock import output_lock
-
-    with output_lock(out, "ctxext search"):
-        return _search_checkpoint(src, out, **kwargs)
-
-
-def _search_checkpoint(
-    src: str,
-    out: str | os.PathLike,
-    *,
-    target_length: int,
-    data: str = DEFAULT_DATA,
-    budget: int = DEFAULT_BUDGET,
-    seed: int = 0,
-    population: int = 16,
-    window: int | None = None,
-    windows: int = DEFAULT_WINDOWS,
-    attention_factor: float | None = None,
-    max_factor_ratio: float = MAX_FACTOR_RATIO,
-    refine_steps: int = 0,
-    refine_lr: float = RefineConfig.lr,
-    init: str | os.PathLike | None = None,
-    resume: bool = False,
-    force: bool = False,
-    text_field: str = "text",
-    device: str = "auto",
-    dtype: str = "auto",
-    progress: bool = True,
-) -> dict[str, Any]:
     from ctxext.data.text import load_texts, tokenize_documents
     from ctxext.evals.run import pick_device
-    from ctxext.io.checkpoint import (
-        check_output,
-        check_source,
-        load_config,
-        load_model,
-        save_checkpoint,
-    )
-    from ctxext.io.sources import resolve_model
+    from ctxext.io.checkpoint import check_output, load_config, load_model, save_checkpoint
+    from ctxext.io.sources import check_source
+
+    max_factor_ratio, refine_steps = max_factor, refine
     from ctxext.io.validate import load_tokenizer
 
-    src = check_source(resolve_model(src))
+    src = check_source(src)
     config = load_config(src)
     context, params = check_searchable(config, target_length)
     window = target_length if window is None else window
     check_window(window, windows, target_length)
-    if attention_factor is not None and not (isinstance(attention_factor, (int, float)) and attention_factor > 0):
-        raise SearchError(f"attention_factor={attention_factor!r} is invalid; valid range: > 0")
-    if (
-        isinstance(max_factor_ratio, bool)
-        or not isinstance(max_factor_ratio, (int, float))
-        or not max_factor_ratio >= 1
-    ):
-        raise SearchError(
-            f"max_factor_ratio={max_factor_ratio!r} is invalid; valid range: >= 1 (the largest factor "
-            "as a multiple of the extension; LongRoPE's search space: 1.25)"
-        )
     evolution = EvolutionConfig.sized(budget, population, seed)
     refinement = RefineConfig(refine_steps, refine_lr)
     problem = SearchProblem(
@@ -519,14 +563,15 @@ def _search_checkpoint(
 
     if state is None or state.refine is None:
         state = evolve(objective, space, evolution, seeds, state=state, progress=progress, on_generation=save)
-    state = refine(objective.value_and_grad, objective, space, refinement, state, on_step=save, progress=progress)
+    state = refine_factors(
+        objective.value_and_grad, objective, space, refinement, state, on_step=save, progress=progress
+    )
     seconds = time.time() - started
 
     best = state.best.candidate
     rope = problem.rope_parameters(best)
     check_rope_parameters(rope, problem, best)
     use_rope_parameters(model, rope, target_length)
-    previous = getattr(model.config, RECORD_KEY, None) or {}
     step = {
         "chain": [
             {
@@ -549,16 +594,7 @@ def _search_checkpoint(
         "from_context": context,
         "to_context": target_length,
     }
-    setattr(
-        model.config,
-        RECORD_KEY,
-        {
-            "version": __version__,
-            "original_context": previous.get("original_context", context),
-            "context": target_length,
-            "steps": [*previous.get("steps", []), step],
-        },
-    )
+    setattr(model.config, RECORD_KEY, extended_record(model.config, step, target_length))
     result = {
         "source": src,
         "target_length": target_length,

@@ -16,6 +16,7 @@ Every result is checked against the chain's float64 frequencies through transfor
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -186,3 +187,17 @@ def native_rope_parameters(
                 "please report this with the checkpoint's config.json"
             )
     return wrap_attention(params, wrapper) if wrapper is not None else params
+
+
+def extended_record(config, step: dict[str, Any], context: int) -> dict[str, Any]:
+    """The ``ctxext`` record of ``config`` after one more step that extends it to ``context`` tokens: the version,
+    the context it was trained at (kept from the first step), the context now and every step so far."""
+    from ctxext import __version__
+
+    previous = copy.deepcopy(getattr(config, RECORD_KEY, None)) or {}
+    return {
+        "version": __version__,
+        "original_context": previous.get("original_context", step.get("from_context", context)),
+        "context": context,
+        "steps": [*previous.get("steps", []), step],
+    }

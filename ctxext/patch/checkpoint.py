@@ -4,39 +4,63 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ctxext.errors import CheckpointError
-from ctxext.io.checkpoint import DTYPES, check_source, claim_output, load_config, load_model, save_checkpoint
+from ctxext.io.checkpoint import claim_output, load_config, load_model, save_checkpoint
+from ctxext.io.sources import check_source
 from ctxext.io.validate import check_checkpoint
 from ctxext.models import family_of, head_dim_of, stock_rope_types
 from ctxext.models.native import RECORD_KEY, attention_method_of
+from ctxext.options import DType, Options, opt, takes
 from ctxext.patch.model import apply_plan, plan_patch
 
 log = logging.getLogger(__name__)
 
 
+class PatchOptions(Options):
+    """``ctxext patch SRC OUT --method M [method parameters]``; the method parameters' flags come from the method
+    registry (``ctxext methods``) and travel in ``params``."""
+
+    src: str = opt(
+        ...,
+        "checkpoint folder, 'reference' (the shipped model), a .gguf file or GGUF source name "
+        "(smollm2), or an org/name hub id when online",
+        positional=True,
+    )
+    out: str = opt(..., "output folder (must not exist unless --force)", positional=True)
+    method: str = opt(..., "method or chain (`ctxext methods` lists them), e.g. yarn, prope+pi")
+    scope: Literal["all", "global", "sliding"] | None = opt(
+        None, "layer types to patch; default: all (Gemma 3: global)"
+    )
+    target_length: int | None = opt(
+        None, "new context; sets factor = target / the checkpoint's context for the method that takes a factor", gt=0
+    )
+    trained_context: int | None = opt(
+        None,
+        "the context the checkpoint was trained at, where its config's "
+        "max_position_embeddings states more (e.g. 32768 for a Qwen2.5 base whose "
+        "config says 131072): the methods and --target-length extend from it",
+        gt=0,
+    )
+    dtype: DType = opt("auto", "weights dtype of OUT; auto keeps the stored one")
+    force: bool = opt(False, "replace OUT if it exists")
+    allow_pickle: bool = opt(False, "also read pickled *.bin weights (can execute code: only for files you trust)")
+    params: dict[str, Any] = opt({}, "method parameters by name (the CLI's method flags)")
+
+
+@takes(PatchOptions, extra_into="params")
 def patch_checkpoint(
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    chain: str | Sequence,
-    *,
-    scope: str | None = None,
-    target_length: int | None = None,
-    dtype: str = "auto",
-    force: bool = False,
-    allow_pickle: bool = False,
-    **params: Any,
+    src, out, method, scope, target_length, trained_context, dtype, force, allow_pickle, params
 ) -> Path:
-    """Patch the checkpoint SRC with ``chain`` and write it to OUT (see ``ctxext patch --help``)."""
+    """Patch the checkpoint SRC with the method chain ``method`` and write it to OUT (``ctxext patch --help``);
+    keyword arguments that are not options are method parameters (``factor=8``)."""
     src = check_source(src)
     with claim_output(out, force, "ctxext patch"):
-        if dtype not in DTYPES:
-            raise CheckpointError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
         config = load_config(src)
-        plan = plan_patch(config, chain, scope=scope, target_length=target_length, **params)  # fails before any load
+        plan = plan_patch(
+            config, method, scope=scope, target_length=target_length, trained_context=trained_context, **params
+        )  # fails before any load
         model = load_model(src, dtype=dtype, allow_pickle=allow_pickle)
         apply_plan(model, plan)
         log.info("patched %s with %s", src, plan.record["steps"][-1]["spec"])

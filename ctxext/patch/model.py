@@ -21,13 +21,13 @@ from typing import Any, final
 
 from torch import nn
 
-from ctxext import __version__
 from ctxext.errors import MethodError
 from ctxext.models import compute_inv_freq, family_of, head_dim_of, rebuild_rotary, set_attention_implementation
 from ctxext.models.base import attention_implementation, get_rope_parameters
 from ctxext.models.native import (
     RECORD_KEY,
     attention_rope_type,
+    extended_record,
     native_rope_parameters,
     unwrap_attention,
     uses_attention_method,
@@ -142,7 +142,6 @@ def plan_patch(
     extended = target_length or extended
     # transformers' per-forward types (dynamic) read max_position_embeddings as the trained length: it must not move.
     max_positions = context if any(m.per_forward for m in methods) else extended
-    previous = copy.deepcopy(getattr(config, RECORD_KEY, None)) or {}
     step = {
         "chain": chain_to_records(methods),
         "spec": format_chain(methods),
@@ -150,12 +149,7 @@ def plan_patch(
         "from_context": context,
         "to_context": extended,
     }
-    record = {
-        "version": __version__,
-        "original_context": previous.get("original_context", context),
-        "context": extended,
-        "steps": [*previous.get("steps", []), step],
-    }
+    record = extended_record(config, step, extended)
     return PatchPlan(
         family=family.name,
         scope=step["scope"],

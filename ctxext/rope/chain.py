@@ -104,7 +104,8 @@ def validate_chain(methods: Sequence) -> None:
         if m.per_forward and len(methods) > 1:
             alternative = f"; use {m.static_alternative} (its static form) in a chain" if m.static_alternative else ""
             raise MethodError(
-                f"chain {chain}: {m.name} recomputes the frequencies at every forward and cannot be chained{alternative}"
+                f"chain {chain}: {m.name} recomputes the frequencies at every forward and cannot be chained"
+                f"{alternative}"
             )
 
 

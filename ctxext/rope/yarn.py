@@ -41,7 +41,8 @@ class YaRNConfig(MethodConfig):
     def check(self) -> None:
         if self.beta_fast <= self.beta_slow:
             raise MethodError(
-                f"yarn: beta_fast={self.beta_fast!r} must be greater than beta_slow={self.beta_slow!r} (defaults 32 and 1)"
+                f"yarn: beta_fast={self.beta_fast!r} must be greater than beta_slow={self.beta_slow!r} "
+                "(defaults 32 and 1)"
             )
 
     def resolved_attention_factor(self) -> float:

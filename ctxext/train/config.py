@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ctxext.errors import ConfigError
+from ctxext.options import Options
 from ctxext.rope.registry import all_parameters
 
 MAX_STEPS = 10_000_000  # optimizer steps per stage: more is a typo (days per step at any real length)
@@ -52,11 +53,7 @@ def read_yaml(text: str):
     return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSection(_Strict):
+class ModelSection(Options):
     path: str = Field("reference", description="checkpoint folder, hub id, or 'reference' (the shipped model)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="weights dtype for training"
@@ -106,7 +103,7 @@ class PatchSection(MethodParams):
     )
 
 
-class Stage(_Strict):
+class Stage(Options):
     seq_len: int = Field(..., gt=0, description="packed block length in tokens (with window: the positions covered)")
     window: int | None = Field(
         None,
@@ -141,7 +138,7 @@ class Stage(_Strict):
         return self.window or self.seq_len
 
 
-class LoraSection(_Strict):
+class LoraSection(Options):
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -153,7 +150,7 @@ class LoraSection(_Strict):
     train_norms: bool = Field(False, description="also train every norm weight (LongLoRA's LoRA+)")
 
 
-class DataSection(_Strict):
+class DataSection(Options):
     source: str = Field("stdlib:train", description="stdlib:train, a file/folder, or a hub dataset name")
     text_field: str = "text"
     held_out: str | None = Field(
@@ -170,7 +167,7 @@ class DataSection(_Strict):
     )
 
 
-class OptimizationSection(_Strict):
+class OptimizationSection(Options):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -186,14 +183,14 @@ class OptimizationSection(_Strict):
     )
 
 
-class LoggingSection(_Strict):
+class LoggingSection(Options):
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(50, gt=0, description="held-out loss every N steps (and at the end of each stage)")
     eval_blocks: int = Field(4, gt=0, description="held-out blocks per evaluation")
     save_every: int = Field(50, gt=0, description="training checkpoint every N steps")
 
 
-class DistributedSection(_Strict):
+class DistributedSection(Options):
     """How several processes share the work (docs/SCALING.md). The launcher starts the processes
     (``accelerate launch`` / ``torchrun``); this section says what they do."""
 
@@ -231,7 +228,7 @@ class DistributedSection(_Strict):
         return self
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(Options):
     model: ModelSection = ModelSection()
     patch: PatchSection
     stages: list[Stage] = Field(..., min_length=1)

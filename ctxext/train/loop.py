@@ -273,12 +273,12 @@ def open_run_folder(run: Path, cfg: FinetuneConfig, accelerator) -> bool:
 def build_model(cfg: FinetuneConfig):
     """Load the model; for ``tuning: lora`` add adapters (+ optional trainable embeddings / norms); activation
     checkpointing. Returns ``(model, tokenizer)``; the patch comes per stage (``patch_for_stage``)."""
-    from ctxext.io.checkpoint import check_source, load_model
-    from ctxext.io.sources import resolve_model
+    from ctxext.io.checkpoint import load_model
+    from ctxext.io.sources import check_source
     from ctxext.io.validate import load_tokenizer
     from ctxext.models import enable_activation_checkpointing, set_attention_implementation
 
-    path = check_source(resolve_model(cfg.model.path))
+    path = check_source(cfg.model.path)
     model = load_model(path, dtype=cfg.model.dtype)
     tokenizer = load_tokenizer(path, model.config.vocab_size)
     set_attention_implementation(model, cfg.model.attn_implementation)

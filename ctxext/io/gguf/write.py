@@ -14,26 +14,26 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from ctxext.errors import CheckpointError
 from ctxext.io.atomic import atomic_write
-from ctxext.io.checkpoint import check_source
 from ctxext.io.gguf.rope import GGUFRope, RopeExportError, gguf_rope_from_parameters
 from ctxext.io.gguf.tokenizer import tokenizer_metadata
 from ctxext.io.lock import output_lock
+from ctxext.io.sources import check_source
 from ctxext.io.validate import check_checkpoint, load_tokenizer
 from ctxext.models.base import head_dim_of
+from ctxext.options import Options, opt, takes
 
 log = logging.getLogger(__name__)
 
 ARCH = "llama"
-DTYPES = ("f32", "f16", "q8_0")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -144,17 +144,22 @@ def _encode(name: str, w: torch.Tensor, dtype: str):
     return a.astype(np.float16), None
 
 
-def export_gguf(
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    dtype: str = "f32",
-    force: bool = False,
-    tokenizer_pre: str | None = None,
-) -> Path:
+class ExportOptions(Options):
+    """``ctxext export gguf SRC OUT``."""
+
+    src: str = opt(..., "checkpoint folder (or a .gguf file / source name, converted first)", positional=True)
+    out: str = opt(..., "output file, ending in .gguf", positional=True)
+    dtype: Literal["f32", "f16", "q8_0"] = opt("f32", "weights type of 2-D tensors (norms and rope_freqs stay f32)")
+    force: bool = opt(False, "replace OUT if it exists")
+    tokenizer_pre: str | None = opt(
+        None,
+        "llama.cpp pre-tokenizer name, when ctxext cannot tell it from tokenizer.json (e.g. llama-bpe, qwen2, smollm)",
+    )
+
+
+@takes(ExportOptions)
+def export_gguf(src, out, dtype, force, tokenizer_pre) -> Path:
     """Write checkpoint SRC (folder, .gguf, or source name) as a llama.cpp GGUF file OUT (module docstring)."""
-    if dtype not in DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
     out = _check_out(Path(out), force)
     src = check_source(src)
     if not Path(src).is_dir():

@@ -1,9 +1,9 @@
-"""The reliability drill (issue 16): hostile inputs, kill -9 at random moments, a full disk, two runs into one
+"""The reliability drill: hostile inputs, kill -9 at random moments, a full disk, two runs into one
 output, a diverging fine-tune. Prints the table that docs/RELIABILITY.md reports.
 
-    python scripts/reliability_drill.py                        # every part (about an hour on 2 busy cores)
-    python scripts/reliability_drill.py --parts inputs,lock    # some parts: inputs, kill, disk, lock, diverge
-    python scripts/reliability_drill.py --kills 20 --seed 0 --json drill.json
+    python -m tests.reliability_drill                        # every part (about an hour on 2 busy cores)
+    python -m tests.reliability_drill --parts inputs,lock    # some parts: inputs, kill, disk, lock, diverge
+    python -m tests.reliability_drill --kills 20 --seed 0 --json drill.json
 
 Everything runs on tiny checkpoints built here (a 2-layer Llama with the reference model's tokenizer), in a work
 folder (``--work``, default a temporary one). Each case is judged from the outside:
@@ -1254,7 +1254,7 @@ def main() -> int:
         print(f"NOT HANDLED: [{o.part}] {o.case}: {o.note}")
     print(
         f"\n{len(outcomes)} outcomes in {(time.time() - started) / 60:.1f} min "
-        f"(python scripts/reliability_drill.py --parts {args.parts} --kills {args.kills} --seed {args.seed})"
+        f"(python -m tests.reliability_drill --parts {args.parts} --kills {args.kills} --seed {args.seed})"
     )
     return 0 if not failures else 1
 
