@@ -6,13 +6,13 @@
 
 Model: a SmolLM-135M-shaped Llama with random weights (vocab 49,152, 30 layers, hidden 576, 9 heads, 3 kv heads),
 LoRA r=16 on q/k/v/o, SDPA, gradient checkpointing on in both. Baseline = what a user writes: transformers model
-+ peft + the model's own loss (``labels=input_ids``). ctxext = ``ctxext.loss.ChunkedLMLoss`` (LM head and
-cross-entropy 1,024 tokens at a time, gradients computed in the forward pass: ``ctxext.loss``).
++ peft + the model's own loss (``labels=input_ids``). ctxext = ``ctxext.train.loss.ChunkedLMLoss`` (LM head and
+cross-entropy 1,024 tokens at a time, gradients computed in the forward pass: ``ctxext.train.loss``).
 
 Memory: every (implementation, length) runs one step in its own process. Peak memory: CUDA max allocated on GPU; on
 CPU the peak resident set size (ru_maxrss) minus the resident size after the model is built, i.e. what the step
-itself needs, with glibc's mmap threshold fixed (``ctxext.memory.MALLOC_ENV``) so that the resident set follows live
-tensors.
+itself needs, with glibc's mmap threshold fixed (``ctxext.train.memory.MALLOC_ENV``) so that the resident set
+follows live tensors.
 
 Speed: one process per length builds the model once and runs both implementations' steps in turn, ``--repeats``
 pairs in ABBA order (baseline first in even pairs, ctxext first in odd ones) after one warm-up step of each, so both

@@ -1,4 +1,4 @@
-"""The memory model (``ctxext.memory``) against measured peaks: small Llama shapes on this CPU, LoRA and full.
+"""The memory model (``ctxext.train.memory``) against measured peaks: small Llama shapes on this CPU, LoRA and full.
 
     python benchmarks/memory_model.py                        # every case below, writes docs/benchmarks/memory_model.*
     python benchmarks/memory_model.py --cases s1-lora-1024   # one case, for a check
@@ -8,8 +8,8 @@ Each case runs in its own process: a random Llama of the case's shape, set up as
 (``add_lora`` from a config, activation checkpointing, ``ChunkedLMLoss``, AdamW), three optimizer steps at the
 case's length. Measured peak = the process's peak resident set (``ru_maxrss``) minus its resident set before the
 model is built (after a warm-up run of the same code on a minute model), so it counts weights, gradients, optimizer
-states, activations and the loss, as the model does. glibc's mmap threshold is fixed (``ctxext.memory.MALLOC_ENV``) so
-that freed tensors leave the resident set, as they leave CUDA's allocated bytes.
+states, activations and the loss, as the model does. glibc's mmap threshold is fixed
+(``ctxext.train.memory.MALLOC_ENV``) so that freed tensors leave the resident set, as they leave CUDA's allocated bytes.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ CASES = {
     "s3-lora-2048": ("s3", 2048, []),
     "s3-lora-8192": ("s3", 8192, []),
     "s3-full-4096": ("s3", 4096, ["tuning=full"]),
-    # FSDP2 over 2 gloo processes (fully_shard as ctxext.sharding applies it): the peak of the larger rank
+    # FSDP2 over 2 gloo processes (fully_shard as ctxext.train.sharding applies it): the peak of the larger rank
     "s2-full-2048-fsdp2": ("s2", 2048, ["tuning=full", *FSDP2]),
     "s1-lora-4096-fsdp2": ("s1", 4096, FSDP2),
 }
@@ -165,7 +165,7 @@ def predictions(output: Path) -> list[str]:
     from ctxext.train.memory import SHAPES, GiB, Setup
 
     lines = [
-        "# Predicted peak memory per GPU (ctxext.memory)",
+        "# Predicted peak memory per GPU (ctxext.train.memory)",
         "",
         (
             f"Command: `python benchmarks/memory_model.py --predictions` ({time.strftime('%Y-%m-%d')}). bf16 "

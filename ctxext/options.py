@@ -111,7 +111,8 @@ def build(model: type[Options], values: dict[str, Any], *, flags: bool = False) 
                 problems.append(f"unknown option {name!r} (valid: {valid})")
             else:
                 given = e.get("input")
-                problems.append(f"{shown}={given!r}: {e['msg']}".replace("Value error, ", ""))
+                value = f"{shown} {given}" if shown.startswith("--") else f"{shown}={given!r}"
+                problems.append(f"{value}: {e['msg']}".replace("Value error, ", ""))
         raise OptionsError("; ".join(problems)) from None
 
 

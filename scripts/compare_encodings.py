@@ -3,8 +3,8 @@
     python scripts/compare_encodings.py      # full run (about 45 minutes on 2 CPU cores) -> docs/ENCODINGS.md
     python scripts/compare_encodings.py --quick --output /tmp/enc    # a couple of minutes (CI)
 
-Every model: the same pre-norm Llama-style decoder (ctxext.encodings.TinyLM), tokenizer, data (Python stdlib,
-train split), seed, steps, batch and learning rate; only the position encoding differs. Held-out perplexity
+Every model: the same pre-norm Llama-style decoder (ctxext.experiments.encodings.TinyLM), tokenizer, data (Python
+stdlib, train split), seed, steps, batch and learning rate; only the position encoding differs. Held-out perplexity
 (stdlib held-out split, non-overlapping windows, ctxext.evals.perplexity) at L0, 2 L0, 4 L0 and 8 L0 without any
 fine-tuning, plus parameter count and mean training step time, beside what the literature claims. Text below the
 line "<!-- notes -->" in an existing ENCODINGS.md is kept when the table is rewritten (also by --report-from).

@@ -31,16 +31,38 @@ def tiny_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def tiny_model(model_type: str, seed: int = 0, **overrides):
+def tiny_model(model_type: str = "llama", seed: int = 0, *, scale_qk: bool = True, **overrides):
+    """The tests' one tiny model builder: ``tiny_config`` with ``overrides``, initialised from ``seed``. With
+    ``scale_qk`` (the default for rope tests) q/k are scaled up so that positional effects show in the logits and
+    greedy decoding never stops at an end-of-text token; without it the model is as transformers initialises it
+    (for training and loss tests)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
-    # random init is tiny; scale q/k up so positional effects show in the logits
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(8.0)
-    model.generation_config.eos_token_id = None  # random models: never stop early in greedy tests
+    if scale_qk:  # random init is tiny
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    p.mul_(8.0)
+        model.generation_config.eos_token_id = None
     return model.eval()
+
+
+def save_tiny_with_tokenizer(path, tokenizer, seed: int = 0, **overrides):
+    """A tiny Llama (transformers' own init) sized to ``tokenizer``, saved with it: a checkpoint for training and
+    evaluation tests."""
+    model = tiny_model(
+        "llama",
+        seed,
+        scale_qk=False,
+        vocab_size=len(tokenizer),
+        intermediate_size=128,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 FAST_FAMILIES = ("llama", "gemma3_text")  # one flat rope dict, one per layer type: the two shapes of the code path

@@ -57,3 +57,59 @@ def test_patch_reference_writes_the_patched_shipped_model(tmp_path, capsys):
     assert main(["patch", "reference", str(tmp_path / "out"), "--method", "pi", "--factor", "2"]) == 0
     assert "context 256 -> 512" in capsys.readouterr().out
     assert main(["info", "reference"]) == 0
+
+
+@needs_reference
+@pytest.mark.parametrize("method,factor", [("pi", "1e308"), ("ntk", "1e300"), ("yarn", "1e-300")])
+def test_a_factor_that_leaves_float32_is_refused_by_name(method, factor, tmp_path, capsys):
+    assert main(["patch", "reference", str(tmp_path / "out"), "--method", method, "--factor", factor]) == 2
+    err = capsys.readouterr().err
+    assert f"chain {method}:factor=" in err and "outside float32's range" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@needs_reference
+@pytest.mark.parametrize("value", [[1, 2], "yarn", 3])
+def test_rope_parameters_that_are_no_mapping_are_named(value, tmp_path, capsys):
+    import json
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(REFERENCE_DIR, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "rope_parameters": value}))
+    assert main(["info", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert f"rope_parameters is {value!r}" in err and "it must be a mapping" in err and "TypeError" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["info", "nobody/no-such-model"],
+        ["eval", "ppl", "nobody/no-such-model", "--lengths", "64"],
+        ["search", "nobody/no-such-model", "OUT", "--target-length", "512"],
+        ["export", "gguf", "nobody/no-such-model", "OUT.gguf"],
+    ],
+)
+def test_an_uncached_hub_id_offline_fails_at_once_in_every_command(argv, tmp_path, monkeypatch, capsys):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    started = time.time()
+    assert main(argv) == 2
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err
+    assert time.time() - started < 5 and not list(tmp_path.glob("OUT*"))
+
+
+def test_option_values_are_checked_by_the_options_model(tmp_path, capsys):
+    """Ranges and choices come from the command's options model: a bad value names its flag (exit 2)."""
+    assert main(["search", "reference", str(tmp_path / "o"), "--target-length", "512", "--max-factor", "0.5"]) == 2
+    assert "--max-factor 0.5: Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert main(["eval", "ppl", "reference", "--lengths", "64,x"]) == 2
+    assert "--lengths 64,x: '64,x' is not a comma-separated list" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

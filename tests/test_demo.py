@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import save_tiny_with_tokenizer
 
 from ctxext.data import corpus
 from ctxext.data.tokenizer import train_tokenizer
@@ -25,23 +24,7 @@ def small_model(tmp_path_factory):
         return "reference"
     path = tmp_path_factory.mktemp("small")
     tok = train_tokenizer(corpus.read_texts(corpus.stdlib_files("train")[:40]), vocab_size=400)
-    torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    ).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return str(save_tiny_with_tokenizer(path, tok, max_position_embeddings=256, tie_word_embeddings=True))
 
 
 def run(args, **kw):

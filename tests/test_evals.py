@@ -10,7 +10,8 @@ import matplotlib.image
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
 
 from ctxext.data import corpus
 from ctxext.data.tokenizer import train_tokenizer
@@ -29,20 +30,16 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def lm(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return tiny_model(
+        "llama",
+        0,
+        scale_qk=False,
         vocab_size=len(tokenizer),
-        hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

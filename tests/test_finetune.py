@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from conftest import save_tiny_with_tokenizer
+from transformers import AutoModelForCausalLM
 
 from ctxext.data import corpus
 from ctxext.data.tokenizer import train_tokenizer
@@ -44,25 +45,7 @@ SHARDED_CURVE = {"rel": 1e-5}  # measured: 2.5e-7 relative (reduce-scatter sums 
 def base(tmp_path_factory):
     path = tmp_path_factory.mktemp("base")
     tok = train_tokenizer(corpus.read_texts(corpus.stdlib_files("train")[:40]), vocab_size=400)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    )
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_with_tokenizer(path, tok, tie_word_embeddings=True)
 
 
 def finetune_cmd(base, out, *extra, launcher=None):

@@ -3,23 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_model
 
 from ctxext.train.loss import ChunkedLMLoss, linear_cross_entropy
 
 
-def tiny_llama(tie: bool) -> LlamaForCausalLM:
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=101,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=tie,
-        )
-    )
+def tiny_llama(tie: bool):
+    return tiny_model(
+        "llama", scale_qk=False, vocab_size=101, hidden_size=32, intermediate_size=64, tie_word_embeddings=tie
+    ).train()
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])

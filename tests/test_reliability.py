@@ -184,7 +184,7 @@ def test_a_lock_flocked_for_a_pid_that_is_not_running_is_taken_over(tmp_path, ca
     orphan.start()
     assert ready.wait(30)
     try:
-        with caplog.at_level(logging.WARNING, logger="ctxext.lock"), output_lock(tmp_path / "out", "new"):
+        with caplog.at_level(logging.WARNING, logger="ctxext.io.lock"), output_lock(tmp_path / "out", "new"):
             assert json.loads(lock_path(tmp_path / "out").read_text())["command"] == "new"
         assert f"taking over the lock of pid {dead.pid}" in caplog.text
     finally:

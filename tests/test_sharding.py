@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_model
 
 from ctxext.cli.main import main
 from ctxext.errors import ConfigError, TrainingError
@@ -90,23 +90,14 @@ def test_shifted_labels_split_along_the_sequence_add_up_to_the_whole_loss(groups
     ]
     split_grads = torch.autograd.grad(sum(parts), (hidden, weight))
     torch.testing.assert_close(sum(parts), whole)
-    for a, b in zip(split_grads, whole_grads):  # the head's gradient accumulates in float32 (ctxext.loss)
+    for a, b in zip(split_grads, whole_grads):  # the head's gradient accumulates in float32 (ctxext.train.loss)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_the_model_loss_with_shifted_labels_equals_the_default():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=101,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-    )
+    model = tiny_model(
+        "llama", scale_qk=False, vocab_size=101, hidden_size=32, intermediate_size=64, tie_word_embeddings=True
+    ).train()
     ids = torch.randint(0, 101, (2, 40))
     positions = torch.arange(40).expand(2, -1)
     loss = ChunkedLMLoss(model, chunk=16)

@@ -1,7 +1,7 @@
 """Text sources, tokenization and packing for evaluation and fine-tuning, through ``datasets``.
 
 A SOURCE is one of
-  * ``stdlib:train`` / ``stdlib:held_out``: the Python standard library's source split by file (``ctxext.corpus``),
+  * ``stdlib:train`` / ``stdlib:held_out``: the Python standard library's source split by file (``ctxext.data.corpus``),
     the reference model's in-distribution text; ``stdlib:held_out`` is the default evaluation data;
   * ``package:<name>``: the ``.py`` files of an installed package (e.g. ``package:numpy``: code outside the
     stdlib domain that every ctxext installation has), one document each;

@@ -83,7 +83,7 @@ def summed_nll(
     transformers from reading the jumps as packed documents.
 
     The decoder body runs once and the LM head + cross-entropy run ``chunk`` positions at a time
-    (``ctxext.loss.linear_cross_entropy``), so full ``[L, vocab]`` logits never exist; same numbers as
+    (``ctxext.train.loss.linear_cross_entropy``), so full ``[L, vocab]`` logits never exist; same numbers as
     ``F.cross_entropy(model(ids).logits[:, :-1].float(), ...)``. A model without a plain linear head falls back to that.
     """
     from torch import nn

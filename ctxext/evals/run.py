@@ -4,8 +4,8 @@
     evaluate_passkey(["out/yarn8"], lengths=[512, 1024], depths=[0, 0.5, 1], trials=10, output="eval")
     analyze_frequencies("reference", compare="out/prope", output="eval")
 
-Every model is checked (``ctxext.validate``) before the first one is evaluated, the output folder is locked for
-the whole evaluation (``ctxext.lock``), and results are written only at the end, so a refused or failed evaluation
+Every model is checked (``ctxext.io.validate``) before the first one is evaluated, the output folder is locked for
+the whole evaluation (``ctxext.io.lock``), and results are written only at the end, so a refused or failed evaluation
 writes nothing.
 """
 

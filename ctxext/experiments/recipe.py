@@ -1,7 +1,7 @@
 """Recipes: a whole experiment (extend, fine-tune, evaluate) as one YAML file, e.g. ``configs/recipes/demo.yaml``.
 
 ``ctxext demo`` and ``scripts/leaderboard.py`` read a recipe; its ``finetune`` section becomes a fine-tuning config
-(``ctxext.config.FinetuneConfig``) once the model, the method and the data are known. Sweeps (``configs/sweeps/``)
+(``ctxext.train.config.FinetuneConfig``) once the model, the method and the data are known. Sweeps (``configs/sweeps/``)
 are rows of methods: ``kind: finetune`` (default; a recipe, ``scripts/leaderboard.py``) or ``kind: training-free``
 (factors and an evaluation plan, no fine-tuning: ``scripts/real_model_leaderboard.py``).
 """

@@ -3,7 +3,7 @@
 ``patch_checkpoint(SRC, OUT, "yarn", factor=8)`` is what ``ctxext patch`` runs: it validates everything it can
 from config.json and the weights' headers (``ctxext.validate``) before loading weights, patches in memory, and
 writes OUT through a temporary folder beside it that is renamed only when complete, so an interrupted run leaves no
-OUT (and an old OUT intact). OUT is locked for the run (``ctxext.lock``): a second run into it is refused.
+OUT (and an old OUT intact). OUT is locked for the run (``ctxext.io.lock``): a second run into it is refused.
 """
 
 from __future__ import annotations
@@ -75,13 +75,13 @@ def claim_output(out: str | os.PathLike, force: bool, command: str) -> Iterator[
 
 
 def load_config(src: str):
-    """The config of SRC after ``ctxext.validate`` checked config.json."""
+    """The config of SRC after ``ctxext.io.validate`` checked config.json."""
     return read_config(src)
 
 
 def load_model(src: str, *, dtype: str = "auto", allow_pickle: bool = False):
     """Load a causal LM with stock transformers: safetensors only unless ``allow_pickle``, never remote code; the
-    checkpoint is checked first (``ctxext.validate``) and its weights must be finite."""
+    checkpoint is checked first (``ctxext.io.validate``) and its weights must be finite."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:

@@ -121,6 +121,12 @@ def _rope_dicts(values: Mapping) -> list[tuple[str, Mapping]]:
 def check_config_values(values: Mapping, path: Path) -> None:
     """Absurd values (head_dim 0, max_position_embeddings -1, rope_theta NaN, ...) name the key and the rule."""
     checks = [(k, values[k]) for k in POSITIVE_INTS + POSITIVE_NUMBERS if k in values]
+    for key in ("rope_parameters", "rope_scaling"):
+        if values.get(key) is not None and not isinstance(values[key], Mapping):
+            raise CheckpointError(
+                f"{path}: {key} is {values[key]!r} ({type(values[key]).__name__}); it must be a mapping such as "
+                f'{{"rope_type": "default", "rope_theta": 10000.0}} (or one per layer type). Correct it, or {RESTORE}'
+            )
     for where, rope in _rope_dicts(values):
         checks += [(f"{where}.{k}", v) for k, v in rope.items() if isinstance(v, (int, float, list))]
     for key, value in checks:

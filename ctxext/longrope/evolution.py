@@ -1,7 +1,7 @@
 """LongRoPE-style evolutionary search of per-pair RoPE rescale factors (Ding et al. 2024, arXiv:2402.13753).
 
 Pure: numbers in, numbers out. The fitness is any callable ``Candidate -> float`` (lower is better; ctxext's is
-the calibration perplexity of a checkpoint, ``ctxext/longrope.py``), so the search is tested on toy problems.
+the calibration perplexity of a checkpoint, ``ctxext/longrope/checkpoint.py``), so the search is tested on toy problems.
 
 A ``Candidate`` is what transformers' native ``longrope`` rope type stores:
   * ``factors``: one rescale factor ``lambda_i`` per rotation pair (``long_factor``; pair ``i``'s frequency is

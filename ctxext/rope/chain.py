@@ -15,6 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from ctxext.errors import MethodError
 from ctxext.rope.registry import METHODS, RopeContext, RopeState, make_method, method_fields, names_with_role
 
@@ -110,9 +112,19 @@ def validate_chain(methods: Sequence) -> None:
 
 
 def apply_chain(methods: Sequence, state: RopeState, ctx: RopeContext) -> RopeState:
-    """Run the frequency part of a chain on ``state`` (float64)."""
+    """Run the frequency part of a chain on ``state`` (float64). Models rotate in float32: a chain whose parameters
+    push a rotating pair's frequency out of float32's range (a factor of 1e308 underflows it to 0, one of 1e-300
+    overflows it) is refused, naming the chain, instead of silently removing or breaking those pairs."""
+    before = state.inv_freq
     for method in methods:
         state = method.transform(state, ctx)
+    as_f32 = state.inv_freq.float()
+    lost = (before != 0) & (state.inv_freq != 0) & ((as_f32 == 0) | ~torch.isfinite(as_f32))
+    if lost.any() or not torch.isfinite(torch.as_tensor(state.attention_factor, dtype=torch.float32)):
+        raise MethodError(
+            f"chain {format_chain(methods)}: its parameters put {int(lost.sum())} rotation frequencies (or the "
+            "attention factor) outside float32's range; use an extension factor of a sensible size (e.g. 2 to 64)"
+        )
     return state
 
 

@@ -18,7 +18,7 @@ A method is one file that defines a ``MethodConfig`` subclass and decorates it w
             return {"rope_type": "linear", "factor": float(self.factor)}
 
 From the class alone ctxext derives the CLI flags (``--factor``), the YAML method parameters, ``ctxext methods``,
-the chain rules and their messages (``rope/chain.py``) and the saved ``rope_parameters`` (``ctxext/native.py``).
+the chain rules and their messages (``rope/chain.py``) and the saved ``rope_parameters`` (``ctxext/models/native.py``).
 
 Frequencies use the Hugging Face half-split layout: ``inv_freq`` has ``head_dim // 2`` entries, pair ``i``
 rotates dimensions ``(i, i + head_dim // 2)`` and entry 0 is the highest frequency.

@@ -13,15 +13,15 @@ checkpoint -> save.
 A run is a list of stages of growing ``seq_len``. The data is tokenized once into a memory-mapped token file
 (``ctxext.data``) and packed into blocks of each stage's length (no padding). Every optimizer step sees
 ``tokens_per_step`` tokens whatever the stage (fewer, longer sequences as the length grows), split over processes
-and micro-batches. The loss never materializes full fp32 logits (``ctxext.loss.ChunkedLMLoss``). Checkpoints
+and micro-batches. The loss never materializes full fp32 logits (``ctxext.train.loss.ChunkedLMLoss``). Checkpoints
 (trainable weights, optimizer, scheduler, RNG of every process, data position) are written atomically every
 ``save_every`` steps; ``--resume`` continues the same loss curve. The end result is a merged full checkpoint that
 ``from_pretrained`` loads as the extended model, plus the adapter alone. The ``distributed`` section shards the
-model (FSDP2) and splits sequences over GPUs (context parallel): ``ctxext.sharding``; ``ctxext plan`` predicts
-the memory per device (``ctxext.memory``).
+model (FSDP2) and splits sequences over GPUs (context parallel): ``ctxext.train.sharding``; ``ctxext plan`` predicts
+the memory per device (``ctxext.train.memory``).
 
 Reliability: the model, its tokenizer, the data and the config are checked before the run folder is created (a
-refused fresh run leaves nothing behind); the run folder is locked (``ctxext.lock``: a second run into it is
+refused fresh run leaves nothing behind); the run folder is locked (``ctxext.io.lock``: a second run into it is
 refused, naming the holder); every file of a run is written atomically, so a kill at any moment leaves a run that
 ``--resume`` finishes on the same loss curve; a full disk stops the run naming its last complete checkpoint; a
 non-finite loss stops it with exit code 3 and sets aside the checkpoint whose weights produced that loss, so the

@@ -11,8 +11,8 @@ peaks: docs/SCALING.md):
   copy), plus the optimizer step's temporary (foreach on GPU: one tensor per trainable parameter at once);
 - activations under checkpointing: one hidden state per layer and token, plus one layer recomputed in backward
   with the gradients in flight (``layer_bytes_per_token``);
-- the chunked loss (``ctxext.loss``): ``[chunk, vocab]`` fp32 logits, the stored gradient of the hidden states and,
-  when the LM head trains (tied embeddings), its fp32 gradient accumulator;
+- the chunked loss (``ctxext.train.loss``): ``[chunk, vocab]`` fp32 logits, the stored gradient of the hidden states
+  and, when the LM head trains (tied embeddings), its fp32 gradient accumulator;
 - FSDP2 (``fully_shard`` per decoder layer and on the root): weights, gradients and states divided by the
   devices, plus two gathered layers (current and prefetched) and the root's gathered weights (embeddings, head);
 - context parallel: every per-token term divided by ``cp_size``, plus the gathered keys and values of one layer.
@@ -341,7 +341,7 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 def model_shape(path: str) -> tuple[ModelShape, str | None]:
     """The shape and stored dtype of a checkpoint, from its config.json alone: a local folder, ``reference``, or a
     hub id whose config.json is in the local Hugging Face cache or can be fetched. A local config.json is checked
-    like every checkpoint's (``ctxext.validate``); ``CheckpointError`` / ``ConfigError`` when it cannot be used."""
+    like every checkpoint's (``ctxext.io.validate``); ``CheckpointError`` / ``ConfigError`` when it cannot be used."""
     from pathlib import Path
 
     from ctxext.io.sources import resolve_model

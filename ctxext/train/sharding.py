@@ -145,7 +145,7 @@ def is_sharded(module: torch.nn.Module) -> bool:
 def gradient_sync(accelerator, module, sync: bool):
     """Gradient accumulation. DDP: all-reduce only at the last micro-batch (no_sync). FSDP2: reduce-scatter at
     every micro-batch, so that gradients stay sharded (skipping it would keep every layer's full gradient until the
-    last micro-batch: the unsharded trainable size, which ``ctxext.memory`` does not budget)."""
+    last micro-batch: the unsharded trainable size, which ``ctxext.train.memory`` does not budget)."""
     if sync or is_sharded(module):
         yield
     else:

@@ -5,8 +5,8 @@
 Weights are read straight from the safetensors files; q_proj / k_proj rows are permuted from transformers'
 half-split rotary layout (pair i = dims i, i + d/2) to llama.cpp's interleaved one (pair i = dims 2i, 2i + 1), the
 inverse of what transformers' GGUF loader undoes. The rope metadata comes from ``rope.py`` and is checked against
-a model of llama.cpp's rope before anything is written; SRC is checked first (``ctxext.validate``: config, headers,
-shapes, finite weights); OUT is locked while it is written (``ctxext.lock``), written beside OUT and renamed when
+a model of llama.cpp's rope before anything is written; SRC is checked first (``ctxext.io.validate``: config, headers,
+shapes, finite weights); OUT is locked while it is written (``ctxext.io.lock``), written beside OUT and renamed when
 complete.
 """
 
