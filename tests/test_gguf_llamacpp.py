@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")  # `make test` installs it: these tests run in CI
 
-from gguf_fixtures import CONTEXT, save_tiny_llama, token_ids  # noqa: E402  (after the skips above)
+from gguf_fixtures import CONTEXT, HEAD_DIM, save_tiny_llama, token_ids  # noqa: E402  (after the skips above)
 
 from ctxext.io.gguf.write import export_gguf  # noqa: E402
 from ctxext.patch.checkpoint import patch_checkpoint  # noqa: E402
@@ -117,6 +117,17 @@ def test_chain_on_a_llama3_source(llama3_source, tmp_path, chain, params):
     assert compare(patched, gguf, token_ids(LENGTH, seed=1)) < 1e-3
     base = export_gguf(llama3_source, tmp_path / "base.gguf")  # the source itself: llama3 -> rope_freqs
     assert compare(llama3_source, base, token_ids(LENGTH, seed=2)) < 1e-3
+
+
+def test_phi3_style_longrope_exports_transformers_attention_factor(tmp_path):
+    """longrope without ``factor`` (Phi-3's form; equal short and long factors, so exportable): transformers scales
+    cos/sin by sqrt(1 + ln(max_position_embeddings / original) / ln original), and so does llama.cpp on the export."""
+    factors = [1.0 + 0.25 * i for i in range(HEAD_DIM // 2)]
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": factors, "long_factor": factors}
+    rope["original_max_position_embeddings"] = CONTEXT // 4
+    src = save_tiny_llama(tmp_path / "src", seed=2, rope_parameters=rope)
+    gguf = export_gguf(src, tmp_path / "src.gguf")
+    assert compare(src, gguf, token_ids(LENGTH, seed=4)) < 1e-3
 
 
 def test_export_is_not_plain_rope_in_disguise(tiny, tmp_path):

@@ -146,6 +146,34 @@ def test_parity_with_transformers_builtins(head_dim, theta, context, spec, param
     assert our_af == pytest.approx(hf_af, rel=1e-6)
 
 
+@pytest.mark.parametrize("factor", [None, 2.0])
+def test_compute_inv_freq_of_phi3_longrope_is_transformers_own(factor):
+    """Phi-3 states no longrope ``factor``: transformers takes it as max_position_embeddings / original, which sets
+    the attention factor sqrt(1 + ln(131072 / 4096) / ln 4096); ``compute_inv_freq`` gives transformers' values."""
+    from transformers import Phi3Config
+
+    from ctxext.models.base import compute_inv_freq, get_rope_parameters, head_dim_of
+
+    scaling = {"type": "longrope", "short_factor": [1.0 + 0.01 * i for i in range(48)]}
+    scaling["long_factor"] = [1.0 + 0.5 * i for i in range(48)]
+    if factor is not None:
+        scaling["factor"] = factor
+    config = Phi3Config(  # Phi-3-mini-128k's shape
+        hidden_size=3072,
+        num_attention_heads=32,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_scaling=scaling,
+    )
+    params = get_rope_parameters(config, None)
+    assert "factor" not in params or factor is not None
+    want_af = math.sqrt(1 + math.log(factor or 32) / math.log(4096))
+    for seq_len in (None, 4096, 4097, 131072):  # short factors within the original context, long ones beyond
+        want, af = ROPE_INIT_FUNCTIONS["longrope"](config, None, **({"seq_len": seq_len} if seq_len else {}))
+        got, got_af = compute_inv_freq(params, head_dim_of(config), config.max_position_embeddings, seq_len=seq_len)
+        assert torch.equal(got, want.float()) and got_af == af == pytest.approx(want_af, rel=1e-12)
+
+
 @pytest.mark.parametrize("factor", [1.0, 2.0, 8.0])
 def test_dynamic_parity_with_transformers_builtin(factor):
     head_dim, theta, context = 64, 10000.0, 1024

@@ -264,8 +264,14 @@ def test_a_diverged_step_sets_aside_the_checkpoint_whose_weights_gave_it(tmp_pat
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
-    cache = os.environ.get("CTXEXT_CACHE")
+    """The drill's fixtures. Its in-process runs (the uninterrupted reference, the resumes) use one thread, as its
+    subprocesses do (OMP_NUM_THREADS=1): results compared bit for bit need the same order of sums."""
+    import torch
+
+    cache, threads = os.environ.get("CTXEXT_CACHE"), torch.get_num_threads()
+    torch.set_num_threads(1)
     yield drill.make_fixtures(tmp_path_factory.mktemp("drill-cli"))  # sets CTXEXT_CACHE inside the drill folder
+    torch.set_num_threads(threads)
     os.environ.pop("CTXEXT_CACHE") if cache is None else os.environ.update(CTXEXT_CACHE=cache)
 
 

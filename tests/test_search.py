@@ -1,4 +1,4 @@
-"""LongRoPE factor search (ctxext/search.py, ctxext/longrope.py, `ctxext search`).
+"""LongRoPE factor search (ctxext/longrope/evolution.py, ctxext/longrope/checkpoint.py, `ctxext search`).
 
 Pinned behaviour: every candidate the evolution evaluates obeys LongRoPE's constraints; the seeds are the PI / NTK /
 YaRN shapes of the independent references; a seed fixes the search and a resumed search ends where an uninterrupted
@@ -566,6 +566,29 @@ def test_init_starts_from_an_earlier_search_and_is_part_of_the_resumed_state(tin
     assert all(e["origin"] != "init" for e in without["evaluations"])
     with pytest.raises(SearchError, match="belongs to another search"):  # resumed without the init it started from
         run_search(src, data, tmp_path / "from-first", budget=8, resume=True)
+
+
+def test_init_from_a_longrope_checkpoint_without_attention_factor_takes_transformers_own(tmp_path):
+    """A Phi-3-style init (longrope without ``factor`` or ``attention_factor``) starts from the attention factor
+    transformers runs it with: from max_position_embeddings / original_max_position_embeddings."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    factors = [1.0, 1.0, 1.5, 2.0, 3.0, 4.0, 4.5, 5.0]
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": factors}
+    config = LlamaConfig(
+        hidden_size=4 * HEAD_DIM,
+        num_attention_heads=4,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=4 * CONTEXT,
+        rope_parameters={**rope, "original_max_position_embeddings": CONTEXT},
+    )
+    config.save_pretrained(tmp_path / "phi3-style")
+    problem = longrope.SearchProblem("src", CONTEXT, 4 * CONTEXT, HEAD_DIM, 10000.0, 4 * CONTEXT, 1, "data")
+    got = longrope.init_candidate(tmp_path / "phi3-style", problem, SPACE)
+    _, want = ROPE_INIT_FUNCTIONS["longrope"](config, None)
+    assert got.factors == tuple(factors) and got.attention_factor == pytest.approx(want, rel=1e-12)
+    assert want == pytest.approx(math.sqrt(1 + math.log(4) / math.log(CONTEXT)))
 
 
 @pytest.fixture(scope="module")

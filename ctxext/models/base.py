@@ -102,12 +102,14 @@ def get_rope_parameters(config, key: str | None) -> dict[str, Any]:
 
 
 def _probe_max_positions(params: dict[str, Any], max_position_embeddings: int) -> int:
-    # Only read where a factor is missing; chosen consistent with original_max_position_embeddings * factor so
-    # that transformers' config validation has nothing to warn about.
+    # transformers reads max_position_embeddings where the factor is missing: a Phi-3-style longrope takes its
+    # factor (and so its default attention factor) as max_position_embeddings / original_max_position_embeddings,
+    # so the probe must carry the config's. With a factor it is not read; then one consistent with
+    # original_max_position_embeddings * factor, so that transformers' config validation has nothing to warn about.
     original = params.get("original_max_position_embeddings")
-    if not original:
+    if not original or params.get("factor") is None:
         return max_position_embeddings
-    return max(int(original) + 1, round(int(original) * float(params.get("factor") or 1.0)))
+    return max(int(original) + 1, round(int(original) * float(params["factor"])))
 
 
 def compute_inv_freq(
@@ -116,6 +118,8 @@ def compute_inv_freq(
     """transformers' own fp32 ``(inv_freq, attention_factor)`` for one flat rope-parameter dict.
 
     Uses transformers' ``ROPE_INIT_FUNCTIONS`` on a throw-away Llama config, so it applies to every family.
+    ``max_position_embeddings``: the config's; transformers reads it where ``params`` lack a factor (``dynamic``,
+    Phi-3-style ``longrope``, whose default attention factor follows from it).
     ``seq_len``: the frequencies of a forward that long (``longrope``: the long factors beyond the original context).
     """
     from transformers import LlamaConfig

@@ -6,8 +6,11 @@ The file is checked first (header, every tensor inside the file, every quantizat
 architecture that both transformers' GGUF loader and ctxext handle), so a bad file fails before anything is
 written. transformers' own GGUF loader dequantizes the weights and builds the tokenizer; its config misses what
 llama.cpp reads from the rope metadata (scaling type, factor, ``rope_freqs``), so ``rope.py`` translates that into
-``rope_parameters``. A GGUF-loaded model refuses ``save_pretrained``, so the model is rebuilt from its config and
-state dict and written through ``hub.save_checkpoint`` (temporary folder, renamed when complete).
+``rope_parameters``. Gemma 3 keeps them per layer type: the file's rope is its global (``full_attention``) layers',
+the sliding-window layers run llama.cpp's fixed ``rope.SLIDING_WINDOW_ROPE`` (theta 10,000); its layer types and
+window are transformers' (the same pattern llama.cpp uses). A GGUF-loaded model refuses ``save_pretrained``, so
+the model is rebuilt from its config and state dict and written through ``hub.save_checkpoint`` (temporary
+folder, renamed when complete).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import torch
 
 from ctxext.errors import CheckpointError
 from ctxext.io.checkpoint import claim_output, save_checkpoint
-from ctxext.io.gguf.rope import GGUFRope, RopeExportError, parameters_from_gguf_rope
+from ctxext.io.gguf.rope import SLIDING_WINDOW_ROPE, GGUFRope, RopeExportError, parameters_from_gguf_rope
 from ctxext.io.gguf.tokenizer import PRE_TOKENIZERS, restore_pre_tokenizer
+from ctxext.models import family_of
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,9 @@ ARCHITECTURES = {
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
 }
+# the rope scalings a GGUF may carry per architecture (llama: any that rope.py translates; gemma3: linear on the
+# global layers, as Gemma 3 4B and larger ship); the others' are refused rather than dropped
+SCALINGS = {"gemma3": ("default", "linear")}
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -119,7 +126,7 @@ def gguf_rope(reader, arch: str) -> tuple[GGUFRope, int, int]:
             )
         ),
         factor=_field(reader, f"{arch}.rope.scaling.factor"),
-        original_context=_field(reader, f"{arch}.rope.scaling.original_context_length"),
+        original_context=_field(reader, f"{arch}.rope.scaling.original_context_length", context),  # llama.cpp's default
         attn_factor=float(_field(reader, f"{arch}.rope.scaling.attn_factor", 1.0)),
         freq_divisors=tuple(np.asarray(freqs.data, dtype=np.float64).tolist()) if freqs is not None else None,
     )
@@ -138,15 +145,39 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, force: bool
         rope_parameters = parameters_from_gguf_rope(rope, head_dim, context)
     except RopeExportError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    if arch != "llama" and rope_parameters["rope_type"] != "default":
-        raise CheckpointError(f"{path}: rope scaling on a {arch!r} GGUF is not converted (only llama)")
-    gguf_reader_meta = {k: reader.fields[k] for k in ("tokenizer.ggml.pre",) if k in reader.fields}
+    allowed = SCALINGS.get(arch, ("default",))
+    if arch != "llama" and rope_parameters["rope_type"] not in allowed:
+        scaling = [f"type {rope.scaling_type}", f"factor {rope.factor}" if rope.factor else ""]
+        scaling += ["per-pair rope_freqs" if rope.freq_divisors else ""]
+        scaling += [f"attn_factor {rope.attn_factor}" if rope.attn_factor != 1.0 else ""]
+        raise CheckpointError(
+            f"{path}: a {arch!r} GGUF with rope scaling ({', '.join(s for s in scaling if s)}) is not converted; "
+            "ctxext converts the rope scaling of llama files and linear scaling of gemma3 ones"
+        )
+    if arch in SLIDING_WINDOW_ROPE and _field(reader, f"{arch}.attention.sliding_window") is None:
+        raise CheckpointError(
+            f"{path} has no {arch}.attention.sliding_window: llama.cpp runs such a {arch} file without sliding-window "
+            "layers, which ctxext does not convert; use a file converted with the window"
+        )
+    gguf_reader_meta = {
+        k: reader.fields[k] for k in ("tokenizer.ggml.pre", "tokenizer.ggml.model") if k in reader.fields
+    }
     del reader
     with claim_output(out, force, "ctxext convert"):
-        return _dequantize_and_save(path, out, rope_parameters, gguf_reader_meta, force)
+        return _dequantize_and_save(path, out, arch, rope_parameters, gguf_reader_meta, force)
 
 
-def _dequantize_and_save(path: Path, out, rope_parameters: dict, gguf_reader_meta: dict, force: bool) -> Path:
+def _config_rope(config, arch: str, rope_parameters: dict) -> dict:
+    """The rebuilt config's ``rope_parameters``: the file's rope, or for a family keyed by layer type (Gemma 3) the
+    file's rope on the global layers and llama.cpp's fixed one on the sliding-window layers."""
+    if not family_of(config).per_layer_type:
+        return rope_parameters
+    return {"full_attention": rope_parameters, "sliding_attention": dict(SLIDING_WINDOW_ROPE[arch])}
+
+
+def _dequantize_and_save(
+    path: Path, out, arch: str, rope_parameters: dict, gguf_reader_meta: dict, force: bool
+) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.absolute().parent), str(path.absolute())
@@ -156,7 +187,7 @@ def _dequantize_and_save(path: Path, out, rope_parameters: dict, gguf_reader_met
     for key in ("quantization_config", "_name_or_path"):
         if hasattr(config, key):
             delattr(config, key)
-    config.rope_parameters = rope_parameters
+    config.rope_parameters = _config_rope(config, arch, rope_parameters)
     config.dtype = torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
@@ -172,7 +203,7 @@ def _dequantize_and_save(path: Path, out, rope_parameters: dict, gguf_reader_met
         pre = _field(gguf_reader_meta, "tokenizer.ggml.pre")
         if pre and restore_pre_tokenizer(tok_dir, pre):
             log.info("tokenizer: restored llama.cpp's %r pre-tokenizer that transformers' GGUF loader drops", pre)
-        elif pre and pre not in PRE_TOKENIZERS:
+        elif pre and pre not in PRE_TOKENIZERS and _field(gguf_reader_meta, "tokenizer.ggml.model") == "gpt2":
             log.warning(
                 "tokenizer: llama.cpp pre-tokenizer %r is not checked by ctxext; transformers' conversion "
                 "may split text differently from llama.cpp",

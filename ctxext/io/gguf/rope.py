@@ -33,6 +33,10 @@ from ctxext.models.native import REMOVED_PAIR_FACTOR, attention_method_of
 FLT_MAX = 3.4028234663852886e38
 LLAMA_YARN_BETA_FAST = 32.0  # llama.cpp's defaults; LLM_ARCH_LLAMA does not read the yarn beta keys
 LLAMA_YARN_BETA_SLOW = 1.0
+# The rope of the sliding-window layers where an architecture gives them their own: llama.cpp hard-codes it
+# (load_hparams, LLM_ARCH_GEMMA3: rope_freq_base_train_swa = 10000, rope_freq_scale_train_swa = 1), so the file's
+# rope keys and scaling describe only the global layers.
+SLIDING_WINDOW_ROPE = {"gemma3": {"rope_type": "default", "rope_theta": 10000.0}}
 
 
 class RopeExportError(ValueError):

