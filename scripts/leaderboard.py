@@ -35,9 +35,6 @@ from ctxext.evals.cells import load_cell, save_cell
 from ctxext.evals.plots import plot_sweep
 from ctxext.evals.retrieval import wilson
 from ctxext.evals.run import (
-    evaluate_passkey,
-    evaluate_perplexity,
-    evaluate_retrieval,
     source_commit,
     worst_depth_table,
     worst_depths,
@@ -291,18 +288,9 @@ def main(argv=None) -> int:
                 model_dir = finetune(cfg, output_dir=str(run), progress=False)["merged"]
                 ft_seconds = time.perf_counter() - started
                 ft_tokens = sum(cfg.stage_steps(i) for i in range(len(cfg.stages))) * cfg.optimization.tokens_per_step
-            ppl = evaluate_perplexity(
-                [model_dir], lengths=lengths, output=work / "eval" / tag, max_documents=plan["ppl_docs"], batch_size=4
-            )
-            pk = evaluate_passkey(
-                [model_dir],
-                lengths=lengths,
-                depths=plan["depths"],
-                trials=plan["passkey_trials"],
-                output=work / "eval" / tag,
-            )
-            per = next(iter(ppl["models"].values()))["per_length"]
-            acc = next(iter(pk["models"].values()))["accuracy"]
+            res = evaluation.run([model_dir], [label], work / "eval" / tag, lengths=lengths, context=context)
+            per = next(iter(res["ppl"]["models"].values()))["per_length"]
+            acc = next(iter(res["passkey"]["models"].values()))["accuracy"]
             rows[label] = {
                 "ppl": {str(L): per[str(L)]["perplexity"] for L in lengths},
                 "passkey_worst_depth": {str(L): min(acc[str(L)].values()) for L in lengths},
@@ -311,26 +299,11 @@ def main(argv=None) -> int:
                 "finetune_tokens": ft_tokens if tuned else 0,
                 "seconds": round(time.perf_counter() - started, 1),
             }
-            if evaluation.ood_data:
-                ood = evaluate_perplexity(
-                    [model_dir],
-                    lengths=[context],
-                    data=evaluation.ood_data,
-                    output=work / "eval" / tag / "ood",
-                    max_documents=plan["ppl_docs"],
-                    batch_size=4,
-                )
-                rows[label]["ood_ppl"] = next(iter(ood["models"].values()))["per_length"][str(context)]["perplexity"]
-            if evaluation.retrieval_tasks:
-                ret = evaluate_retrieval(
-                    [model_dir],
-                    tasks=evaluation.retrieval_tasks,
-                    lengths=lengths,
-                    depths=plan["retrieval_depths"],
-                    trials=evaluation.retrieval_trials,
-                    output=work / "eval" / tag,
-                )
-                grids = next(iter(ret["models"].values()))["tasks"]
+            if res["ood"]:
+                ood = next(iter(res["ood"]["models"].values()))["per_length"]
+                rows[label]["ood_ppl"] = ood[str(context)]["perplexity"]
+            if res["retrieval"]:
+                grids = next(iter(res["retrieval"]["models"].values()))["tasks"]
                 rows[label]["retrieval_worst_depth"] = worst_depths(grids)
                 rows[label]["retrieval"] = {task: g["accuracy"] for task, g in grids.items()}
             save_cell(

@@ -87,14 +87,7 @@ def run_demo(output_dir, recipe, factor, method, model, quick) -> dict:
     locked while the demo runs; the recipe, the model, its tokenizer and the method are checked before it is
     created."""
     from ctxext.evals.retrieval import wilson
-    from ctxext.evals.run import (
-        evaluate_passkey,
-        evaluate_perplexity,
-        evaluate_retrieval,
-        worst_depth_table,
-        worst_depths,
-    )
-    from ctxext.experiments.demo import build_stand_in
+    from ctxext.evals.run import worst_depth_table, worst_depths
     from ctxext.experiments.recipe import load_recipe, stage_lengths
     from ctxext.io.sources import check_source, has_reference_model
     from ctxext.io.validate import check_checkpoint, load_tokenizer
@@ -154,48 +147,32 @@ def run_demo(output_dir, recipe, factor, method, model, quick) -> dict:
     # 1, 2, 4: evaluate all three
     models = [str(base), str(patched), tuned]
     names = {str(base): "original", str(patched): f"{spec} x{factor:g}", tuned: f"{spec} x{factor:g} + LoRA"}
-    say(f"perplexity at {lengths} ({plan['ppl_docs']} held-out documents per length)")
-    ppl = evaluate_perplexity(
-        models,
-        lengths=lengths,
-        output=out,
-        max_documents=plan["ppl_docs"],
-        batch_size=4,
-        labels=[names[m] for m in models],
-    )
-    commands.append(
-        f"ctxext eval ppl {' '.join(models)} --lengths {','.join(map(str, lengths))} "
-        f"--max-documents {plan['ppl_docs']} --output {out}"
-    )
-    pk_lengths = sorted({context, 4 * context, target})
-    say(f"passkey at {pk_lengths} x depths {plan['depths']} ({plan['passkey_trials']} keys per cell)")
-    pk = evaluate_passkey(
-        models,
-        lengths=pk_lengths,
-        depths=plan["depths"],
-        trials=plan["passkey_trials"],
-        output=out,
-        labels=[names[m] for m in models],
-    )
-    commands.append(
-        f"ctxext eval passkey {' '.join(models)} --lengths {','.join(map(str, pk_lengths))} "
-        f"--depths {','.join(map(str, plan['depths']))} --trials {plan['passkey_trials']} --output {out}"
-    )
     ev = rec.evaluation
+    pk_lengths = sorted({context, 4 * context, target})
+    ruler_lengths, ruler_depths = sorted({context, target}), plan["retrieval_depths"]
+    say(
+        f"perplexity at {lengths} ({plan['ppl_docs']} held-out documents per length), passkey at {pk_lengths} x "
+        f"depths {plan['depths']} ({plan['passkey_trials']} keys per cell)"
+        + (f", code outside the training domain ({ev.ood_data}) at {context}" if ev.ood_data else "")
+        + (f", RULER-style tasks {ev.retrieval_tasks} at {ruler_lengths}" if ev.retrieval_tasks else "")
+    )
+    results = ev.run(
+        models,
+        [names[m] for m in models],
+        out,
+        lengths=lengths,
+        passkey_lengths=pk_lengths,
+        context=context,
+        ood_models=[str(base), tuned],  # what the extension costs outside the training domain
+        retrieval_lengths=ruler_lengths,  # the trained and the target length only (the leaderboard has every length)
+        retrieval_models=[str(base), tuned],
+    )
+    ppl, pk = results["ppl"], results["passkey"]
+    commands += results["commands"]
     extra: list[str] = []
     ood_change = None
-    if ev.ood_data:  # what the extension costs on code outside the training domain, at the trained context
-        say(f"perplexity at {context} on code outside the training domain ({ev.ood_data})")
-        ood = evaluate_perplexity(
-            [str(base), tuned],
-            lengths=[context],
-            data=ev.ood_data,
-            output=out / "ood",
-            max_documents=plan["ppl_docs"],
-            batch_size=4,
-            labels=["original", names[tuned]],
-        )
-        o, t = (r["per_length"][str(context)]["perplexity"] for r in ood["models"].values())
+    if results["ood"]:
+        o, t = (r["per_length"][str(context)]["perplexity"] for r in results["ood"]["models"].values())
         ood_change = t / o - 1
         extra += [
             (
@@ -204,25 +181,7 @@ def run_demo(output_dir, recipe, factor, method, model, quick) -> dict:
             ),
             "",
         ]
-        commands.append(
-            f"ctxext eval ppl {base} {tuned} --lengths {context} --data {ev.ood_data} "
-            f"--max-documents {plan['ppl_docs']} --output {out / 'ood'}"
-        )
-    if ev.retrieval_tasks:  # at the trained and the target length only (the leaderboard has every length)
-        ruler_lengths, ruler_depths = sorted({context, target}), plan["retrieval_depths"]
-        say(
-            f"RULER-style tasks {ev.retrieval_tasks} at {ruler_lengths} x depths {ruler_depths} "
-            f"({ev.retrieval_trials} prompts per cell)"
-        )
-        ret = evaluate_retrieval(
-            [str(base), tuned],
-            tasks=ev.retrieval_tasks,
-            lengths=ruler_lengths,
-            depths=ruler_depths,
-            trials=ev.retrieval_trials,
-            output=out,
-            labels=["original", names[tuned]],
-        )
+    if results["retrieval"]:
         extra += [
             (
                 f"RULER-style tasks in code, worst of {len(ruler_depths)} depths "
@@ -232,17 +191,12 @@ def run_demo(output_dir, recipe, factor, method, model, quick) -> dict:
             "",
             *worst_depth_table(
                 "model",
-                {label: worst_depths(r["tasks"]) for label, r in ret["models"].items()},
+                {label: worst_depths(r["tasks"]) for label, r in results["retrieval"]["models"].items()},
                 ev.retrieval_tasks,
                 ruler_lengths,
             ),
             "",
         ]
-        commands.append(
-            f"ctxext eval retrieval {base} {tuned} --tasks {','.join(ev.retrieval_tasks)} --lengths "
-            f"{','.join(map(str, ruler_lengths))} --depths {','.join(map(str, ruler_depths))} "
-            f"--trials {ev.retrieval_trials} --output {out}"
-        )
 
     # report
     rows = []

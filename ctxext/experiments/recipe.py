@@ -67,6 +67,88 @@ class RecipeEvaluation(Options):
         None, min_length=1, description="depths of the RULER-style tasks (null: the passkey depths)"
     )
 
+    def run(
+        self,
+        models: list[str],
+        labels: list[str],
+        output: Path,
+        *,
+        lengths: list[int],
+        passkey_lengths: list[int] | None = None,
+        context: int | None = None,
+        ood_models: list[str] | None = None,
+        retrieval_lengths: list[int] | None = None,
+        retrieval_models: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate ``models`` (named ``labels``) under this budget, as the demo and the leaderboard do: perplexity
+        at ``lengths``, passkey at ``passkey_lengths`` (default: ``lengths``), and where the evaluation asks for
+        them perplexity on code outside the training domain at ``context`` and the RULER-style tasks at
+        ``retrieval_lengths`` (of ``ood_models`` / ``retrieval_models``, default all). Returns each
+        evaluation's result and the ``ctxext eval`` commands that reproduce them."""
+        from ctxext.evals.run import evaluate_passkey, evaluate_perplexity, evaluate_retrieval
+
+        joined = " ".join(models)
+        label_of = dict(zip(models, labels, strict=True))
+
+        def csv(values) -> str:
+            return ",".join(map(str, values))
+
+        passkey_lengths = passkey_lengths or lengths
+        out = {
+            "ppl": evaluate_perplexity(
+                models, lengths=lengths, output=output, max_documents=self.ppl_documents, batch_size=4, labels=labels
+            ),
+            "passkey": evaluate_passkey(
+                models,
+                lengths=passkey_lengths,
+                depths=self.depths,
+                trials=self.passkey_trials,
+                output=output,
+                labels=labels,
+            ),
+            "ood": None,
+            "retrieval": None,
+        }
+        commands = [
+            f"ctxext eval ppl {joined} --lengths {csv(lengths)} --max-documents {self.ppl_documents} --output {output}",
+            f"ctxext eval passkey {joined} --lengths {csv(passkey_lengths)} --depths {csv(self.depths)} "
+            f"--trials {self.passkey_trials} --output {output}",
+        ]
+        if self.ood_data and context:
+            chosen = ood_models or models
+            out["ood"] = evaluate_perplexity(
+                chosen,
+                lengths=[context],
+                data=self.ood_data,
+                output=output / "ood",
+                max_documents=self.ppl_documents,
+                batch_size=4,
+                labels=[label_of[m] for m in chosen],
+            )
+            commands.append(
+                f"ctxext eval ppl {' '.join(chosen)} --lengths {context} --data {self.ood_data} "
+                f"--max-documents {self.ppl_documents} --output {output / 'ood'}"
+            )
+        if self.retrieval_tasks:
+            chosen = retrieval_models or models
+            depths = self.retrieval_depths or self.depths
+            retrieval_lengths = retrieval_lengths or lengths
+            out["retrieval"] = evaluate_retrieval(
+                chosen,
+                tasks=self.retrieval_tasks,
+                lengths=retrieval_lengths,
+                depths=depths,
+                trials=self.retrieval_trials,
+                output=output,
+                labels=[label_of[m] for m in chosen],
+            )
+            commands.append(
+                f"ctxext eval retrieval {' '.join(chosen)} --tasks {csv(self.retrieval_tasks)} --lengths "
+                f"{csv(retrieval_lengths)} --depths {csv(depths)} --trials {self.retrieval_trials} --output {output}"
+            )
+        out["commands"] = commands
+        return out
+
 
 class RetrievalPhase(Options):
     steps: int = Field(..., gt=0, description="optimizer steps of a last stage at the target length")
