@@ -34,9 +34,10 @@ SLIDING_WINDOW = 16
 GEMMA3_LAYER_TYPES = ["sliding_attention"] * 5 + ["full_attention"]  # llama.cpp's (and transformers') pattern of 6
 
 
-def save_tiny_gemma(path: Path, arch: str, full_rope: dict | None = None, seed: int = 0) -> Path:
+def save_tiny_gemma(path: Path, arch: str, full_rope: dict | None = None, seed: int = 0, **overrides) -> Path:
     """A tiny random Gemma 2 (``arch`` gemma2) or Gemma 3 (gemma3; six layers, ``full_rope`` on the global one,
-    theta 10000 on the sliding ones) with a window of 16, the reference vocabulary and tied embeddings."""
+    theta 10000 on the sliding ones) with a window of 16, the reference vocabulary and tied embeddings; ``overrides``
+    go to the config."""
     kwargs = {"vocab_size": VOCAB, "sliding_window": SLIDING_WINDOW, "tie_word_embeddings": True}
     if arch == "gemma3":
         full_rope = full_rope or {"rope_type": "default", "rope_theta": 1e6}
@@ -48,7 +49,7 @@ def save_tiny_gemma(path: Path, arch: str, full_rope: dict | None = None, seed: 
                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
             },
         )
-    model = tiny_model({"gemma2": "gemma2", "gemma3": "gemma3_text"}[arch], seed=seed, **kwargs)
+    model = tiny_model({"gemma2": "gemma2", "gemma3": "gemma3_text"}[arch], seed=seed, **{**kwargs, **overrides})
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REFERENCE / name, path / name)

@@ -333,6 +333,62 @@ def test_gguf_ctxext_does_not_convert_exits_2_naming_the_file(tmp_path, capsys, 
     assert want in err, err
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2"])
+def test_gemma_export_writes_what_llamacpps_converter_writes(tmp_path, arch):
+    """Tensor names, shapes and values (norms stored as 1 + weight, q/k not permuted) and the model keys of llama.cpp's
+    own converter (``write_gemma_gguf``, built on gguf's tensor-name map); no rope_freqs, no scaling, llama.cpp's
+    default layer pattern."""
+    import gguf as gg
+    from gguf_fixtures import save_tiny_gemma, write_gemma_gguf
+
+    src = save_tiny_gemma(tmp_path / "src", arch, query_pre_attn_scalar=16)  # head_dim 16: llama.cpp's query scale
+    assert main(["export", "gguf", str(src), str(tmp_path / "ours.gguf")]) == 0
+    theirs = gg.GGUFReader(write_gemma_gguf(src, tmp_path / "ref.gguf", arch))
+    ours = gg.GGUFReader(tmp_path / "ours.gguf")
+    assert {t.name for t in ours.tensors} == {t.name for t in theirs.tensors}
+    by_name = {t.name: t for t in theirs.tensors}
+    for t in ours.tensors:
+        assert np.array_equal(t.data, by_name[t.name].data), t.name
+    keys = ["context_length", "attention.sliding_window", "rope.freq_base", "attention.head_count_kv"]
+    keys += ["attention.key_length", "attention.layer_norm_rms_epsilon"]
+    keys += ["attn_logit_softcapping", "final_logit_softcapping"] if arch == "gemma2" else []
+    for key in keys:
+        assert ours.fields[f"{arch}.{key}"].contents() == theirs.fields[f"{arch}.{key}"].contents(), key
+    assert ours.fields[f"{arch}.rope.scaling.type"].contents() == "none"
+    assert not any(k.endswith(("scaling.factor", "attn_factor", "sliding_window_pattern")) for k in ours.fields)
+
+
+@pytest.mark.parametrize(
+    "arch,chain,params,overrides,reason",
+    [
+        ("gemma3", "yarn", {"factor": 4, "scope": "sliding"}, {}, "sliding-window layers' rope"),
+        ("gemma3", "ntk", {"factor": 4, "scope": "all"}, {}, "sliding-window layers' rope"),
+        ("gemma3", "llama3", {"factor": 4}, {}, "rope_freqs"),
+        ("gemma3", "yarn", {"factor": 4, "beta_fast": 16.0, "beta_slow": 2.0}, {}, "rope_freqs"),
+        ("gemma3", "yarn", {"factor": 4, "attention_factor": 1.5}, {}, "sliding-window layers too"),
+        ("gemma2", "prope", {"keep": 0.5}, {}, "rope_freqs"),
+        ("gemma3", None, {}, {"query_pre_attn_scalar": 256}, "query_pre_attn_scalar 256"),
+        ("gemma2", None, {}, {"final_logit_softcapping": None}, "always soft-caps"),
+    ],
+    ids=["sliding", "all", "llama3", "yarn-betas", "yarn-attention-factor", "gemma2-prope", "query-scale", "softcap"],
+)
+def test_gemma_exports_llamacpp_would_run_differently_are_refused(
+    tmp_path, capsys, arch, chain, params, overrides, reason
+):
+    """llama.cpp's Gemma graphs fix the sliding layers' rope (Gemma 3), take no rope_freqs and apply one attn_factor
+    to every layer, fix the query scale and Gemma 2's soft-caps: anything else exits 2 naming why, nothing written."""
+    from gguf_fixtures import save_tiny_gemma
+
+    src = save_tiny_gemma(tmp_path / "src", arch, **{"query_pre_attn_scalar": 16, **overrides})
+    if chain:
+        src = patch_checkpoint(src, tmp_path / "p", chain, **params)
+    out = tmp_path / "x.gguf"
+    assert main(["export", "gguf", str(src), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert reason in err and str(src) in err and "llama.cpp" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))
+
+
 # ------------------------------------------------------------------ a source split over several packages
 
 

@@ -471,11 +471,14 @@ COMMANDS = [
         "export gguf",
         _export_options,
         export_gguf,
-        "write a Llama checkpoint as a llama.cpp GGUF file with its rope scaling",
-        "Write checkpoint SRC (Llama architecture) as OUT.gguf for llama.cpp (and Ollama, LM Studio). The rope "
-        "scaling is written as llama.cpp applies it: linear and yarn natively, every other static per-pair change "
-        "(llama3, p-RoPE, NTK, chains) as per-pair rope_freqs divisors; xPos and dynamic NTK are refused because "
-        "llama.cpp cannot run them.",
+        "write a Llama, Gemma 2 or Gemma 3 checkpoint as a llama.cpp GGUF file with its rope scaling",
+        "Write checkpoint SRC (Llama, Gemma 2 or Gemma 3 architecture) as OUT.gguf for llama.cpp (and Ollama, LM "
+        "Studio). The rope scaling is written as llama.cpp applies it. Llama: linear and yarn natively, every other "
+        "static per-pair change (llama3, p-RoPE, NTK, chains) as per-pair rope_freqs divisors. Gemma 2 and 3: plain, "
+        "linear and yarn (betas 32/1) on the global layers only, since llama.cpp applies no rope_freqs there and "
+        "runs Gemma 3's sliding layers at theta 10,000 unscaled: a patch of the sliding layers (--scope sliding or "
+        "all) or another global rope is refused. xPos, Self-Extend and dynamic NTK are refused because llama.cpp "
+        "cannot run them as transformers does.",
     ),
 ]
 

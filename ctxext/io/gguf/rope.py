@@ -21,6 +21,7 @@ for any position llama.cpp can hold, so cos is exactly 1 and the sine term vanis
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +34,10 @@ from ctxext.models.native import REMOVED_PAIR_FACTOR, attention_method_of
 FLT_MAX = 3.4028234663852886e38
 LLAMA_YARN_BETA_FAST = 32.0  # llama.cpp's defaults; LLM_ARCH_LLAMA does not read the yarn beta keys
 LLAMA_YARN_BETA_SLOW = 1.0
-# The rope of the sliding-window layers where an architecture gives them their own: llama.cpp hard-codes it
-# (load_hparams, LLM_ARCH_GEMMA3: rope_freq_base_train_swa = 10000, rope_freq_scale_train_swa = 1), so the file's
-# rope keys and scaling describe only the global layers.
+# The rope of the sliding-window layers where an architecture gives them their own: llama.cpp fixes their scale to
+# 1 and their base to 10000 (llama_hparams: rope_freq_base_train_swa, rope_freq_scale_train_swa; recent builds read
+# the base from {arch}.rope.freq_base_swa, older ones ignore that key), so the file's rope keys and scaling
+# describe only the global layers.
 SLIDING_WINDOW_ROPE = {"gemma3": {"rope_type": "default", "rope_theta": 10000.0}}
 
 
@@ -213,3 +215,49 @@ def parameters_from_gguf_rope(rope: GGUFRope, head_dim: int, context_length: int
     ):
         raise RuntimeError(f"internal error: rope parameters {params['rope_type']} do not reproduce the GGUF's rope")
     return params
+
+
+def gemma_gguf_rope(arch: str, rope_parameters: dict[str, Any], head_dim: int, max_positions: int) -> GGUFRope:
+    """llama.cpp metadata for a Gemma 2 (``arch`` gemma2, one rope for all layers) or Gemma 3 (gemma3, keyed by
+    layer type) checkpoint's rope; ``RopeExportError`` where llama.cpp's graph would compute something else.
+
+    Both graphs (``src/models/gemma2.cpp``, ``gemma3.cpp``) call ggml_rope_ext without ``rope_freqs``, so only the
+    native forms reach them (none, linear, yarn with beta 32 / 1). Gemma 3's sliding layers run
+    ``SLIDING_WINDOW_ROPE`` (another base reaches them only in builds that read ``rope.freq_base_swa``, so only
+    theta 10,000 is exported), and ``attn_factor`` multiplies the rotation of every layer, the sliding ones
+    included, so a Gemma 3 export needs the global rope's to be 1.
+    """
+    params = dict(rope_parameters)
+    if arch == "gemma3":
+        sliding = dict(params.get("sliding_attention") or SLIDING_WINDOW_ROPE[arch])
+        fixed = SLIDING_WINDOW_ROPE[arch]
+        want, _ = compute_inv_freq(fixed, head_dim, max_positions)
+        why = _refusal(sliding)
+        if why is None:
+            got, factor = compute_inv_freq(sliding, head_dim, max_positions)
+            if not torch.allclose(got.double(), want.double(), rtol=1e-6, atol=0.0) or abs(factor - 1.0) > 1e-6:
+                why = f"rope_type {sliding.get('rope_type', 'default')!r}, theta {sliding.get('rope_theta')}"
+        if why is not None:
+            raise RopeExportError(
+                f"its sliding-window layers' rope differs from llama.cpp's fixed one ({why}; a patch with --scope "
+                f"sliding or all does this): llama.cpp's gemma3 runs them unscaled at base {fixed['rope_theta']:g}. "
+                "Patch the original with the default scope (global) and export that"
+            )
+        params = dict(params.get("full_attention") or {})
+    its = "its global layers' rope" if arch == "gemma3" else "its rope"
+    try:
+        rope = gguf_rope_from_parameters(params, head_dim, max_positions)
+    except RopeExportError as err:
+        raise RopeExportError(f"{its}: {err}") from None
+    if rope.freq_divisors is not None:
+        raise RopeExportError(
+            f"{its} (rope_type {params.get('rope_type', 'default')!r}) needs per-pair rope_freqs divisors, which "
+            f"llama.cpp's {arch} graph does not apply (it runs plain, linear or yarn rope with beta_fast 32 / "
+            "beta_slow 1 only); patch with pi, ntk or yarn (default betas) to export"
+        )
+    if arch == "gemma3" and abs(rope.attn_factor - 1.0) > 1e-6:
+        raise RopeExportError(
+            f"{its} has attention factor {rope.attn_factor:g} on top of yarn's own 1 + 0.1 ln(factor): llama.cpp's "
+            "gemma3 would apply it to the sliding-window layers too; patch without attention_factor to export"
+        )
+    return dataclasses.replace(rope, attn_factor=1.0) if arch == "gemma3" else rope

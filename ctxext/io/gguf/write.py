@@ -1,13 +1,18 @@
-"""Export a Llama-architecture checkpoint to a GGUF file that llama.cpp runs with the same rope as transformers.
+"""Export a Llama, Gemma 2 or Gemma 3 checkpoint to a GGUF file that llama.cpp runs with the same rope as transformers.
 
     export_gguf("out/yarn2", "out/yarn2.gguf", dtype="f16")    # what `ctxext export gguf` runs
 
-Weights are read straight from the safetensors files; q_proj / k_proj rows are permuted from transformers'
+Weights are read straight from the safetensors files. Llama: q_proj / k_proj rows are permuted from transformers'
 half-split rotary layout (pair i = dims i, i + d/2) to llama.cpp's interleaved one (pair i = dims 2i, 2i + 1), the
-inverse of what transformers' GGUF loader undoes. The rope metadata comes from ``rope.py`` and is checked against
-a model of llama.cpp's rope before anything is written; SRC is checked first (``ctxext.io.validate``: config, headers,
-shapes, finite weights); OUT is locked while it is written (``ctxext.io.lock``), written beside OUT and renamed when
-complete.
+inverse of what transformers' GGUF loader undoes. Gemma 2 / 3 (llama.cpp rotates them in the half-split "neox"
+layout: no permutation) as llama.cpp's converter writes them: norm weights stored as 1 + weight (Gemma's RMSNorm
+scales by 1 + w, llama.cpp's by w), the sliding window and, where transformers' layer types differ from llama.cpp's
+default pattern, the per-layer pattern; the soft-caps llama.cpp applies; the query scale llama.cpp fixes
+(1/sqrt(head_dim), or 1/sqrt(hidden / heads) at the 27B sizes) must be transformers' ``query_pre_attn_scalar``.
+The rope metadata comes from ``rope.py`` (``gemma_gguf_rope``: Gemma 3's rope per layer type) and is checked
+against a model of llama.cpp's rope before anything is written; SRC is checked first (``ctxext.io.validate``: config,
+headers, shapes, finite weights); OUT is locked while it is written (``ctxext.io.lock``), written beside OUT and
+renamed when complete.
 """
 
 from __future__ import annotations
@@ -23,7 +28,13 @@ import torch
 
 from ctxext.errors import CheckpointError
 from ctxext.io.atomic import atomic_write
-from ctxext.io.gguf.rope import GGUFRope, RopeExportError, gguf_rope_from_parameters
+from ctxext.io.gguf.rope import (
+    SLIDING_WINDOW_ROPE,
+    GGUFRope,
+    RopeExportError,
+    gemma_gguf_rope,
+    gguf_rope_from_parameters,
+)
 from ctxext.io.gguf.tokenizer import tokenizer_metadata
 from ctxext.io.lock import output_lock
 from ctxext.io.sources import check_source
@@ -33,7 +44,11 @@ from ctxext.options import Options, opt, takes
 
 log = logging.getLogger(__name__)
 
-ARCH = "llama"
+# transformers model_type -> the llama.cpp architecture it is exported as
+EXPORT_ARCHITECTURES = {"llama": "llama", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+# llama.cpp's Gemma graphs (load_swa_pattern): layer il slides when il % n < n - 1, unless the file lists them
+SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+LAYERS_27B = {"gemma2": 46, "gemma3": 62}  # the size whose query scale llama.cpp takes from hidden / heads
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -42,6 +57,21 @@ _LAYER_NAMES = {
     "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GEMMA_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",  # Gemma 3
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
@@ -59,24 +89,63 @@ def permute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _check_exportable(src: str, config) -> GGUFRope:
-    if config.model_type != "llama":
+def _check_exportable(src: str, config) -> tuple[str, GGUFRope]:
+    """``(llama.cpp architecture, rope)`` of SRC; ``CheckpointError`` for what llama.cpp would run differently."""
+    arch = EXPORT_ARCHITECTURES.get(config.model_type)
+    if arch is None:
         raise CheckpointError(
-            f"{src} is a {config.model_type!r} model; `ctxext export gguf` writes the llama architecture only "
-            "(model_type 'llama'). Other families need llama.cpp's own converter and its rope handling"
+            f"{src} is a {config.model_type!r} model; `ctxext export gguf` writes the llama, gemma2 and gemma3 "
+            f"architectures (model_type {', '.join(map(repr, EXPORT_ARCHITECTURES))}). Other families need "
+            "llama.cpp's own converter and its rope handling"
         )
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(config, flag, False):
             raise CheckpointError(
-                f"{src}: {flag}=true is not exported (the llama architecture export writes no biases)"
+                f"{src}: {flag}=true is not exported (the {arch} architecture export writes no biases)"
             )
-    if (getattr(config, "hidden_act", "silu") or "silu") != "silu":
+    if arch != "llama":
+        _check_gemma(src, config, arch)
+    elif (getattr(config, "hidden_act", "silu") or "silu") != "silu":
         raise CheckpointError(f"{src}: hidden_act {config.hidden_act!r}; llama.cpp's llama architecture uses silu")
     rope = dict(config.rope_parameters or {})
     try:
-        return gguf_rope_from_parameters(rope, head_dim_of(config), config.max_position_embeddings)
+        if arch != "llama":
+            return arch, gemma_gguf_rope(arch, rope, head_dim_of(config), config.max_position_embeddings)
+        return arch, gguf_rope_from_parameters(rope, head_dim_of(config), config.max_position_embeddings)
     except RopeExportError as err:
         raise CheckpointError(f"{src} cannot be exported to llama.cpp: {err}") from err
+
+
+def _check_gemma(src: str, config, arch: str) -> None:
+    """What llama.cpp's gemma2 / gemma3 graph fixes and transformers' config may change."""
+    if config.hidden_activation != "gelu_pytorch_tanh":
+        raise CheckpointError(
+            f"{src}: hidden_activation {config.hidden_activation!r}; llama.cpp's {arch} uses gelu_pytorch_tanh"
+        )
+    scalar = config.hidden_size // config.num_attention_heads
+    if config.num_hidden_layers != LAYERS_27B[arch]:
+        scalar = head_dim_of(config)
+    if config.query_pre_attn_scalar != scalar:
+        raise CheckpointError(
+            f"{src}: query_pre_attn_scalar {config.query_pre_attn_scalar}, but llama.cpp's {arch} with "
+            f"{config.num_hidden_layers} layers scales queries by 1/sqrt({scalar}); it would compute another model"
+        )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise CheckpointError(f"{src}: use_bidirectional_attention is true; llama.cpp's {arch} attends causally")
+    if arch == "gemma3" and config.attn_logit_softcapping:
+        raise CheckpointError(
+            f"{src}: attn_logit_softcapping {config.attn_logit_softcapping}; llama.cpp's gemma3 does not soft-cap "
+            "attention"
+        )
+    if arch == "gemma2" and not (config.attn_logit_softcapping and config.final_logit_softcapping):
+        raise CheckpointError(
+            f"{src}: attn_logit_softcapping {config.attn_logit_softcapping}, final_logit_softcapping "
+            f"{config.final_logit_softcapping}; llama.cpp's gemma2 always soft-caps both (50 and 30 when unset)"
+        )
+    if arch == "gemma2" and not config.tie_word_embeddings:
+        raise CheckpointError(f"{src}: tie_word_embeddings is false; llama.cpp's gemma2 reads no separate lm_head")
+    if "sliding_attention" in (config.layer_types or []) and not config.sliding_window:
+        raise CheckpointError(f"{src}: sliding_attention layers without a sliding_window")
 
 
 def _check_out(out: Path, force: bool) -> Path:
@@ -103,23 +172,26 @@ def _state_dict(src: str) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _gguf_tensors(weights: dict[str, torch.Tensor], config, src: str) -> dict[str, torch.Tensor]:
+def _gguf_tensors(weights: dict[str, torch.Tensor], config, src: str, arch: str) -> dict[str, torch.Tensor]:
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    layer_names = _LAYER_NAMES if arch == "llama" else _GEMMA_LAYER_NAMES
     out: dict[str, torch.Tensor] = {}
     for name, w in weights.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
         m = _LAYER.match(name)
-        if m and m.group(2) in _LAYER_NAMES:
-            gname = f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-            if m.group(2) == "self_attn.q_proj.weight":
+        if m and m.group(2) in layer_names:
+            gname = f"blk.{m.group(1)}.{layer_names[m.group(2)]}"
+            if arch == "llama" and m.group(2) == "self_attn.q_proj.weight":
                 w = permute_rotary_rows(w, n_head)
-            elif m.group(2) == "self_attn.k_proj.weight":
+            elif arch == "llama" and m.group(2) == "self_attn.k_proj.weight":
                 w = permute_rotary_rows(w, n_kv)
         elif name in _GLOBAL_NAMES:
             gname = _GLOBAL_NAMES[name]
         else:
-            raise CheckpointError(f"{src}: tensor {name!r} has no place in llama.cpp's llama architecture")
+            raise CheckpointError(f"{src}: tensor {name!r} has no place in llama.cpp's {arch} architecture")
+        if arch != "llama" and name.endswith("norm.weight"):
+            w = w.to(torch.float32) + 1.0  # Gemma's RMSNorm scales by 1 + weight, llama.cpp's by the weight
         out[gname] = w
     if config.tie_word_embeddings:
         out.pop("output.weight", None)  # llama.cpp reuses token_embd when output is absent
@@ -165,17 +237,18 @@ def export_gguf(src, out, dtype, force, tokenizer_pre) -> Path:
     if not Path(src).is_dir():
         raise CheckpointError(f"{src}: export needs a local checkpoint folder")
     config = check_checkpoint(src, finite=True).config
-    rope = _check_exportable(src, config)
+    arch, rope = _check_exportable(src, config)
     if (Path(src) / "tokenizer.json").is_file():
         load_tokenizer(src, config.vocab_size)  # a damaged tokenizer.json fails here, naming it
     tok = tokenizer_metadata(src, config.vocab_size, pre=tokenizer_pre)
-    tensors = _gguf_tensors(_state_dict(src), config, src)
+    tensors = _gguf_tensors(_state_dict(src), config, src, arch)
     with output_lock(out, "ctxext export gguf"):
         _check_out(out, force)  # again under the lock: another export may have finished meanwhile
-        atomic_write(out, lambda tmp: _write_gguf(tmp, src, config, rope, tok, tensors, dtype))
+        atomic_write(out, lambda tmp: _write_gguf(tmp, src, config, arch, rope, tok, tensors, dtype))
     log.info(
-        "wrote %s (%s, rope %s%s)",
+        "wrote %s (%s %s, rope %s%s)",
         out,
+        arch,
         dtype,
         rope.scaling_type,
         ", per-pair rope_freqs" if rope.freq_divisors is not None else "",
@@ -183,11 +256,13 @@ def export_gguf(src, out, dtype, force, tokenizer_pre) -> Path:
     return out
 
 
-def _write_gguf(tmp: Path, src: str, config, rope: GGUFRope, tok, tensors: dict[str, torch.Tensor], dtype: str) -> None:
+def _write_gguf(
+    tmp: Path, src: str, config, arch: str, rope: GGUFRope, tok, tensors: dict[str, torch.Tensor], dtype: str
+) -> None:
     import gguf
 
     head_dim = head_dim_of(config)
-    w = gguf.GGUFWriter(tmp, ARCH)
+    w = gguf.GGUFWriter(tmp, arch)
     w.add_name(Path(src).name)
     w.add_file_type(
         {
@@ -213,11 +288,13 @@ def _write_gguf(tmp: Path, src: str, config, rope: GGUFRope, tok, tensors: dict[
         w.add_rope_scaling_factor(rope.factor)
     if rope.original_context is not None:
         w.add_rope_scaling_orig_ctx_len(rope.original_context)
-    if rope.scaling_type == "yarn":  # documentary: the llama architecture applies these values fixed
+    if rope.scaling_type == "yarn":  # documentary: the llama and gemma architectures apply these values fixed
         w.add_rope_scaling_yarn_beta_fast(32.0)
         w.add_rope_scaling_yarn_beta_slow(1.0)
     if rope.attn_factor != 1.0:
         w.add_rope_scaling_attn_factors(rope.attn_factor)
+    if arch != "llama":
+        _add_gemma_keys(w, config, arch)
     record = json.loads((Path(src) / "config.json").read_text()).get("ctxext")
     if record:
         w.add_string("ctxext.record", json.dumps(record))
@@ -226,7 +303,10 @@ def _write_gguf(tmp: Path, src: str, config, rope: GGUFRope, tok, tensors: dict[
     w.add_tokenizer_pre(tok.pre)
     w.add_token_list(tok.tokens)
     w.add_token_types(tok.token_types)
-    w.add_token_merges(tok.merges)
+    if tok.scores is not None:
+        w.add_token_scores(tok.scores)
+    if tok.merges:
+        w.add_token_merges(tok.merges)
     for kind, add in (
         ("bos", w.add_bos_token_id),
         ("eos", w.add_eos_token_id),
@@ -236,6 +316,10 @@ def _write_gguf(tmp: Path, src: str, config, rope: GGUFRope, tok, tensors: dict[
         if kind in tok.special_ids:
             add(tok.special_ids[kind])
     w.add_add_bos_token(tok.add_bos)
+    if tok.model == "llama":  # SentencePiece, as llama.cpp's converter writes it (add_space_prefix defaults to true)
+        w.add_add_sep_token(False)
+        w.add_add_eos_token(tok.add_eos)
+        w.add_add_space_prefix(bool(tok.add_space_prefix))
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
 
@@ -248,3 +332,20 @@ def _write_gguf(tmp: Path, src: str, config, rope: GGUFRope, tok, tensors: dict[
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _add_gemma_keys(w, config, arch: str) -> None:
+    """Sliding window (and the per-layer pattern where it is not llama.cpp's default) and soft-caps."""
+    slides = [t == "sliding_attention" for t in config.layer_types or []]
+    if any(slides):  # gemma3 without one builds no sliding-window attention
+        w.add_sliding_window(config.sliding_window)
+    if any(slides) or arch == "gemma2":  # gemma2 always does: the pattern says where
+        period = SWA_PATTERN[arch]
+        if slides != [i % period < period - 1 for i in range(config.num_hidden_layers)]:
+            w.add_sliding_window_pattern(slides)
+    if arch == "gemma3":
+        w.add_rope_freq_base_swa(SLIDING_WINDOW_ROPE["gemma3"]["rope_theta"])  # what llama.cpp runs there anyway
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if config.final_logit_softcapping:
+        w.add_final_logit_softcapping(config.final_logit_softcapping)
