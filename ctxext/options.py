@@ -153,12 +153,12 @@ def _extra(field) -> dict:
     return {"positional": False, "metavar": None, "flag": None, **(field.json_schema_extra or {})}
 
 
-def _unwrap(annotation: Any) -> tuple[Any, bool]:
-    """(the annotation without ``| None``, whether None is allowed)."""
+def _unwrap(annotation: Any) -> Any:
+    """The annotation without ``| None``."""
     if get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
-        return (args[0] if len(args) == 1 else annotation), len(args) < len(get_args(annotation))
-    return annotation, False
+        return args[0] if len(args) == 1 else annotation
+    return annotation
 
 
 def _range_text(field) -> str:
@@ -181,7 +181,7 @@ def add_arguments(
         if name in skip:
             continue
         extra = _extra(field)
-        annotation, _ = _unwrap(field.annotation)
+        annotation = _unwrap(field.annotation)
         origin = get_origin(annotation)
         kw: dict[str, Any] = {"help": _help(field), "default": argparse.SUPPRESS}
         if extra["metavar"]:
@@ -204,7 +204,7 @@ def add_arguments(
 
 def _help(field) -> str:
     text = field.description or ""
-    annotation, _ = _unwrap(field.annotation)
+    annotation = _unwrap(field.annotation)
     if not field.is_required() and annotation is not bool and field.default not in (None, [], ()):
         default = field.default
         if isinstance(default, list):
