@@ -131,7 +131,9 @@ def test_dtype_and_checkpointing_change_the_estimate_the_right_way():
 @pytest.mark.slow
 def test_prediction_matches_a_measured_cpu_peak(tmp_path):
     """Two cases of benchmarks/memory_model.py (LoRA and full, each in its own process): predicted / measured peak
-    within 0.8-1.25 (the published table: docs/benchmarks/memory_model.md)."""
+    within 0.75-1.25 (the published table: docs/benchmarks/memory_model.md). These cases are small (~60 MB), so the
+    CPU kernels' scratch space, which the model does not count, moves the ratio: the same packages measured the LoRA
+    case at 66 MB (0.91) on one machine and 75 MB (0.80) on another."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -150,7 +152,7 @@ def test_prediction_matches_a_measured_cpu_peak(tmp_path):
     rows = json.loads((tmp_path / "memory_model.json").read_text())
     assert [r["case"] for r in rows] == ["s1-lora-1024", "s1-full-1024"]
     for r in rows:
-        assert 0.8 <= r["ratio"] <= 1.25, r
+        assert 0.75 <= r["ratio"] <= 1.25, r
 
 
 def test_plan_takes_overrides_after_its_options(capsys):
