@@ -246,7 +246,10 @@ def main(argv=None) -> int:
     checkpoints = {
         n: check_checkpoint_row(n, sweep.methods[n].checkpoint, target) for n in names if sweep.methods[n].checkpoint
     }  # before any work: a missing one stops nothing halfway
-    data, retrieval_data = recipe.build_data(AutoTokenizer.from_pretrained(base), work, stages, target)
+    tuned_rows = [n for n in names if sweep.methods[n].method is not None and sweep.methods[n].finetune]
+    data, retrieval_data = (  # the fine-tuning documents, only where a row fine-tunes
+        recipe.build_data(AutoTokenizer.from_pretrained(base), work, stages, target) if tuned_rows else (None, None)
+    )
     rows = {}
     evaluation = recipe.evaluation
     for name in names:

@@ -81,10 +81,16 @@ def test_gemma3_conversion_keeps_rope_per_layer_type_and_equals_transformers_ggu
     assert AutoTokenizer.from_pretrained(hf)(text)["input_ids"] == stock_tok(text)["input_ids"]
 
 
+@pytest.fixture(scope="module")
+def yarn4(gemma3, tmp_path_factory):
+    """The converted 270M patched with YaRN x4 at the default scope (one checkpoint for the scope and export tests)."""
+    return patch_checkpoint(gemma3[1], tmp_path_factory.mktemp("yarn4") / "ckpt", "yarn", factor=4)
+
+
 @pytest.mark.slow
-def test_gemma3_default_scope_patches_only_the_global_layers(gemma3, tmp_path):
+def test_gemma3_default_scope_patches_only_the_global_layers(gemma3, yarn4):
     _gguf, hf = gemma3
-    patched = patch_checkpoint(hf, tmp_path / "yarn4", "yarn", factor=4)
+    patched = yarn4
     original, extended = load(hf), load(patched)
     rope = extended.config.rope_parameters
     assert rope["sliding_attention"] == original.config.rope_parameters["sliding_attention"]
@@ -123,12 +129,12 @@ def test_gemma3_conversion_agrees_with_llamacpp_on_the_quantized_file(gemma3, id
 
 
 @pytest.fixture(scope="module")
-def exports(gemma3, tmp_path_factory):
+def exports(gemma3, yarn4, tmp_path_factory):
     """f32 exports of the converted 270M, unpatched and YaRN x4 at the default scope (the global layers):
     name -> (checkpoint, GGUF file)."""
     _gguf, hf = gemma3
     root = tmp_path_factory.mktemp("export")
-    patched = patch_checkpoint(hf, root / "yarn4", "yarn", factor=4)
+    patched = yarn4
     return {
         "plain": (hf, export_gguf(hf, root / "plain.gguf")),
         "yarn4": (patched, export_gguf(patched, root / "yarn4.gguf")),
