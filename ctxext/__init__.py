@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
-import importlib.machinery
 import importlib.util
 import sys
 
@@ -52,8 +51,8 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
         if fullname != _TRIGGER:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
+        spec = importlib.util.find_spec(fullname)  # whichever finder would have found it
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
