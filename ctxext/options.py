@@ -13,8 +13,9 @@ default, its range and its help text are written in one place, and the library a
     def search_checkpoint(src, out, *, budget, ...): ...
 
 Field conventions: ``bool`` fields are ``--flag`` switches (default False); ``Literal`` fields list their choices;
-``IntList`` / ``FloatList`` fields accept ``256,512`` on the command line and lists in Python; ``positional=True``
-makes an argument positional (a ``list`` one takes one or more values). Pure Python + pydantic: no torch.
+``StrList`` / ``IntList`` / ``FloatList`` fields accept ``256,512`` on the command line and lists in Python;
+``positional=True`` makes an argument positional (a ``list`` one takes one or more values). Pure Python + pydantic:
+no torch.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def _split(kind: Callable[[str], Any]) -> Callable[[Any], Any]:
     return split
 
 
+StrList = Annotated[list[str], BeforeValidator(_split(str))]
 IntList = Annotated[list[int], BeforeValidator(_split(int))]
 FloatList = Annotated[list[float], BeforeValidator(_split(float))]
 DType = Literal["auto", "float32", "bfloat16", "float16"]

@@ -72,3 +72,19 @@ def test_a_signature_that_drifts_from_its_model_fails_at_import():
         @takes(Demo)
         def drifted(src, lengths):
             return src
+
+
+def test_evaluation_lists_come_comma_separated_from_the_command_line():
+    from ctxext.cli.main import build_parser
+    from ctxext.evals.run import RetrievalOptions
+
+    ns = build_parser().parse_args(
+        ["eval", "retrieval", "a", "b", "--lengths", "64,128", "--tasks", "multikey", "--labels", "x,y"]
+    )
+    options = from_namespace(RetrievalOptions, ns)
+    assert (options.models, options.lengths, options.tasks, options.labels) == (
+        ["a", "b"],
+        [64, 128],
+        ["multikey"],
+        ["x", "y"],
+    )

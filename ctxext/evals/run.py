@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import field_validator
 
 from ctxext import __version__
 from ctxext.data.text import DEFAULT_EVAL_SOURCE, join_documents, load_texts, tokenize_documents
@@ -29,7 +28,7 @@ from ctxext.evals.passkey import passkey_accuracy
 from ctxext.evals.perplexity import perplexity
 from ctxext.io.atomic import atomic_write_text
 from ctxext.io.lock import output_lock
-from ctxext.options import DType, FloatList, IntList, Options, opt, takes
+from ctxext.options import DType, FloatList, IntList, Options, StrList, opt, takes
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -103,7 +102,7 @@ class PerplexityOptions(EvalOptions):
         "compare the same text)",
     )
     batch_size: int = opt(1, "windows per forward", gt=0)
-    labels: list[str] | None = opt(None, "names of the models in the results (default: their paths)")
+    labels: StrList | None = opt(None, "comma-separated names of the models in the results (default: their paths)")
 
 
 class GridOptions(EvalOptions):
@@ -115,7 +114,7 @@ class GridOptions(EvalOptions):
     seed: int = opt(0, "seed of the keys and of the filler's order")
     filler: str = opt(DEFAULT_EVAL_SOURCE, "filler text source (" + DATA_HELP + ")")
     batch_size: int = opt(8, "prompts per forward", gt=0)
-    labels: list[str] | None = opt(None, "names of the models in the results (default: their paths)")
+    labels: StrList | None = opt(None, "comma-separated names of the models in the results (default: their paths)")
 
 
 class PasskeyOptions(GridOptions):
@@ -123,13 +122,8 @@ class PasskeyOptions(GridOptions):
 
 
 class RetrievalOptions(GridOptions):
-    tasks: list[str] = opt(["multikey", "multivalue", "vartrack"], "comma-separated tasks")
+    tasks: StrList = opt(["multikey", "multivalue", "vartrack"], "comma-separated tasks")
     trials: int = opt(40, "prompts per (length, depth) cell (40: +-15 points at 50%)", gt=0)
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _split_tasks(cls, value):
-        return [t for t in value.split(",") if t] if isinstance(value, str) else value
 
 
 class FrequencyOptions(EvalOptions):
