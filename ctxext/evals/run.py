@@ -27,7 +27,7 @@ from ctxext.errors import DataError, EvalError
 from ctxext.evals.passkey import passkey_accuracy
 from ctxext.evals.perplexity import perplexity
 from ctxext.io.atomic import atomic_write_text
-from ctxext.io.lock import output_lock
+from ctxext.io.lock import locks_output
 from ctxext.options import DType, FloatList, IntList, Options, StrList, opt, takes
 
 
@@ -63,15 +63,15 @@ def writes_results(command: str, options: type[Options]):
     first and its ``output`` folder is locked while it runs."""
 
     def wrap(evaluate):
+        locked = locks_output(command, "output")(evaluate)
+
         @takes(options)
         @functools.wraps(evaluate)
-        def locked(**fields):
-            names = fields.get("models") or [fields["model"], *filter(None, [fields.get("compare")])]
-            check_models(names)
-            with output_lock(fields["output"], command):
-                return evaluate(**fields)
+        def checked(**fields):
+            check_models(fields.get("models") or [fields["model"], *filter(None, [fields.get("compare")])])
+            return locked(**fields)
 
-        return locked
+        return checked
 
     return wrap
 
