@@ -19,7 +19,12 @@ anywhere and go on elsewhere):
   report gives perplexity inside the trained context and beyond it, the plot every bucket;
 * ``<task>@L``: passkey (``ctxext.evals.passkey``) or a RULER-style task (``ctxext.evals.retrieval``) at each
   prompt length up to the row's extended context, N prompts per depth, exact match, Wilson 95% interval pooled
-  over depths.
+  over depths;
+* ``ppl-<text>@L`` for each L of ``perplexity.inside`` (at most the trained context): perplexity of the first L
+  tokens, what a patch costs where the model was trained (for a long-context model whose factor x context a CPU
+  cannot afford, set ``perplexity.at_target: false`` and measure only these);
+* ``needles@L``: named-key retrieval answered from one prefill per prompt (``ctxext.evals.shared_prefill``), the
+  retrieval a CPU affords at 8k-16k tokens; one cell file per prompt as well, so a stopped run loses one prompt.
 
 The unextended row (``method: null``) is the same model at every factor: its cells are shared. The page lists
 every planned cell of the whole config (``--methods``/``--factors``/``--measure`` only choose what this run
@@ -56,8 +61,9 @@ def parse_args(argv):
     p.add_argument("--context", type=int, help="pretend trained context (<= the checkpoint's), for quick runs")
     p.add_argument("--methods", type=csv(str), help="measure only these rows (comma-separated)")
     p.add_argument("--factors", type=csv(float), help="measure only these factors")
-    p.add_argument("--measure", type=csv(str), help="measure only these: ppl and/or task names (passkey, multikey)")
-    p.add_argument("--lengths", type=csv(int), help="retrieval prompt lengths (replaces the config's)")
+    p.add_argument("--measure", type=csv(str), help="measure only these: ppl, needles, task names")
+    p.add_argument("--lengths", type=csv(int), help="retrieval and needles prompt lengths (replace the config's)")
+    p.add_argument("--prompts", type=int, help="needles prompts per length for every row (replaces the config's)")
     p.add_argument("--trials", type=int, help="prompts per depth for every task (replaces the config's)")
     p.add_argument("--depths", type=csv(float), help="retrieval depths (replaces the config's)")
     p.add_argument("--documents", type=int, help="documents per perplexity text (replaces the config's)")
@@ -134,23 +140,22 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
     """Every cell of the config (``name``, ``row``, ``factors``, ``measure``, ``length``, ``spec``), the perplexity
     texts and the retrieval filler streams. A spec holds the sha256 of the tokens it scores or cuts prompts from,
     so a cell measured on other text (another Python's standard library, say) is never taken for this one."""
-    retrieval = sweep.retrieval
-    lengths = args.lengths or retrieval.lengths
-    depths = args.depths or retrieval.depths
-    trials = {task: args.trials or n for task, n in retrieval.trials.items()}
-    longest = round(max(sweep.factors) * context)
-    texts = {}
-    for name, source in sweep.perplexity.texts.items():
-        docs = select_documents(tokenizer, source, args.documents or sweep.perplexity.documents, longest)
-        texts[name] = {"source": source, "documents": docs, "sha256": digest([d["ids"] for d in docs])}
-    streams, filler_sha256 = {}, None
-    if any(L <= longest for L in lengths):
-        from ctxext.evals.run import filler_stream
+    from ctxext.evals.run import filler_stream
 
-        streams[retrieval.filler] = filler_stream(tokenizer, retrieval.filler, seed=retrieval.seed)
-        filler_sha256 = digest(streams[retrieval.filler])
+    retrieval, needles, plan = sweep.retrieval, sweep.needles, sweep.perplexity
+    lengths = (args.lengths or retrieval.lengths) if retrieval else []
+    depths = (args.depths or retrieval.depths) if retrieval else []
+    trials = {task: args.trials or n for task, n in retrieval.trials.items()} if retrieval else {}
+    longest = round(max(sweep.factors) * context) if plan.at_target else max(plan.inside, default=0)
+    texts = {}
+    for name, source in plan.texts.items():
+        docs = select_documents(tokenizer, source, args.documents or plan.documents, longest)
+        texts[name] = {"source": source, "documents": docs, "sha256": digest([d["ids"] for d in docs])}
+    streams: dict[tuple, list[int]] = {}
+    for section in (retrieval, needles):
+        if section is not None and (section.filler, section.seed) not in streams:
+            streams[(section.filler, section.seed)] = filler_stream(tokenizer, section.filler, seed=section.seed)
     common = {"model": args.model or sweep.model, "checkpoint_context": checkpoint_context, "context": context}
-    dtypes = {"ppl": args.dtype or sweep.perplexity.dtype, "retrieval": args.dtype or retrieval.dtype}
     cells = {}
     for row in sweep.methods:
         for factor in sweep.factors:
@@ -161,38 +166,47 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
             model_spec = {**common, "chain": chain, "params": params, "target": target if extended else None}
             if checkpoint is not None:  # the rope it was saved with: a re-searched checkpoint is measured again
                 model_spec |= {"checkpoint": checkpoint, "checkpoint_rope": saved_rope(checkpoint)}
+            ppl_lengths = [target] * plan.at_target + [L for L in plan.inside if L < target]
             measures = [
                 (
                     f"ppl-{name}",
                     "ppl",
-                    target,
+                    L,
                     {
-                        "dtype": dtypes["ppl"],
+                        "dtype": args.dtype or plan.dtype,
                         "text": t["source"],
                         "text_sha256": t["sha256"],
                         "documents": [d["name"] for d in t["documents"]],
                     },
                 )
                 for name, t in texts.items()
+                for L in ppl_lengths
             ]
-            measures += [
-                (
-                    task,
-                    task,
-                    L,
-                    {
-                        "dtype": dtypes["retrieval"],
-                        "filler": retrieval.filler,
-                        "filler_sha256": filler_sha256,
-                        "depths": depths,
-                        "trials": n,
-                        "seed": retrieval.seed,
-                    },
-                )
-                for task, n in trials.items()
-                for L in lengths
-                if L <= target
-            ]
+            if retrieval is not None:
+                filler = {
+                    "dtype": args.dtype or retrieval.dtype,
+                    "filler": retrieval.filler,
+                    "filler_sha256": digest(streams[(retrieval.filler, retrieval.seed)]),
+                    "seed": retrieval.seed,
+                }
+                measures += [
+                    (task, task, L, {**filler, "depths": depths, "trials": n})
+                    for task, n in trials.items()
+                    for L in lengths
+                    if L <= target
+                ]
+            # a cached prefix is exact only for frequencies that do not follow the forward's length
+            if needles is not None and "dynamic" not in (chain or "").split("+"):
+                spec = {
+                    "dtype": args.dtype or needles.dtype,
+                    "filler": needles.filler,
+                    "filler_sha256": digest(streams[(needles.filler, needles.seed)]),
+                    "seed": needles.seed,
+                    "bands": [list(b) for b in needles.bands],
+                    "per_band": needles.per_band,
+                    "prompts": args.prompts or needles.prompts_by_row.get(row, needles.prompts),
+                }
+                measures += [("needles", "needles", L, spec) for L in args.lengths or needles.lengths if L <= target]
             for measure, kind, length, extra in measures:
                 name = f"{extra['dtype']}/context{context}/{model_key}/{measure}@{length}"
                 cell = cells.setdefault(
@@ -207,6 +221,7 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
                         "measure": measure,
                         "kind": kind,
                         "length": length,
+                        "inside": kind == "ppl" and length <= context,
                         "dtype": extra["dtype"],
                         "factors": [],
                         "spec": {**model_spec, "measure": measure, "length": length, **extra},
@@ -289,6 +304,59 @@ def measure_retrieval(
         "accuracy": total / n,
         "wilson95": [round(x, 4) for x in wilson(total, n)],
         "examples": grid["examples"][:6],
+    }
+
+
+def measure_needles(model, tokenizer, stream: list[int], cell: dict, root: Path, where: str) -> dict:
+    """Named-key retrieval (``ctxext.evals.shared_prefill``), one prefill per prompt; each prompt is its own cell
+    file (``<cell>.prompts/p<i>``), so a stopped run loses at most the prompt in progress. Prompt ``i`` is drawn
+    from seed ``<seed>-<i>``: the same prompts for every model, whatever was measured before."""
+    from ctxext.evals.cells import load_cell, save_cell
+    from ctxext.evals.retrieval import wilson
+    from ctxext.evals.shared_prefill import band_label, shared_prefill_accuracy
+
+    spec, length = cell["spec"], cell["length"]
+    bands = [tuple(b) for b in spec["bands"]]
+    labels = [band_label(b) for b in bands]
+    totals = {lab: {"correct": 0, "needles": 0, "swapped": 0, "prefill_s": 0.0, "answer_s": 0.0} for lab in labels}
+    examples = []
+    for i in range(spec["prompts"]):
+        name, prompt_spec = f"{cell['name']}.prompts/p{i}", {**spec, "prompt": i}
+        record = load_cell(root, name, prompt_spec)
+        if record is None:
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            grid = shared_prefill_accuracy(
+                model, tokenizer, stream, [length], bands, 1, per_band=spec["per_band"], seed=f"{spec['seed']}-{i}"
+            )
+            result = {"cells": grid["cells"][str(length)], "examples": grid["examples"]}
+            record = save_cell(
+                root,
+                name,
+                prompt_spec,
+                result,
+                seconds=time.perf_counter() - t0,
+                device=where,
+                cpu_seconds=time.process_time() - cpu0,
+            )
+            done = sum(c["correct"] for c in result["cells"].values())
+            print(f"  {name}: {done}/{sum(c['needles'] for c in result['cells'].values())}", flush=True)
+        for lab, c in record["result"]["cells"].items():
+            for key in totals[lab]:
+                totals[lab][key] += c[key]
+        examples += [e for e in record["result"]["examples"] if not e["correct"]]
+    correct, n = sum(t["correct"] for t in totals.values()), sum(t["needles"] for t in totals.values())
+    for t in totals.values():
+        t["accuracy"] = t["correct"] / t["needles"]
+        t["wilson95"] = [round(x, 4) for x in wilson(t["correct"], t["needles"])]
+        t["prefill_s"], t["answer_s"] = round(t["prefill_s"], 3), round(t["answer_s"], 3)
+    return {
+        "bands": totals,
+        "correct": correct,
+        "n": n,
+        "accuracy": correct / n,
+        "wilson95": [round(x, 4) for x in wilson(correct, n)],
+        "needles_per_prompt": spec["per_band"] * len(bands),
+        "examples": examples[:6],
     }
 
 
@@ -386,11 +454,14 @@ def run_cells(
                 if c["kind"] == "ppl":
                     text = texts[c["measure"].removeprefix("ppl-")]
                     result = measure_perplexity(model, text["documents"], c["length"], context, bucket)
+                elif c["kind"] == "needles":
+                    stream = streams[(spec["filler"], spec["seed"])]
+                    result = measure_needles(model, tokenizer, stream, c, root, where)
                 else:
                     result = measure_retrieval(
                         model,
                         tokenizer,
-                        streams[spec["filler"]],
+                        streams[(spec["filler"], spec["seed"])],
                         c["kind"],
                         c["length"],
                         spec["depths"],
@@ -410,7 +481,7 @@ def run_cells(
                     cpu_seconds=time.process_time() - cpu0,
                 )
                 summary = (
-                    {k: round(result[k]["perplexity"], 3) for k in ("inside", "beyond")}
+                    {k: round(result[k]["perplexity"], 3) for k in ("inside", "beyond") if result[k]["tokens"]}
                     if c["kind"] == "ppl"
                     else f"{result['correct']}/{result['n']}"
                 )
@@ -432,13 +503,39 @@ def cell_text(cell: dict, record: dict | None) -> tuple[str, str]:
     if record is None:
         return NOT_MEASURED, "-"
     r = record["result"]
-    if cell["kind"] == "ppl":
+    if cell["inside"]:  # perplexity of the first L tokens, L inside the trained context
+        text = fmt_ppl(r["all"]["perplexity"])
+    elif cell["kind"] == "ppl":
         text = f"{fmt_ppl(r['inside']['perplexity'])} / {fmt_ppl(r['beyond']['perplexity'])}"
     else:
         lo, hi = r["wilson95"]
         text = f"{r['correct']}/{r['n']} [{lo:.2f}, {hi:.2f}]"
     cpu = record.get("cpu_seconds") if record["device"].startswith("cpu") else None
     return text, f"{record['seconds']:.0f}" + (f" (CPU {cpu:.0f})" if cpu is not None else "")
+
+
+def needles_by_band(cells: list[dict], records: dict, rows: list[str], bands: list[str]) -> list[str]:
+    """The named-key table: correct / needles [Wilson 95%] per depth band, a row per (method, factor, length)."""
+    lines = [
+        "## Named-key retrieval by depth band",
+        "",
+        "| method | length | " + " | ".join(f"depth {b}" for b in bands) + " | seconds |",
+        "|---|---|" + "---|" * (len(bands) + 1),
+    ]
+    for row in rows:
+        for c in sorted((c for c in cells if c["row"] == row and c["kind"] == "needles"), key=lambda c: c["length"]):
+            record = records.get(c["name"])
+            if record is None:
+                lines.append(f"| {row} | {c['length']:,} | " + " | ".join([NOT_MEASURED] * len(bands)) + " | - |")
+                continue
+            per = record["result"]["bands"]
+            text = [
+                f"{per[b]['correct']}/{per[b]['needles']} [{per[b]['wilson95'][0]:.2f}, {per[b]['wilson95'][1]:.2f}]"
+                for b in bands
+            ]
+            label = row if c["target"] is None else f"{row} x{c['target'] / c['spec']['context']:g}"
+            lines.append(f"| {label} | {c['length']:,} | " + " | ".join(text) + f" | {record['seconds']:.0f} |")
+    return [*lines, ""]
 
 
 def write_page(
@@ -471,29 +568,61 @@ def write_page(
         "measures them (add `--device cuda` on a GPU) and rewrites this page."
     )
     lines = [f"# Training-free leaderboard: {args.model or sweep.model} past its trained context", "", intro, ""]
+    plan = sweep.perplexity
     for name, t in texts.items():
         docs = ", ".join(f"`{d['name']}` ({d['tokens']:,} tokens in all)" for d in t["documents"])
+        what = []
+        if plan.at_target:
+            what.append(
+                "the first factor x context tokens, one forward each; cells: perplexity of the tokens at positions "
+                "below the trained context / at and beyond it"
+            )
+        if plan.inside:
+            what.append(
+                f"the first {', '.join(f'{L:,}' for L in plan.inside)} tokens (`@L` columns), inside the trained "
+                "context: what a patch costs where the model was trained"
+            )
         lines.append(
-            f"- Perplexity text `{name}`: `{t['source']}`, the first factor x context tokens of {docs} "
-            f"(token sha256 {t['sha256']}). Cells: perplexity of the tokens at positions below the "
-            f"trained context / at and beyond it, one forward over the whole input."
+            f"- Perplexity text `{name}`: `{t['source']}`, {docs} (token sha256 {t['sha256']}): {'; '.join(what)}."
         )
-    retrieval = sweep.retrieval
-    trials = {task: args.trials or n for task, n in retrieval.trials.items()}
-    lines += [
-        (
+    retrieval, needles = sweep.retrieval, sweep.needles
+    trials = {task: args.trials or n for task, n in retrieval.trials.items()} if retrieval else {}
+    if retrieval:
+        lines.append(
             f"- Retrieval: {', '.join(f'{t} ({n} prompts per depth)' for t, n in trials.items())} at depths "
             f"{', '.join(f'{d:g}' for d in args.depths or retrieval.depths)}, filler `{retrieval.filler}`, seed "
             f"{retrieval.seed}, the same prompts for every model; prompt lengths up to each row's target. Cells: "
             "correct / prompts over all depths [Wilson 95% interval]; per depth in the cell files."
-        ),
-        "",
-    ]
+        )
+    if needles:
+        from ctxext.evals.shared_prefill import band_label
+
+        bands = [band_label(b) for b in needles.bands]
+        by_row = "".join(f", {n} for {r}" for r, n in needles.prompts_by_row.items())
+        lines.append(
+            f"- `needles`: named-key retrieval ({needles.per_band} needles in each depth band "
+            f"{', '.join(bands)}, so {needles.per_band * len(bands)} named keys per prompt, each asked for in turn "
+            f"from one prefill of the prompt; `ctxext.evals.shared_prefill`), {needles.prompts} prompts per length"
+            f"{by_row}, filler `{needles.filler}`, seed {needles.seed}, dtype {needles.dtype}; the same prompts for "
+            "every model. The keys of one prompt are each other's distractors, so this is harder than one-needle "
+            "passkey. Cells: correct / needles over all bands [Wilson 95%]; per band below. Rows with `dynamic` "
+            "frequencies are not measured this way (a cached prefix is not exact for them)."
+        )
+    lines.append("")
+    tasks = [*trials, *(["needles"] if needles else [])]
     for factor in sweep.factors:
         target = round(factor * context)
         lengths = sorted({c["length"] for c in cells if c["kind"] != "ppl" and c["length"] <= target})
-        cols = [(f"ppl-{name}", target) for name in texts] + [(task, L) for task in trials for L in lengths]
-        header = [f"{m} (inside / beyond {context:,})" if m.startswith("ppl-") else f"{m}@{L:,}" for m, L in cols]
+        cols = [
+            (f"ppl-{name}", L)
+            for name in texts
+            for L in [target] * plan.at_target + [L for L in plan.inside if L < target]
+        ]
+        cols += [(task, L) for task in tasks for L in lengths]
+        header = [
+            f"{m} (inside / beyond {context:,})" if m.startswith("ppl-") and L == target else f"{m}@{L:,}"
+            for m, L in cols
+        ]
         by_key = {(c["row"], c["measure"], c["length"]): c for c in cells if factor in c["factors"]}
         lines += [
             f"## x{factor:g} (to {target:,} tokens)",
@@ -523,20 +652,22 @@ def write_page(
             *seconds,
             "",
         ]
+    if needles:
+        lines += needles_by_band(cells, records, rows, bands)
     devices = sorted({r["device"] for r in records.values()})
     commands = sorted({(r["command"], r["date"]) for r in records.values()}, key=lambda x: x[1])
     lines += [f"Measured on: {', '.join(devices) or 'nothing yet'}. Commands that measured these cells:", ""]
     lines += [f"- `{cmd}` ({date})" for cmd, date in commands] or ["- none yet"]
     plot = out / "real_model.png"
     if done:
-        first_text, first_task = next(iter(texts)), next(iter(trials))
+        first_text, first_task = next(iter(texts)), next(iter(tasks), None)
         ppl = {f"x{f:g}": {} for f in sweep.factors}  # every factor gets its column, measured or not
         acc = {f"x{f:g}": {} for f in sweep.factors}
         for c in done:
             r = records[c["name"]]["result"]
             for factor in c["factors"]:
                 group = f"x{factor:g}"
-                if c["measure"] == f"ppl-{first_text}":
+                if c["measure"] == f"ppl-{first_text}" and not c["inside"]:
                     ppl.setdefault(group, {})[c["row"]] = {b["end"]: b["perplexity"] for b in r["buckets"]}
                 elif c["measure"] == first_task:
                     acc.setdefault(group, {}).setdefault(c["row"], {})[c["length"]] = (r["accuracy"], *r["wilson95"])
@@ -573,7 +704,8 @@ def main(argv=None) -> int:
             p.error(f"{args.config} is a {sweep.kind} sweep: run it with scripts/leaderboard.py")
         unknown = [m for m in args.methods or [] if m not in sweep.methods]
         unknown += [f"x{f:g}" for f in args.factors or [] if f not in sweep.factors]
-        known_measures = ["ppl", *sweep.retrieval.trials]
+        known_measures = ["ppl", *(sweep.retrieval.trials if sweep.retrieval else [])]
+        known_measures += ["needles"] * (sweep.needles is not None)
         unknown += [m for m in args.measure or [] if m not in known_measures]
         if unknown:
             p.error(
@@ -585,6 +717,8 @@ def main(argv=None) -> int:
         context = args.context or sweep.context or checkpoint_context
         if context > checkpoint_context:
             p.error(f"--context {context} is beyond the checkpoint's trained context {checkpoint_context}")
+        if any(L > context for L in sweep.perplexity.inside):
+            p.error(f"perplexity.inside {sweep.perplexity.inside}: every length must be <= the context {context}")
         tokenizer = AutoTokenizer.from_pretrained(source)
         cells, texts, streams = make_plan(sweep, args, context, checkpoint_context, tokenizer)
         root = Path(args.cells)

@@ -265,3 +265,65 @@ def test_each_leaderboard_script_refuses_the_other_kind_of_sweep(script, capsys)
     with pytest.raises(SystemExit) as exit_:
         script.main(["--config", "configs/sweeps/leaderboard.yaml", "--report-only"])
     assert exit_.value.code == 2 and "run it with scripts/leaderboard.py" in capsys.readouterr().err
+
+
+NEEDLES = """needles:
+  lengths: [256, 512]
+  bands: [[0, 0.5], [0.5, 1]]
+  per_band: 1
+  prompts: 2
+  prompts_by_row: {{yarn: 3}}
+  filler: {text}
+"""
+
+
+def test_needles_resume_per_prompt_and_inside_perplexity_scores_the_first_tokens(script, tmp_path):
+    """Named-key cells (one prefill per prompt) are the library's shared-prefill answers, resumable per prompt;
+    ``perplexity.inside`` adds perplexity over the first L tokens; dynamic rows get no needles cell."""
+    from transformers import AutoModelForCausalLM
+
+    from ctxext.evals.perplexity import position_nll
+    from ctxext.evals.run import filler_stream
+    from ctxext.evals.shared_prefill import shared_prefill_accuracy
+    from ctxext.io.sources import resolve_model
+
+    write_sweep(tmp_path, lengths="[256]", extra="  dynamic: {method: dynamic}\n")
+    sweep = (tmp_path / "sweep.yaml").read_text()
+    text = tmp_path / "code"
+    sweep = sweep.replace("  documents: 1\n", "  documents: 1\n  inside: [128]\n")
+    sweep = sweep.replace("methods:\n", NEEDLES.format(text=text) + "methods:\n")
+    (tmp_path / "sweep.yaml").write_text(sweep)
+    assert run(script, tmp_path, "--methods", "baseline,yarn,dynamic", "--measure", "ppl,needles") == 0
+    root = tmp_path / "cells" / "float32" / "context256"
+    assert not list(root.glob("dynamic-x2/needles*"))
+    prompts = sorted(p.name for p in (root / "yarn-x2" / "needles@512.prompts").iterdir())
+    assert prompts == ["p0.json", "p1.json", "p2.json"]  # prompts_by_row
+    baseline = json.loads((root / "baseline" / "needles@256.json").read_text())["result"]
+    assert baseline["n"] == 4 and set(baseline["bands"]) == {"0-0.5", "0.5-1"}
+
+    # the same answers as the library, prompt by prompt (prompt i drawn from seed "<seed>-<i>")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("reference"), dtype=torch.float32)
+    tokenizer = script_tokenizer()
+    stream = filler_stream(tokenizer, str(text), seed=0)
+    direct = [
+        shared_prefill_accuracy(model, tokenizer, stream, [256], [(0, 0.5), (0.5, 1)], 1, seed=f"0-{i}")
+        for i in range(2)
+    ]
+    for band in ("0-0.5", "0.5-1"):
+        assert baseline["bands"][band]["correct"] == sum(d["cells"]["256"][band]["correct"] for d in direct)
+
+    # perplexity inside the trained context: the first 128 tokens of the document, one forward
+    inside = json.loads((root / "baseline" / "ppl-code@128.json").read_text())["result"]
+    ids = script.select_documents(tokenizer, str(text), 1, 512)[0]["ids"][:128]
+    nll = position_nll(model, torch.tensor([ids]))[0].double()
+    assert inside["all"]["perplexity"] == pytest.approx(math.exp(float(nll.mean())), rel=1e-5)
+    assert inside["beyond"]["tokens"] == 0
+
+    # a lost combined cell is rebuilt from its prompt files without measuring again
+    before = mtimes(root / "baseline" / "needles@256.prompts")
+    (root / "baseline" / "needles@256.json").unlink()
+    assert run(script, tmp_path, "--methods", "baseline", "--measure", "needles") == 0
+    assert mtimes(root / "baseline" / "needles@256.prompts") == before
+    assert json.loads((root / "baseline" / "needles@256.json").read_text())["result"] == baseline
+    page = (tmp_path / "out" / "REAL_MODEL.md").read_text()
+    assert "ppl-code@128" in page and "## Named-key retrieval by depth band" in page

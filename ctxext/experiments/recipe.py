@@ -328,6 +328,12 @@ class PerplexityPlan(Options):
         "of each, for the largest factor)",
     )
     buckets_per_context: int = Field(4, gt=0, description="position buckets per trained context in the report")
+    at_target: bool = Field(True, description="score the first factor x context tokens (false: too long to afford)")
+    inside: list[int] = Field(
+        default_factory=list,
+        description="also score the first L tokens for each L here (at most the trained context): what a patch "
+        "costs where the model was trained",
+    )
     dtype: Dtype = Field("float32", description="model dtype for these cells")
 
 
@@ -358,6 +364,26 @@ class RetrievalPlan(Options):
         return trials
 
 
+class NeedlesPlan(Options):
+    """Named-key retrieval answered from one prefill per prompt (``ctxext.evals.shared_prefill``): several needles
+    per prompt, so a CPU affords it at 8k-16k tokens. Needles in one prompt are each other's distractors."""
+
+    lengths: list[int] = Field(
+        ..., min_length=1, description="prompt lengths; a row measures those up to its extended context"
+    )
+    bands: list[tuple[float, float]] = Field(
+        [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)], min_length=1, description="depth bands (lo, hi)"
+    )
+    per_band: int = Field(2, gt=0, description="needles per band in every prompt")
+    prompts: int = Field(10, gt=0, description="prompts per length: prompts x per_band needles per band")
+    prompts_by_row: dict[str, int] = Field(
+        default_factory=dict, description="row name: prompts, for rows measured with more (or fewer) needles"
+    )
+    filler: str = "stdlib:held_out"
+    seed: int = 0
+    dtype: Dtype = Field("float32", description="model dtype for these cells")
+
+
 class TrainingFreeSweep(Options):
     """A training-free sweep (``configs/sweeps/smollm2.yaml``): every row patched in memory at every factor and
     evaluated without fine-tuning (``scripts/real_model_leaderboard.py``).
@@ -375,7 +401,8 @@ class TrainingFreeSweep(Options):
     )
     factors: list[float] = Field(..., min_length=1)
     perplexity: PerplexityPlan
-    retrieval: RetrievalPlan
+    retrieval: RetrievalPlan | None = None
+    needles: NeedlesPlan | None = None
     methods: dict[str, TrainingFreeRow] = Field(..., min_length=1)
 
     @model_validator(mode="after")
@@ -385,6 +412,9 @@ class TrainingFreeSweep(Options):
                 raise ValueError(f"factors: {factor} is not an extension; give factors > 1")
             for name in self.methods:
                 self.row(name, factor)
+        unknown = [r for r in (self.needles.prompts_by_row if self.needles else {}) if r not in self.methods]
+        if unknown:
+            raise ValueError(f"needles.prompts_by_row: {', '.join(unknown)} not in methods")
         return self
 
     def row(self, name: str, factor: float) -> tuple[str | None, dict, str | None]:
