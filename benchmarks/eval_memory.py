@@ -1,6 +1,6 @@
 """Peak memory of long-input evaluation: ctxext's chunked scoring against ``model(x, labels=x)``.
 
-    python benchmarks/eval_memory.py                         # SmolLM2-135M shape, 8k/16k/32k -> docs/benchmarks/
+    python benchmarks/eval_memory.py                         # SmolLM2-135M shape, 8k/16k/32k -> docs/results/benchmarks/
     python benchmarks/eval_memory.py --lengths 512,1024 --layers 2 --output /tmp/bench      # seconds, a check
 
 Model: a SmolLM2-135M-shaped Llama with random weights (vocab 49,152, hidden 576, 9 heads, 3 kv heads, tied
@@ -93,7 +93,7 @@ def main() -> int:
     p.add_argument("--lengths", default="8192,16384,32768")
     p.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output", default="docs/benchmarks")
+    p.add_argument("--output", default="docs/results/benchmarks")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

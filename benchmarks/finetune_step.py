@@ -1,6 +1,6 @@
 """Peak memory and tokens/s of one LoRA training step: ctxext's loop against a plain baseline, side by side.
 
-    python benchmarks/finetune_step.py                      # SmolLM-135M shape, 1k/2k/4k/8k, writes docs/benchmarks/
+    python benchmarks/finetune_step.py                      # SmolLM-135M shape, 1k/2k/4k/8k, writes docs/results/benchmarks/
     python benchmarks/finetune_step.py --shape smollm-135m-4layers --repeats 3   # the speed page (see below)
     python benchmarks/finetune_step.py --lengths 256,512 --shape tiny --output /tmp/bench   # seconds, for a check
 
@@ -200,7 +200,7 @@ def main() -> int:
     p.add_argument(
         "--repeats", type=int, default=3, help="ABBA step pairs per length for the speed columns (0: memory only)"
     )
-    p.add_argument("--output", default="docs/benchmarks")
+    p.add_argument("--output", default="docs/results/benchmarks")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "SEQ_LEN"), help=argparse.SUPPRESS)
     p.add_argument("--speed-worker", metavar="SEQ_LEN", type=int, help=argparse.SUPPRESS)
     p.add_argument("--no-checkpointing", action="store_true", help="activation checkpointing off (diagnosis)")

@@ -1,8 +1,8 @@
 """The memory model (``ctxext.train.memory``) against measured peaks: small Llama shapes on this CPU, LoRA and full.
 
-    python benchmarks/memory_model.py                        # every case below, writes docs/benchmarks/memory_model.*
+    python benchmarks/memory_model.py                        # every case below, writes docs/results/benchmarks/memory_model.*
     python benchmarks/memory_model.py --cases s1-lora-1024   # one case, for a check
-    python benchmarks/memory_model.py --predictions   # the 1B/8B/70B table, docs/benchmarks/memory_predictions.md
+    python benchmarks/memory_model.py --predictions   # the 1B/8B/70B table, docs/results/benchmarks/memory_predictions.md
 
 Each case runs in its own process: a random Llama of the case's shape, set up as ``ctxext.train`` sets it up
 (``add_lora`` from a config, activation checkpointing, ``ChunkedLMLoss``, AdamW), three optimizer steps at the
@@ -209,7 +209,7 @@ def predictions(output: Path) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
-    p.add_argument("--output", default="docs/benchmarks")
+    p.add_argument("--output", default="docs/results/benchmarks")
     p.add_argument("--predictions", action="store_true", help="write the 1B/8B/70B prediction table instead")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()

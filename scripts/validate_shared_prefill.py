@@ -1,6 +1,6 @@
 """Shared-prefill retrieval (ctxext.evals.shared_prefill) against the one-needle passkey protocol, reference model.
 
-    .venv/bin/python scripts/validate_shared_prefill.py --output docs/shared_prefill/ --trials 40 --threads 1
+    .venv/bin/python scripts/validate_shared_prefill.py --output docs/results/shared_prefill/ --trials 40 --threads 1
 
 Per setting (the reference model as shipped at 256 tokens; patched in memory with Self-Extend G16 W64 bias -1.5,
 which retrieves one key at 95%+ up to 2048; with YaRN x8, which mostly does not), at the same lengths and depths,
@@ -96,7 +96,7 @@ def rows(label: str, r: dict, lengths, depths, trials) -> tuple[list[str], list[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--output", default="docs/shared_prefill/")
+    ap.add_argument("--output", default="docs/results/shared_prefill/")
     ap.add_argument("--trials", type=int, default=40, help="needles per cell (each protocol)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)

@@ -1,5 +1,5 @@
 """The reliability drill: hostile inputs, kill -9 at random moments, a full disk, two runs into one
-output, a diverging fine-tune. Prints the table that docs/RELIABILITY.md reports.
+output, a diverging fine-tune. Prints the table that docs/results/RELIABILITY.md reports.
 
     python -m tests.reliability_drill                        # every part (about an hour on 2 busy cores)
     python -m tests.reliability_drill --parts inputs,lock    # some parts: inputs, kill, disk, lock, diverge

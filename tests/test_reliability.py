@@ -1,6 +1,6 @@
 """The reliability drill as tests: hostile inputs, kill -9 at random moments, a full disk, two runs into one output, a
 diverging run. ``python -m tests.reliability_drill`` runs the same cases at full size (20+ kills per operation) and
-prints the table of docs/RELIABILITY.md; the fast tests here pin the checks underneath it."""
+prints the table of docs/results/RELIABILITY.md; the fast tests here pin the checks underneath it."""
 
 import errno
 import json

@@ -1,9 +1,9 @@
-"""``ctxext demo``: the main job on the shipped reference model, end to end, in about 12 minutes on 2 idle CPU cores.
+"""``ctxext demo``: the main job on the shipped reference model, end to end, in minutes on a CPU.
 
 The recipe (default ``configs/recipes/demo.yaml``) says what runs:
 
-1. evaluate the reference model (trained at 256 tokens) at 256 .. 256 x factor: perplexity, passkey, RULER-style
-   tasks and code outside the training domain;
+1. evaluate the reference model (trained at 256 tokens) at 256 .. 256 x factor: perplexity, passkey, code outside
+   the training domain (and RULER-style tasks if the recipe names them);
 2. patch it x factor (the recipe's method, YaRN by default; ``--method pi`` for position interpolation) and
    evaluate again without fine-tuning;
 3. progressive LoRA fine-tune (512 -> 1024 -> 2048 for x8) on stdlib code mixed with retrieval documents whose
@@ -252,7 +252,7 @@ def run_demo(output_dir, recipe, factor, method, model, quick) -> dict:
             "scored in non-overlapping windows of each length, so every column scores the same text (long files: "
             "lower perplexity than the model card's all-files numbers) (`ppl.json`, `ppl.png`). Passkey: exact match, "
             f"{plan['passkey_trials']} keys per (length, depth) cell (`passkey.json`, `passkey_*.png`). Fine-tuning "
-            "curve: `finetune/metrics.jsonl`. Every method on the same budget: `docs/RESULTS.md` in the repository "
+            "curve: `finetune/metrics.jsonl`. Every method on the same budget: `docs/results/RESULTS.md` in the repository "
             "(`python scripts/leaderboard.py`)."
         ),
         "",

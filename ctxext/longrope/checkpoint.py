@@ -16,7 +16,7 @@ thus makes transformers use the long factors (its largest position is beyond the
 exercises rotation angles of distances up to the target, for the cost of ``window`` tokens. What it cannot
 exercise is attention spread over ``target`` tokens, which is what the attention factor compensates for, so in
 proxy mode the attention factor is not searched: it is fixed at LongRoPE's ``sqrt(1 + ln s / ln L)`` (or
-``attention_factor``). Measured on the reference model x8 (docs/LONGROPE.md), the proxy's factors did not beat
+``attention_factor``). Measured on the reference model x8 (docs/results/LONGROPE.md), the proxy's factors did not beat
 YaRN on full-length held-out text while the exact search's did, so proxy-searched factors must be checked at the
 target length.
 

@@ -22,7 +22,7 @@ queries, every key more than ``window`` before its first query is grouped for al
 one unmasked SDPA call on the grouped ``q``/``k`` alone (half the features, the fast path) that also returns its
 log-sum-exp; the band of the last ``window + block`` keys, where the two position sets meet, is scored explicitly;
 the two partial softmaxes are merged by their log-sum-exps. 1.6-2.0x plain SDPA's time at 4k-16k instead of
-3.1-4.4x, at plain SDPA's peak memory (docs/benchmarks/selfextend.md). Only the CPU kernel of SDPA returns the
+3.1-4.4x, at plain SDPA's peak memory (docs/results/benchmarks/selfextend.md). Only the CPU kernel of SDPA returns the
 log-sum-exp (and that one no gradient), so other devices and training keep the concatenated form.
 
 Positions follow the slots of the KV cache: query ``t`` of ``Q`` sits at slot ``K - Q + t`` of the ``K`` keys.
@@ -57,7 +57,7 @@ class SelfExtendConfig(MethodConfig):
         0.0,
         help="added to every grouped attention logit (not in the paper: 0); a negative "
         "value gives the G keys that share each grouped position less of the softmax "
-        "(docs/SELFEXTEND.md)",
+        "(docs/results/SELFEXTEND.md)",
         le=0,
     )
     name: ClassVar[str] = "selfextend"

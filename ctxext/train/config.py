@@ -191,7 +191,7 @@ class LoggingSection(Options):
 
 
 class DistributedSection(Options):
-    """How several processes share the work (docs/SCALING.md). The launcher starts the processes
+    """How several processes share the work (docs/guides/scaling.md). The launcher starts the processes
     (``accelerate launch`` / ``torchrun``); this section says what they do."""
 
     sharding: Literal["none", "fsdp"] = Field(

@@ -4,7 +4,7 @@
     estimate(SHAPES["llama3-8b"], Setup(seq_len=32768, tuning="full", devices=8, sharding="fsdp"))
 
 The model counts what the training loop of ``ctxext.train`` keeps alive (formulas and their check against measured
-peaks: docs/SCALING.md):
+peaks: docs/guides/scaling.md):
 
 - weights: every parameter in the model's dtype, LoRA adapters in float32 (peft upcasts bf16/fp16 adapters);
 - gradients and AdamW's two states in the dtype of each trainable parameter (torch's AdamW keeps no fp32 master

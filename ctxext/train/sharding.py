@@ -1,6 +1,6 @@
 """Several processes: the weights sharded (FSDP2) and the sequence split (context parallel), for ``ctxext.train``.
 
-The config's ``distributed`` section chooses; the launcher starts the processes (docs/SCALING.md):
+The config's ``distributed`` section chooses; the launcher starts the processes (docs/guides/scaling.md):
 
     torchrun --nproc_per_node 2 -m ctxext.cli finetune configs/tiny.yaml distributed.sharding=fsdp   # CPU, gloo
     accelerate launch --num_processes 8 -m ctxext.cli finetune configs/llama3-8b-128k-cp.yaml       # GPUs, FSDP2 + CP
