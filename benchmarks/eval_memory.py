@@ -1,6 +1,6 @@
 """Peak memory of long-input evaluation: ctxext's chunked scoring against ``model(x, labels=x)``.
 
-    python benchmarks/eval_memory.py                         # SmolLM2-135M shape, 8k/16k/32k -> docs/results/benchmarks/
+    python benchmarks/eval_memory.py              # SmolLM2-135M shape, 8k/16k/32k -> docs/results/benchmarks/
     python benchmarks/eval_memory.py --lengths 512,1024 --layers 2 --output /tmp/bench      # seconds, a check
 
 Model: a SmolLM2-135M-shaped Llama with random weights (vocab 49,152, hidden 576, 9 heads, 3 kv heads, tied

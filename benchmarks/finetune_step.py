@@ -1,6 +1,6 @@
 """Peak memory and tokens/s of one LoRA training step: ctxext's loop against a plain baseline, side by side.
 
-    python benchmarks/finetune_step.py                      # SmolLM-135M shape, 1k/2k/4k/8k, writes docs/results/benchmarks/
+    python benchmarks/finetune_step.py           # SmolLM-135M shape, 1k/2k/4k/8k, writes docs/results/benchmarks/
     python benchmarks/finetune_step.py --shape smollm-135m-4layers --repeats 3   # the speed page (see below)
     python benchmarks/finetune_step.py --lengths 256,512 --shape tiny --output /tmp/bench   # seconds, for a check
 

@@ -1,8 +1,8 @@
 """The memory model (``ctxext.train.memory``) against measured peaks: small Llama shapes on this CPU, LoRA and full.
 
-    python benchmarks/memory_model.py                        # every case below, writes docs/results/benchmarks/memory_model.*
+    python benchmarks/memory_model.py            # every case below, writes docs/results/benchmarks/memory_model.*
     python benchmarks/memory_model.py --cases s1-lora-1024   # one case, for a check
-    python benchmarks/memory_model.py --predictions   # the 1B/8B/70B table, docs/results/benchmarks/memory_predictions.md
+    python benchmarks/memory_model.py --predictions   # 1B/8B/70B table: docs/results/benchmarks/memory_predictions.md
 
 Each case runs in its own process: a random Llama of the case's shape, set up as ``ctxext.train`` sets it up
 (``add_lora`` from a config, activation checkpointing, ``ChunkedLMLoss``, AdamW), three optimizer steps at the

@@ -1,6 +1,6 @@
 """Peak memory (and time) of one forward with Self-Extend attention against plain SDPA, as a ratio per length.
 
-    python benchmarks/selfextend_memory.py                      # 4k/8k/16k, writes docs/results/benchmarks/selfextend.md
+    python benchmarks/selfextend_memory.py          # 4k/8k/16k, writes docs/results/benchmarks/selfextend.md
     python benchmarks/selfextend_memory.py --lengths 1024 --output /tmp/bench   # seconds, for a check
 
 Model: a Llama with SmolLM-135M's attention shape (hidden 576, 9 heads, 3 kv heads, head_dim 64) but 2 layers and
@@ -97,7 +97,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="4096,8192,16384")
-    parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "docs" / "results" / "benchmarks"))
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "docs/results/benchmarks"))
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -1,6 +1,6 @@
 """Every method on the reference model, with and without the same fine-tuning budget: the leaderboard.
 
-    python scripts/leaderboard.py                   # full sweep (configs/sweeps/leaderboard.yaml) -> docs/results/RESULTS.md
+    python scripts/leaderboard.py              # full sweep (configs/sweeps/leaderboard.yaml) -> docs/results/RESULTS.md
     python scripts/leaderboard.py --quick --output /tmp/lb    # a minute or two (CI)
     python scripts/leaderboard.py --methods pi,yarn       # a subset of the config's rows
 

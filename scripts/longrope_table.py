@@ -1,4 +1,4 @@
-"""Searched LongRoPE factors against PI, NTK and YaRN at the same extension, without fine-tuning: docs/results/LONGROPE.md.
+"""Searched LongRoPE factors against PI, NTK and YaRN at the same extension, no fine-tuning: docs/results/LONGROPE.md.
 
     ctxext search reference runs/longrope/longrope8 --target-length 2048 --budget 160     # the search (stdlib:train)
     python scripts/longrope_table.py runs/longrope/longrope8                              # this table

@@ -131,9 +131,9 @@ def test_dtype_and_checkpointing_change_the_estimate_the_right_way():
 @pytest.mark.slow
 def test_prediction_matches_a_measured_cpu_peak(tmp_path):
     """Two cases of benchmarks/memory_model.py (LoRA and full, each in its own process): predicted / measured peak
-    within 0.75-1.25 (the published table: docs/results/benchmarks/memory_model.md). These cases are small (~60 MB), so the
-    CPU kernels' scratch space, which the model does not count, moves the ratio: the same packages measured the LoRA
-    case at 66 MB (0.91) on one machine and 75 MB (0.80) on another."""
+    within 0.75-1.25 (the published table: docs/results/benchmarks/memory_model.md). These cases are small (~60
+    MB), so the CPU kernels' scratch space, which the model does not count, moves the ratio: the same packages
+    measured the LoRA case at 66 MB (0.91) on one machine and 75 MB (0.80) on another."""
     proc = subprocess.run(
         [
             sys.executable,

@@ -11,9 +11,9 @@ Frequencies that change with the forward's length (``dynamic``) are refused: the
 
 Depth bands are explicit: every prompt holds ``per_band`` needles in each band ``(lo, hi)`` of the filler, at a
 uniform depth within it (``(d, d)`` pins depth ``d``), so a cell ``(length, band)`` gets ``prompts * per_band``
-needles. Needles that share a prompt are each other's distractors (RULER's multi-key), so this is a harder task
-than one-needle passkey for a model that cannot tell keys apart by name (docs/results/shared_prefill/: the reference model
-cannot): compare models at the same bands and ``per_band`` only; ``swapped`` counts answers that gave another
+needles. Needles that share a prompt are each other's distractors (RULER's multi-key), so this is a harder task than
+one-needle passkey for a model that cannot tell keys apart by name (docs/results/shared_prefill/: the reference
+model cannot): compare models at the same bands and ``per_band`` only; ``swapped`` counts answers that gave another
 needle's key. Prompt plus question plus answer fit ``length``. Prompts are a function of ``seed`` (the same for
 every model). Batch size 1 (no padding); run on CPU in float32 for numbers comparable across machines.
 

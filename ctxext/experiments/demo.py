@@ -252,8 +252,8 @@ def run_demo(output_dir, recipe, factor, method, model, quick) -> dict:
             "scored in non-overlapping windows of each length, so every column scores the same text (long files: "
             "lower perplexity than the model card's all-files numbers) (`ppl.json`, `ppl.png`). Passkey: exact match, "
             f"{plan['passkey_trials']} keys per (length, depth) cell (`passkey.json`, `passkey_*.png`). Fine-tuning "
-            "curve: `finetune/metrics.jsonl`. Every method on the same budget: `docs/results/RESULTS.md` in the repository "
-            "(`python scripts/leaderboard.py`)."
+            "curve: `finetune/metrics.jsonl`. Every method on the same budget: `docs/results/RESULTS.md` in the "
+            "repository (`python scripts/leaderboard.py`)."
         ),
         "",
         "![perplexity](ppl.png)",
