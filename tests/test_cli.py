@@ -363,3 +363,14 @@ def test_a_patch_killed_while_writing_leaves_no_out(tmp_path):
     # the next run cleans the debris and succeeds
     run_cli("patch", src, out, "--method", "pi", "--factor", 2, check_rc=0)
     assert not list(tmp_path.glob(".out.ctxext-tmp-*"))
+
+
+def test_output_parents_are_made_and_a_file_in_the_way_is_named(tmp_path):
+    from ctxext.errors import CheckpointError
+    from ctxext.io.checkpoint import check_output
+
+    assert check_output(tmp_path / "out" / "deep" / "ckpt", force=False) == tmp_path / "out" / "deep" / "ckpt"
+    assert (tmp_path / "out" / "deep").is_dir() and not (tmp_path / "out" / "deep" / "ckpt").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="cannot make its parent folder"):
+        check_output(tmp_path / "file" / "ckpt", force=False)

@@ -42,6 +42,8 @@ def patch(o) -> int:
     info = _describe(out)
     print(f"wrote {out}: {info['rope_summary']}; context {info['original_context']} -> {info['extended_context']}")
     print(f"loads with stock transformers: {info['stock_transformers_loads']}")
+    print(f"vLLM / SGLang: {info['runtimes']['rope_parameters engines']}")
+    print(f"llama.cpp (ctxext export gguf): {info['runtimes']['llama.cpp']}")
     return 0
 
 
@@ -65,6 +67,9 @@ def chain_help() -> str:
 class InfoOptions(Options):
     path: str = opt(..., "checkpoint folder, 'reference' (the shipped model) or a GGUF source name", positional=True)
     as_json: bool = opt(False, "print JSON", flag="--json")
+
+
+RUNTIME_LABELS = {"rope_parameters engines": "vLLM / SGLang", "llama.cpp": "llama.cpp (export gguf)"}
 
 
 def _describe(path) -> dict:
@@ -96,7 +101,9 @@ def info(o: InfoOptions) -> int:
     for i, step in enumerate(steps, 1):
         reach = f"{step['from_context']} -> {step['to_context']}"
         print(f"ctxext step {i}     {step['spec']} (scope {step['scope']}): {reach}")
-    print(f"stock load        {info['stock_transformers_loads']}")
+    print("runtimes")
+    for runtime, verdict in info["runtimes"].items():
+        print(f"  {RUNTIME_LABELS.get(runtime, runtime):<25}{verdict}")
     return 0
 
 
@@ -240,7 +247,7 @@ SEARCH_HELP = (
     "target length's rotation angles for the cost of --window tokens; attention then spreads over --window tokens "
     "only, so the attention factor is not searched but fixed at LongRoPE's sqrt(1 + ln s / ln L) (or "
     "--attention-factor). Check proxy-searched factors at the target with `ctxext eval ppl`. Measured results: "
-    "docs/LONGROPE.md."
+    "docs/results/LONGROPE.md."
 )
 
 
@@ -435,8 +442,8 @@ COMMANDS = [
         "progressive-length LoRA fine-tuning from a YAML config (accelerate; resumable)",
         "Fine-tune a patched model stage by stage at growing sequence lengths. Runs with python on one CPU/GPU and "
         "with `accelerate launch -m ctxext.cli finetune ...` on several (DDP; FSDP2 and context parallel from the "
-        "config's distributed section, docs/SCALING.md). Writes metrics.jsonl, checkpoints/, adapter/ and merged/ "
-        "under the output folder.",
+        "config's distributed section, docs/guides/scaling.md). Writes metrics.jsonl, checkpoints/, adapter/ and "
+        "merged/ under the output folder.",
     ),
     Command(
         "plan",
@@ -445,7 +452,7 @@ COMMANDS = [
         "predicted peak memory per device of a fine-tuning config, per stage (does it fit?)",
         "Predict the peak memory per device of every stage of a fine-tuning config before launching it: weights, "
         "gradients, AdamW states, activations under checkpointing, the chunked loss, FSDP2 sharding and context "
-        "parallel (docs/SCALING.md has the formulas and their check). Reads only the model's config.json (or "
+        "parallel (docs/guides/scaling.md has the formulas and their check). Reads only the model's config.json (or "
         "--shape). Exit code 1 when --gpu-memory is given and a stage does not fit.",
     ),
     Command(

@@ -56,8 +56,13 @@ def check_output(out: str | os.PathLike, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder; it cannot be replaced by a checkpoint")
     parent = out.absolute().parent
-    if not parent.is_dir():
-        raise CheckpointError(f"cannot write {out}: its parent folder {parent} does not exist")
+    if not parent.is_dir():  # out/llama-32k with no out/ yet: made, as mkdir -p would
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot write {out}: cannot make its parent folder {parent} ({err.strerror})"
+            ) from err
     try:  # a real probe: os.access says yes to root even where the filesystem refuses
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}probe-", dir=parent))
     except OSError as err:

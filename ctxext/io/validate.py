@@ -221,6 +221,10 @@ def read_config(src: str | os.PathLike):
     """The transformers config of checkpoint SRC (a folder or a hub id), after checking config.json."""
     from transformers import AutoConfig
 
+    from ctxext.models.attention import register_with_transformers
+
+    register_with_transformers()  # a config of ctxext's attention types validates before any model class loads
+
     path = Path(src) / "config.json"
     if Path(src).is_dir():
         path, raw = read_raw_config(src)

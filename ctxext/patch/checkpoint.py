@@ -11,9 +11,10 @@ from ctxext.io.checkpoint import claim_output, load_config, load_model, save_che
 from ctxext.io.sources import check_source
 from ctxext.io.validate import check_checkpoint
 from ctxext.models import family_of, head_dim_of, stock_rope_types
-from ctxext.models.native import RECORD_KEY, attention_method_of
+from ctxext.models.native import RECORD_KEY
 from ctxext.options import DType, Options, opt, takes
 from ctxext.patch.model import apply_plan, plan_patch
+from ctxext.patch.runtimes import llamacpp_runtime, rope_parameters_engines_runtime, transformers_runtime
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def patch_checkpoint(
 
 def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """What ``ctxext info`` shows, from config.json, after checking the checkpoint and every weight's values
-    (NaN / inf) without loading the model."""
+    (NaN / inf) without loading the model; ``runtimes`` says which runtimes run it as saved (``patch.runtimes``)."""
     src = check_source(path)
     checked = check_checkpoint(src, finite=True)
     config = checked.config
@@ -79,17 +80,11 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     per_type = rope if all(isinstance(v, dict) for v in rope.values()) and rope else {"all": rope}
     types = {k: (v or {}).get("rope_type", "default") for k, v in per_type.items()}
     record = raw.get(RECORD_KEY)
-    needs = sorted(set(types.values()) - stock_rope_types())
-    ours = [t for t in needs if attention_method_of({"rope_type": t})]
-    if not needs:
-        loads = "yes: stock transformers AutoModelForCausalLM.from_pretrained reproduces it"
-    elif ours == needs:
-        loads = (
-            f"only after `import ctxext` ({', '.join(t.removeprefix('ctxext_') for t in ours)} attention); "
-            f"without it transformers raises KeyError: {ours[0]!r}"
-        )
-    else:
-        loads = f"no: unknown rope type(s) {', '.join(needs)}"
+    runtimes = {
+        "transformers": transformers_runtime(set(types.values()), stock_rope_types()),
+        "rope_parameters engines": rope_parameters_engines_runtime(per_type, raw.get("max_position_embeddings")),
+        "llama.cpp": llamacpp_runtime(str(src), config),
+    }
     weights = sorted(p.name for p in Path(src).glob("*.safetensors")) if Path(src).is_dir() else []
     return {
         "path": src,
@@ -102,7 +97,8 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "original_context": (record or {}).get("original_context", raw.get("max_position_embeddings")),
         "extended_context": (record or {}).get("context", raw.get("max_position_embeddings")),
         "ctxext": record,
-        "stock_transformers_loads": loads,
+        "stock_transformers_loads": runtimes["transformers"],
+        "runtimes": runtimes,
         "weights": weights,
         "scopes": list(family.scopes(config)),
     }
