@@ -567,3 +567,49 @@ def test_recipe_plan_says_what_trains():
     assert load_recipe(overrides=["finetune.tuning=full"]).plan()["tuning"] == "full (every weight)"
     plain = ["finetune.lora.r=4", "finetune.lora.train_embeddings=false", "finetune.lora.train_norms=false"]
     assert load_recipe(overrides=plain).plan()["tuning"] == "LoRA r4"
+
+
+def test_data_needles_mix_named_key_documents_into_the_token_file(tmp_path):
+    """``data.needles``: named-key documents in the evaluation's format, sized to the stages' blocks (PoSE windows),
+    on train filler, their answers marked; mixed and shuffled with the source's documents in one token file."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from ctxext.data.needles import KEY_LINE, QUESTION
+    from ctxext.data.text import answer_spans, document_starts, open_token_file
+    from ctxext.io.sources import REFERENCE_DIR
+    from ctxext.train.config import load_config
+    from ctxext.train.loop import build_data
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            "data.max_documents=20",
+            "data.needles.documents=12",
+            "data.needles.keys=3",
+            "data.needles.full_length_share=1",
+            "stages.0.seq_len=128",
+            "stages.1.seq_len=256",
+            "stages.1.window=192",
+        ],
+    )
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_DIR)
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    build_data(cfg, tokenizer, tmp_path, accelerator)
+    path = tmp_path / "tokens" / "train.bin"
+    tokens, starts, spans = open_token_file(path), document_starts(path), answer_spans(path)
+    assert len(starts) == 20 + 12 and len(spans) == 12
+    ends = np.append(starts[1:], len(tokens))
+    docs = [(int(a), int(b)) for a, b in zip(starts, ends)]
+    named = [d for d in docs if any(d[0] <= s < d[1] for s, _ in spans)]
+    assert len(named) == 12 and named != docs[-12:]  # shuffled in, not appended
+    sizes = sorted(b - a for a, b in named)  # blocks: 128 (stage 0) and the 192-token window (stage 1), whole
+    assert set(sizes) <= set(range(120, 130)) | set(range(184, 194)) and len(set(sizes)) > 1, sizes
+    for (a, b), (s, e) in zip(named, spans):
+        text = tokenizer.decode(tokens[a:b].tolist())
+        asked = text.rsplit("# What is the ", 1)[1].split(" ")[0]
+        key = tokenizer.decode(tokens[s:e].tolist()).strip().rstrip(".")
+        assert KEY_LINE.format(name=asked, key=key) in text and text.count("pass key is") == 3 + 1
+        assert QUESTION.format(name=asked) in text

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from ctxext.data import needles as needles_format
 from ctxext.errors import EvalError
 from ctxext.evals import shared_prefill as sp
 from ctxext.io.sources import REFERENCE_DIR
@@ -115,7 +116,7 @@ def test_prompt_holds_each_needle_in_its_band_and_fits_the_length(reference):
     answer = len(tokenizer.encode(" 12345", add_special_tokens=False)) + 1
     assert len(prefix) + max(map(len, questions)) + answer == 512
     for n, q in zip(needles, questions):
-        line = tokenizer.encode(sp.KEY_LINE.format(**n), add_special_tokens=False)
+        line = tokenizer.encode(needles_format.KEY_LINE.format(**n), add_special_tokens=False)
         assert prefix[n["position"] : n["position"] + len(line)] == line
         assert n["name"] in tokenizer.decode(q)
         lo, hi = bands[n["band"]]

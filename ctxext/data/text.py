@@ -192,6 +192,19 @@ def _text_dataset(source: str, text_field: str, max_documents: int | None):
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
 
+def _mix(dataset, rows: list[dict], seed: int):
+    """``dataset`` and ``rows`` as one dataset with ``text`` and ``answers`` columns, documents shuffled."""
+    import datasets
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), ANSWERS: datasets.Sequence(datasets.Sequence(datasets.Value("int64")))}
+    )
+    extra = datasets.Dataset.from_list([{"text": r["text"], ANSWERS: r.get(ANSWERS, [])} for r in rows], features)
+    if ANSWERS not in dataset.column_names:
+        dataset = dataset.add_column(ANSWERS, [[] for _ in range(len(dataset))])
+    return datasets.concatenate_datasets([dataset.cast(features), extra]).shuffle(seed=seed).flatten_indices()
+
+
 def _answer_token_spans(tokenizer, texts: list[str], answers: list) -> tuple[list[list[int]], list[list[list[int]]]]:
     """Token ids per document and, per document, the [start, end) token ranges that overlap its ``answers``
     character spans (a row without answers has none)."""
@@ -230,16 +243,21 @@ def write_token_file(
     *,
     text_field: str = "text",
     max_documents: int | None = None,
+    extra_rows: list[dict] | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> Path:
     """Tokenize ``source`` once into ``path`` (uint32 ids, documents joined with EOS), ``path.starts`` (uint64
-    offsets where the documents start) and ``path.json`` (counts).
+    offsets where the documents start) and ``path.json`` (counts). ``extra_rows`` (``{"text", "answers"}`` rows,
+    e.g. ``ctxext.data.needles.training_rows``) are mixed in: the documents of both are shuffled with ``seed``.
 
     Written atomically: an interrupted run leaves no half file, and existing files are reused as they are."""
     path = Path(path)
     if all(p.is_file() for p in (path, _starts_path(path), path.with_suffix(".json"))):
         return path
     dataset = _text_dataset(source, text_field, max_documents)
+    if extra_rows:
+        dataset = _mix(dataset, extra_rows, seed)
     if len(dataset) == 0:
         raise DataError(f"data source {source!r} has no documents (no text in field {text_field!r} of any row)")
     eos = eos_id(tokenizer)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ctxext.data.needles import nearest_line_start as _nearest_line_start
+from ctxext.data.needles import random_key
 from ctxext.errors import DataError, EvalError
 
 KEY_LINE = "# The pass key is {key}. Remember it.\n"
@@ -27,10 +29,6 @@ class PasskeyPrompt:
     key: str
     depth: float  # requested relative position of the key line in the filler
     key_token_index: int  # token index where the key line starts
-
-
-def random_key(rng: random.Random, digits: int = 5) -> str:
-    return str(rng.randrange(10 ** (digits - 1), 10**digits))
 
 
 def build_prompt(tokenizer, filler_ids: list[int], length: int, depth: float, key: str) -> PasskeyPrompt:
@@ -52,22 +50,6 @@ def build_prompt(tokenizer, filler_ids: list[int], length: int, depth: float, ke
     cut = _nearest_line_start(tokenizer, filler, round(depth * n_filler))
     ids = filler[:cut] + key_ids + filler[cut:] + question_ids
     return PasskeyPrompt(input_ids=ids, key=key, depth=depth, key_token_index=cut)
-
-
-def _nearest_line_start(tokenizer, ids: list[int], target: int) -> int:
-    """Index nearest ``target`` that follows a token containing a newline (BPE may merge a newline with the next
-    line's indentation); 0 and len(ids) always qualify; ``target`` itself if no line break is within 64 tokens."""
-    if target <= 0 or target >= len(ids):
-        return max(0, min(target, len(ids)))
-    best = None
-    for radius in range(len(ids)):
-        for i in (target - radius, target + radius):
-            if 0 < i < len(ids) and "\n" in tokenizer.decode([ids[i - 1]]):
-                best = i
-                break
-        if best is not None or radius > 64:
-            break
-    return best if best is not None else target
 
 
 def score(generated_text: str, key: str) -> bool:

@@ -20,15 +20,16 @@ from __future__ import annotations
 import math
 import random
 import re
-import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from ctxext.data.needles import nearest_line_start as _nearest_line_start
+from ctxext.data.needles import random_key
+from ctxext.data.needles import random_name as _name
 from ctxext.errors import DataError, EvalError
-from ctxext.evals.passkey import _nearest_line_start, random_key
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,6 @@ class Needles:
     @property
     def answer_text(self) -> str:
         return " " + ", ".join(self.answer)
-
-
-def _name(rng: random.Random, taken: set[str]) -> str:
-    while True:
-        name = "".join(rng.choice(string.ascii_uppercase) for _ in range(4))
-        if name not in taken:
-            taken.add(name)
-            return name
 
 
 def multikey(rng: random.Random, depth: float, distractors: int = 3) -> Needles:

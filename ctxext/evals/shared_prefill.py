@@ -31,16 +31,12 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ctxext.errors import DataError, EvalError
-from ctxext.evals.passkey import _nearest_line_start, random_key, score
-from ctxext.evals.retrieval import _name, wilson
+from ctxext.data import needles as needles_format
+from ctxext.data.needles import draw_needles
+from ctxext.errors import EvalError
+from ctxext.evals.passkey import score
+from ctxext.evals.retrieval import wilson
 from ctxext.models.native import unwrap_attention
-
-# The name goes before "pass key is", not after ("the pass key of QXBR is"): the reference model, trained on
-# ``passkey.KEY_LINE`` only, answers one named needle 90% right this way and 25% the other (20 needles at 256).
-KEY_LINE = "# The {name} pass key is {key}. Remember it.\n"
-QUESTION = "\n# What is the {name} pass key? The {name} pass key is"
-ANSWER = " {key}"
 
 
 def band_label(band: tuple[float, float]) -> str:
@@ -66,47 +62,12 @@ def check_bands(bands) -> list[tuple[float, float]]:
     return out
 
 
-def draw_needles(rng: random.Random, bands: list[tuple[float, float]], per_band: int) -> list[dict]:
-    """``per_band`` needles per band: ``{"band", "depth", "name", "key"}``, names and keys distinct in the prompt."""
-    names: set[str] = set()
-    keys: set[str] = set()
-    needles = []
-    for b, (lo, hi) in enumerate(bands):
-        for _ in range(per_band):
-            key = random_key(rng)
-            while key in keys:
-                key = random_key(rng)
-            keys.add(key)
-            needles.append({"band": b, "depth": lo + (hi - lo) * rng.random(), "name": _name(rng, names), "key": key})
-    return needles
-
-
 def build_prompt(tokenizer, filler_ids: list[int], length: int, needles: list[dict]) -> tuple[list[int], list]:
-    """``(prefix ids, question ids per needle)``: filler with every needle's key line at its depth (at a line break),
-    cut so that prefix + any question + its answer (+1 token) fit ``length``. Each needle gets ``"position"``, the
-    token index where its key line starts in the prefix."""
-    lines = [tokenizer.encode(KEY_LINE.format(**n), add_special_tokens=False) for n in needles]
-    questions = [tokenizer.encode(QUESTION.format(**n), add_special_tokens=False) for n in needles]
-    answer = max(len(tokenizer.encode(ANSWER.format(**n), add_special_tokens=False)) for n in needles) + 1
-    n_filler = length - sum(map(len, lines)) - max(map(len, questions)) - answer
-    if n_filler < 0:
-        raise EvalError(
-            f"length={length} is too short for {len(needles)} needles, a question and an answer "
-            f"({length - n_filler} tokens); use a longer length or fewer needles (bands, per_band)"
-        )
-    if len(filler_ids) < n_filler:
-        raise DataError(f"not enough filler: {len(filler_ids)} tokens for a prompt of {length}")
-    filler = filler_ids[:n_filler]
-    cuts = sorted(
-        (_nearest_line_start(tokenizer, filler, round(n["depth"] * n_filler)), i) for i, n in enumerate(needles)
-    )
-    prefix, previous = [], 0
-    for cut, i in cuts:
-        prefix += filler[previous:cut]
-        needles[i]["position"] = len(prefix)
-        prefix += lines[i]
-        previous = cut
-    return prefix + filler[previous:], questions
+    """``ctxext.data.needles.build_prompt``, a too-short ``length`` as an EvalError."""
+    try:
+        return needles_format.build_prompt(tokenizer, filler_ids, length, needles)
+    except ValueError as err:
+        raise EvalError(f"{err} (bands, per_band)") from None
 
 
 def _check_static_frequencies(model) -> None:

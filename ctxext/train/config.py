@@ -150,6 +150,17 @@ class LoraSection(Options):
     train_norms: bool = Field(False, description="also train every norm weight (LongLoRA's LoRA+)")
 
 
+class NeedlesSection(Options):
+    """Named-key retrieval documents mixed into the training text (``ctxext.data.needles``: the format the
+    ``needles`` evaluation asks), each as long as a stage's block (its PoSE window where it has one)."""
+
+    documents: int = Field(..., gt=0, description="named-key documents added to data.source")
+    keys: int = Field(4, gt=0, le=32, description="named keys per document; its question asks for one of them")
+    edge_depth_share: float = Field(0.2, ge=0, le=1, description="share of asked keys at depth exactly 0 or 1")
+    full_length_share: float = Field(0.5, ge=0, le=1, description="share of documents a whole block long")
+    filler: str = Field("stdlib:train", description="text the keys are hidden in (never the evaluation's filler)")
+
+
 class DataSection(Options):
     source: str = Field("stdlib:train", description="stdlib:train, a file/folder, or a hub dataset name")
     text_field: str = "text"
@@ -165,6 +176,7 @@ class DataSection(Options):
         description="loss weight of answer tokens: a table row's "
         "'answers' character spans, e.g. the key a retrieval document asks for (1: none)",
     )
+    needles: NeedlesSection | None = Field(None, description="named-key retrieval documents mixed into source")
 
 
 class OptimizationSection(Options):

@@ -323,6 +323,31 @@ def add_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     return peft_model
 
 
+def needle_rows(cfg: FinetuneConfig, tokenizer, run: Path, stage_file: list[str]) -> list[dict] | None:
+    """``data.needles``' documents, sized to the blocks of the stages that train on ``data.source`` (skipped when
+    the token file already exists)."""
+    n = cfg.data.needles
+    if n is None or (run / "tokens" / "train.bin").is_file():
+        return None
+    from ctxext.data.needles import training_rows
+    from ctxext.data.text import join_documents, load_texts
+
+    blocks = sorted({s.block_len for s, f in zip(cfg.stages, stage_file) if f == "train"})
+    filler = join_documents(tokenizer, load_texts(n.filler, max_documents=400)).tolist()
+    rows = training_rows(
+        tokenizer,
+        filler,
+        blocks,
+        n.documents,
+        keys=n.keys,
+        edge_depth_share=n.edge_depth_share,
+        full_length_share=n.full_length_share,
+        seed=cfg.seed,
+    )
+    log.info("data.needles: %d named-key documents of %s tokens mixed into %s", len(rows), blocks, cfg.data.source)
+    return rows
+
+
 def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[list[Blocks], np.ndarray]:
     """The training blocks of every stage and the held-out stream (memory-mapped token files in the run folder,
     written once per source: ``train.bin``, ``held_out.bin``, ``stage-<i>.bin`` for a stage with its own source)."""
@@ -339,6 +364,8 @@ def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[
                 run / "tokens" / f"{name}.bin",
                 text_field=cfg.data.text_field,
                 max_documents=max_documents,
+                extra_rows=needle_rows(cfg, tokenizer, run, stage_file) if name == "train" else None,
+                seed=cfg.seed,
             )
     accelerator.wait_for_everyone()
     streams = {name: open_token_file(run / "tokens" / f"{name}.bin") for name in files}
