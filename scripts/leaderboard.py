@@ -9,7 +9,7 @@ without fine-tuning, fine-tune with the sweep's recipe (default configs/recipes/
 embeddings/norms, progressive 512 -> 1024 -> 2048, identical steps and data for every method) and evaluate again.
 Columns: held-out
 perplexity at 256/512/1024/2048, passkey (worst depth) at every length, change at 256 against the original model,
-fine-tuning seconds and tokens; then the targets of the issue, checked for the best fine-tuned method. Text below
+fine-tuning seconds and tokens; then the success targets, checked for the best fine-tuned method. Text below
 the line "<!-- notes -->" in an existing RESULTS.md is kept when the table is rewritten.
 
 Resumable: each finished row is a cell (``ctxext.evals.cells``) in WORK_DIR/rows/ whose spec is everything that
@@ -59,7 +59,7 @@ def with_interval(accuracy: float, trials: int | None) -> str:
 
 
 def check_targets(rows: dict, context: int, target: int, trials: int | None = None) -> list[tuple[str, bool, str]]:
-    """The issue's success targets, for the best fine-tuned row (lowest perplexity at the target length);
+    """The success targets, for the best fine-tuned row (lowest perplexity at the target length);
     ``trials``: keys per passkey cell, for the interval of the worst one."""
     tuned = {k: r for k, r in rows.items() if k.endswith("+ LoRA")}
     if "baseline" not in rows or not tuned:

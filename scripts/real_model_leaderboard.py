@@ -206,7 +206,8 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
                     "per_band": needles.per_band,
                     "prompts": args.prompts or needles.prompts_by_row.get(row, needles.prompts),
                 }
-                measures += [("needles", "needles", L, spec) for L in args.lengths or needles.lengths if L <= target]
+                reach = target if extended else context  # the unextended model: its own context (the control)
+                measures += [("needles", "needles", L, spec) for L in args.lengths or needles.lengths if L <= reach]
             for measure, kind, length, extra in measures:
                 name = f"{extra['dtype']}/context{context}/{model_key}/{measure}@{length}"
                 cell = cells.setdefault(
