@@ -82,7 +82,7 @@ def test_leaderboard_quick_mode_runs(small_model, tmp_path):
             "--factor",
             "4",
             "--methods",
-            "baseline,pi,pi+xpos",
+            "baseline,pi",
             "--output",
             str(tmp_path / "docs"),
             "--work-dir",
@@ -90,7 +90,7 @@ def test_leaderboard_quick_mode_runs(small_model, tmp_path):
         ]
     )
     table = (tmp_path / "docs" / "RESULTS.md").read_text()
-    for row in ("| baseline |", "| pi |", "| pi + LoRA |", "| pi+xpos |", "| pi+xpos + LoRA |"):
+    for row in ("| baseline |", "| pi |", "| pi + LoRA |"):
         assert row in table
     assert (tmp_path / "docs" / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Targets" in table and "| baseline fails beyond 256" in table

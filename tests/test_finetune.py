@@ -89,6 +89,24 @@ def test_tiny_run_end_to_end(base, reference_run):
 
 
 @pytest.mark.slow
+def test_an_attention_side_chain_fine_tunes_and_merges(base, tmp_path):
+    """pi+xpos: xPos lives in attention, so the merged checkpoint keeps its ctxext_xpos rope type and loads (with
+    ctxext) as the model the loop trained."""
+    import ctxext  # noqa: F401  (registers ctxext_xpos with transformers)
+
+    out = tmp_path / "run"
+    cmd = finetune_cmd(base, out, "patch.method=pi+xpos", "patch.scale_base=64", "stages.0.steps=2", "stages.1.steps=2")
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(losses(out)) == 4 and all(torch.isfinite(torch.tensor(losses(out))))
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    assert merged.config.rope_parameters["rope_type"] == "ctxext_xpos"
+    assert [m["method"] for m in merged.config.ctxext["steps"][-1]["chain"]] == ["pi", "xpos"]
+    ids = torch.randint(2, 400, (1, 100))
+    assert torch.isfinite(merged(ids).logits).all()
+
+
+@pytest.mark.slow
 def test_kill_9_then_resume_reproduces_the_loss_curve(base, reference_run, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
