@@ -158,7 +158,7 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
     common = {"model": args.model or sweep.model, "checkpoint_context": checkpoint_context, "context": context}
     cells = {}
     for row in sweep.methods:
-        for factor in sweep.factors:
+        for factor in filter(lambda f: sweep.has_factor(row, f), sweep.factors):
             chain, params, checkpoint = sweep.row(row, factor)
             target = round(factor * context)
             extended = chain is not None or checkpoint is not None
@@ -526,15 +526,15 @@ def needles_by_band(cells: list[dict], records: dict, rows: list[str], bands: li
     for row in rows:
         for c in sorted((c for c in cells if c["row"] == row and c["kind"] == "needles"), key=lambda c: c["length"]):
             record = records.get(c["name"])
+            label = row if c["target"] is None else f"{row} x{c['target'] / c['spec']['context']:g}"
             if record is None:
-                lines.append(f"| {row} | {c['length']:,} | " + " | ".join([NOT_MEASURED] * len(bands)) + " | - |")
+                lines.append(f"| {label} | {c['length']:,} | " + " | ".join([NOT_MEASURED] * len(bands)) + " | - |")
                 continue
             per = record["result"]["bands"]
             text = [
                 f"{per[b]['correct']}/{per[b]['needles']} [{per[b]['wilson95'][0]:.2f}, {per[b]['wilson95'][1]:.2f}]"
                 for b in bands
             ]
-            label = row if c["target"] is None else f"{row} x{c['target'] / c['spec']['context']:g}"
             lines.append(f"| {label} | {c['length']:,} | " + " | ".join(text) + f" | {record['seconds']:.0f} |")
     return [*lines, ""]
 
@@ -561,14 +561,15 @@ def write_page(
     done = [c for c in cells if c["name"] in records]
     intro = (
         f"Config: `{args.config}`. Model `{args.model or sweep.model}`, trained context {context:,}{pretend}; "
-        f"each method patched in memory (or loaded, for checkpoint rows) at factors "
-        f"{', '.join(f'x{f:g}' for f in sweep.factors)} (target = factor x context), no fine-tuning; model dtype "
+        f"each method patched in memory at factors {', '.join(f'x{f:g}' for f in sweep.factors)} (target = factor x "
+        "context) without fine-tuning; rows of saved checkpoints (a search result, a fine-tuned model) are measured "
+        "as saved; model dtype "
         f"{dtypes['perplexity']} for perplexity, {dtypes['retrieval'] or 'none'} for retrieval. "
         f"{len(done)} of {len(cells)} cells measured (page written {time.strftime('%Y-%m-%d')}); "
         f'"{NOT_MEASURED}" marks the others; `python scripts/real_model_leaderboard.py --config {args.config}` '
         "measures them (add `--device cuda` on a GPU) and rewrites this page."
     )
-    lines = [f"# Training-free leaderboard: {args.model or sweep.model} past its trained context", "", intro, ""]
+    lines = [f"# {args.model or sweep.model} past its trained context: every method", "", intro, ""]
     plan = sweep.perplexity
     for name, t in texts.items():
         docs = ", ".join(f"`{d['name']}` ({d['tokens']:,} tokens in all)" for d in t["documents"])
@@ -601,7 +602,7 @@ def write_page(
         bands = [band_label(b) for b in needles.bands]
         by_row = "".join(f", {n} for {r}" for r, n in needles.prompts_by_row.items())
         lines.append(
-            f"- `needles`: named-key retrieval ({needles.per_band} needles in each depth band "
+            f"- `needles`: named-key retrieval ({needles.per_band} needle{'s' * (needles.per_band > 1)} in each band "
             f"{', '.join(bands)}, so {needles.per_band * len(bands)} named keys per prompt, each asked for in turn "
             f"from one prefill of the prompt; `ctxext.evals.shared_prefill`), {needles.prompts} prompts per length"
             f"{by_row}, filler `{needles.filler}`, seed {needles.seed}, dtype {needles.dtype}; the same prompts for "

@@ -197,8 +197,11 @@ def test_the_shipped_sweep_plans_every_row_at_every_factor():
     )
     for factor in sweep.factors:
         for name in sweep.methods:
+            if not sweep.has_factor(name, factor):
+                assert factor == 4 and name == "yarn + PoSE LoRA"  # the fine-tuned checkpoint exists at x2 only
+                continue
             chain, params, checkpoint = sweep.row(name, factor)
-            assert checkpoint is None  # checkpoint rows (a later longrope search) are commented out until they exist
+            assert (checkpoint is None) == (name != "yarn + PoSE LoRA")
             if chain:
                 plan = plan_patch(config, chain, target_length=round(factor * 8192), **params)
                 assert plan.record["context"] >= factor * 8192, name

@@ -411,11 +411,17 @@ class TrainingFreeSweep(Options):
             if factor <= 1:
                 raise ValueError(f"factors: {factor} is not an extension; give factors > 1")
             for name in self.methods:
-                self.row(name, factor)
+                if self.has_factor(name, factor):
+                    self.row(name, factor)
         unknown = [r for r in (self.needles.prompts_by_row if self.needles else {}) if r not in self.methods]
         if unknown:
             raise ValueError(f"needles.prompts_by_row: {', '.join(unknown)} not in methods")
         return self
+
+    def has_factor(self, name: str, factor: float) -> bool:
+        """False for a row of saved checkpoints that names none for ``factor`` (it has no cells there)."""
+        checkpoint = self.methods[name].checkpoint
+        return not isinstance(checkpoint, dict) or float(factor) in {float(k) for k in checkpoint}
 
     def row(self, name: str, factor: float) -> tuple[str | None, dict, str | None]:
         """``(chain, params, checkpoint)`` of row ``name`` at ``factor`` (per-factor values resolved)."""
