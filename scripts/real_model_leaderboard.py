@@ -76,7 +76,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, help="retrieval prompts per generate call (default 8 on GPU, 1 on CPU)")
     p.add_argument(
         "--cells",
-        default="docs/real_model",
+        default="docs/results/real_model",
         help="cell folder (files <dtype>/context<N>/<model>/<measure>@<length>.json)",
     )
     p.add_argument("--output", default="docs/results", help="folder of REAL_MODEL.md and real_model.png")
@@ -569,7 +569,7 @@ def write_page(
         f'"{NOT_MEASURED}" marks the others; `python scripts/real_model_leaderboard.py --config {args.config}` '
         "measures them (add `--device cuda` on a GPU) and rewrites this page."
     )
-    lines = [f"# {args.model or sweep.model} past its trained context: every method", "", intro, ""]
+    lines = [f"# {args.model or sweep.model} extended by every method", "", intro, ""]
     plan = sweep.perplexity
     for name, t in texts.items():
         docs = ", ".join(f"`{d['name']}` ({d['tokens']:,} tokens in all)" for d in t["documents"])
