@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,21 +243,23 @@ def write_token_file(
     *,
     text_field: str = "text",
     max_documents: int | None = None,
-    extra_rows: list[dict] | None = None,
+    extra_rows: Callable[[], list[dict]] | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
     """Tokenize ``source`` once into ``path`` (uint32 ids, documents joined with EOS), ``path.starts`` (uint64
-    offsets where the documents start) and ``path.json`` (counts). ``extra_rows`` (``{"text", "answers"}`` rows,
-    e.g. ``ctxext.data.needles.training_rows``) are mixed in: the documents of both are shuffled with ``seed``.
+    offsets where the documents start) and ``path.json`` (counts). ``extra_rows`` makes more ``{"text", "answers"}``
+    rows (e.g. ``ctxext.data.needles.training_rows``), called only when the file is written; they are mixed in and
+    the documents of both shuffled with ``seed``.
 
     Written atomically: an interrupted run leaves no half file, and existing files are reused as they are."""
     path = Path(path)
     if all(p.is_file() for p in (path, _starts_path(path), path.with_suffix(".json"))):
         return path
     dataset = _text_dataset(source, text_field, max_documents)
-    if extra_rows:
-        dataset = _mix(dataset, extra_rows, seed)
+    rows = extra_rows() if extra_rows is not None else None
+    if rows:
+        dataset = _mix(dataset, rows, seed)
     if len(dataset) == 0:
         raise DataError(f"data source {source!r} has no documents (no text in field {text_field!r} of any row)")
     eos = eos_id(tokenizer)

@@ -121,12 +121,12 @@ def llamacpp_runtime(src: str, config) -> str:
     """Whether ``ctxext export gguf`` would write SRC for llama.cpp, and if not why (its own checks on the config
     and the tokenizer files; the weights are not read)."""
     from ctxext.io.gguf.tokenizer import tokenizer_metadata
-    from ctxext.io.gguf.write import _check_exportable
+    from ctxext.io.gguf.write import check_exportable
 
     if not Path(src).is_dir():
         return "no: `ctxext export gguf` needs a local checkpoint folder"
     try:
-        arch, rope = _check_exportable(src, config)
+        arch, rope = check_exportable(src, config)
         tokenizer_metadata(src, config.vocab_size)
     except CtxextError as err:
         return f"no: {_reason(err, src)}"

@@ -31,6 +31,7 @@ last checkpoint left is good, and ``--resume`` (with a lower ``optimization.lr=.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -323,12 +324,9 @@ def add_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     return peft_model
 
 
-def needle_rows(cfg: FinetuneConfig, tokenizer, run: Path, stage_file: list[str]) -> list[dict] | None:
-    """``data.needles``' documents, sized to the blocks of the stages that train on ``data.source`` (skipped when
-    the token file already exists)."""
+def needle_rows(cfg: FinetuneConfig, tokenizer, stage_file: list[str]) -> list[dict]:
+    """``data.needles``' documents, sized to the blocks of the stages that train on ``data.source``."""
     n = cfg.data.needles
-    if n is None or (run / "tokens" / "train.bin").is_file():
-        return None
     from ctxext.data.needles import training_rows
     from ctxext.data.text import join_documents, load_texts
 
@@ -364,7 +362,11 @@ def build_data(cfg: FinetuneConfig, tokenizer, run: Path, accelerator) -> tuple[
                 run / "tokens" / f"{name}.bin",
                 text_field=cfg.data.text_field,
                 max_documents=max_documents,
-                extra_rows=needle_rows(cfg, tokenizer, run, stage_file) if name == "train" else None,
+                extra_rows=(
+                    functools.partial(needle_rows, cfg, tokenizer, stage_file)
+                    if name == "train" and cfg.data.needles
+                    else None
+                ),
                 seed=cfg.seed,
             )
     accelerator.wait_for_everyone()

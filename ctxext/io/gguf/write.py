@@ -89,7 +89,7 @@ def permute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _check_exportable(src: str, config) -> tuple[str, GGUFRope]:
+def check_exportable(src: str, config) -> tuple[str, GGUFRope]:
     """``(llama.cpp architecture, rope)`` of SRC; ``CheckpointError`` for what llama.cpp would run differently."""
     arch = EXPORT_ARCHITECTURES.get(config.model_type)
     if arch is None:
@@ -237,7 +237,7 @@ def export_gguf(src, out, dtype, force, tokenizer_pre) -> Path:
     if not Path(src).is_dir():
         raise CheckpointError(f"{src}: export needs a local checkpoint folder")
     config = check_checkpoint(src, finite=True).config
-    arch, rope = _check_exportable(src, config)
+    arch, rope = check_exportable(src, config)
     if (Path(src) / "tokenizer.json").is_file():
         load_tokenizer(src, config.vocab_size)  # a damaged tokenizer.json fails here, naming it
     tok = tokenizer_metadata(src, config.vocab_size, pre=tokenizer_pre)
