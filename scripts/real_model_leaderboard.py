@@ -311,7 +311,8 @@ def measure_retrieval(
 def measure_needles(model, tokenizer, stream: list[int], cell: dict, root: Path, where: str) -> dict:
     """Named-key retrieval (``ctxext.evals.shared_prefill``), one prefill per prompt; each prompt is its own cell
     file (``<cell>.prompts/p<i>``), so a stopped run loses at most the prompt in progress. Prompt ``i`` is drawn
-    from seed ``<seed>-<i>``: the same prompts for every model, whatever was measured before."""
+    from seed ``<seed>-<i>``: the same prompts for every model, whatever was measured before, and its file does not
+    depend on how many prompts the cell asks for (raising ``prompts`` measures only the new ones)."""
     from ctxext.evals.cells import load_cell, save_cell
     from ctxext.evals.retrieval import wilson
     from ctxext.evals.shared_prefill import band_label, shared_prefill_accuracy
@@ -322,7 +323,8 @@ def measure_needles(model, tokenizer, stream: list[int], cell: dict, root: Path,
     totals = {lab: {"correct": 0, "needles": 0, "swapped": 0, "prefill_s": 0.0, "answer_s": 0.0} for lab in labels}
     examples = []
     for i in range(spec["prompts"]):
-        name, prompt_spec = f"{cell['name']}.prompts/p{i}", {**spec, "prompt": i}
+        name = f"{cell['name']}.prompts/p{i}"
+        prompt_spec = {**{k: v for k, v in spec.items() if k != "prompts"}, "prompt": i}  # more prompts reuse these
         record = load_cell(root, name, prompt_spec)
         if record is None:
             t0, cpu0 = time.perf_counter(), time.process_time()
