@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_with_tokenizer
+from conftest import save_tiny_with_tokenizer, tiny_config
 
 from ctxext.data import corpus
 from ctxext.data.tokenizer import train_tokenizer
@@ -71,115 +71,69 @@ def test_shortened_demo_writes_the_report(small_model, tmp_path):
 
 @pytest.mark.slow
 def test_leaderboard_quick_mode_runs(small_model, tmp_path):
+    """One quick sweep (the leaderboard's config, its rows replaced) with every kind of row: the unextended model, a
+    method without and with fine-tuning, a training-free row (``finetune: false``: measured once) and a saved
+    checkpoint row; the page re-rendered from its numbers alone; a rerun that reuses every saved row."""
+    import yaml
+
+    from ctxext.io.sources import resolve_model
+    from ctxext.patch.checkpoint import patch_checkpoint
+
+    ckpt = patch_checkpoint(resolve_model(small_model), tmp_path / "yarn4", "yarn", force=True, factor=4)
+    sweep = yaml.safe_load((REPO / "configs" / "sweeps" / "leaderboard.yaml").read_text())
+    sweep.update(model=small_model, factor=4)
+    sweep["methods"] = {
+        "baseline": {"method": None},
+        "pi": {"method": "pi"},
+        "se": {"method": "selfextend", "group_size": 8, "window": 64, "finetune": False},
+        "searched": {"checkpoint": str(ckpt)},
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "RESULTS.md").write_text("old table\n<!-- notes -->\nWhy PI missed: ...\n")
-    run(
-        [
-            "scripts/leaderboard.py",
-            "--quick",
-            "--model",
-            small_model,
-            "--factor",
-            "4",
-            "--methods",
-            "baseline,pi",
-            "--output",
-            str(tmp_path / "docs"),
-            "--work-dir",
-            str(tmp_path / "work"),
-        ]
-    )
+
+    def sweep_to(output):
+        return run(
+            ["scripts/leaderboard.py", "--quick", "--config", str(tmp_path / "sweep.yaml")]
+            + ["--output", str(output), "--work-dir", str(tmp_path / "work")]
+        )
+
+    sweep_to(tmp_path / "docs")
     table = (tmp_path / "docs" / "RESULTS.md").read_text()
-    for row in ("| baseline |", "| pi |", "| pi + LoRA |"):
+    for row in ("| baseline |", "| pi |", "| pi + LoRA |", "| se |", "| searched |"):
         assert row in table
+    assert "| se + LoRA |" not in table and "| searched + LoRA |" not in table
     assert (tmp_path / "docs" / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Targets" in table and "| baseline fails beyond 256" in table
     # the sweep's overrides add the RULER-style tasks, worst of the quick recipe's depths (0 and 1)
     assert "RULER-style tasks in code (worst of 2 depths" in table and "multikey@1024" in table
     assert "old table" not in table and table.endswith("<!-- notes -->\nWhy PI missed: ...\n")
+    first = json.loads((tmp_path / "docs" / "results.json").read_text())["rows"]
+    assert list(first) == ["baseline", "pi", "pi + LoRA", "se", "searched"]
+    assert first["searched"]["ppl"] != first["baseline"]["ppl"] != first["se"]["ppl"]
     run(
-        [
-            "scripts/leaderboard.py",
-            "--report-from",
-            str(tmp_path / "docs" / "results.json"),
-            "--output",
-            str(tmp_path / "again"),
-        ]
-    )  # re-rendered from the saved numbers alone: the same page (notes aside)
+        ["scripts/leaderboard.py", "--report-from", str(tmp_path / "docs" / "results.json")]
+        + ["--output", str(tmp_path / "again")]
+    )
+    # re-rendered from the saved numbers alone: the same page (notes aside)
     assert (tmp_path / "again" / "RESULTS.md").read_text() == table.split("<!-- notes -->")[0] + "<!-- notes -->\n"
     # resumed: the same sweep in the same work dir reuses every saved row (nothing trained or evaluated again)
-    rerun = run(
-        [
-            "scripts/leaderboard.py",
-            "--quick",
-            "--model",
-            small_model,
-            "--factor",
-            "4",
-            "--methods",
-            "baseline,pi",
-            "--output",
-            str(tmp_path / "resumed"),
-            "--work-dir",
-            str(tmp_path / "work"),
-        ]
-    )
-    assert rerun.count("saved row reused") == 3, rerun
-    first = json.loads((tmp_path / "docs" / "results.json").read_text())["rows"]
-    resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())["rows"]
-    assert resumed == {k: first[k] for k in ("baseline", "pi", "pi + LoRA")}
+    rerun = sweep_to(tmp_path / "resumed")
+    assert rerun.count("saved row reused") == 5, rerun
+    assert json.loads((tmp_path / "resumed" / "results.json").read_text())["rows"] == first
 
 
-@pytest.mark.slow
-def test_leaderboard_training_free_and_checkpoint_rows(small_model, tmp_path):
-    """A row with ``finetune: false`` and a checkpoint row are measured once, without fine-tuning; a checkpoint row
-    that names a method, or whose checkpoint is missing, is refused."""
+def test_leaderboard_refuses_a_missing_or_mismatched_checkpoint_row_and_a_checkpoint_row_with_a_method(tmp_path):
     from ctxext.experiments.recipe import load_sweep
-    from ctxext.io.sources import resolve_model
-    from ctxext.patch.checkpoint import patch_checkpoint
+    from scripts import leaderboard as lb
 
-    ckpt = patch_checkpoint(resolve_model(small_model), tmp_path / "yarn4", "yarn", force=True, factor=4)
+    with pytest.raises(SystemExit, match="does not exist; make it first"):
+        lb.check_checkpoint_row("x", str(tmp_path / "no"), 1024)
+    tiny_config("llama", max_position_embeddings=512).save_pretrained(tmp_path / "tiny")
+    with pytest.raises(SystemExit, match="extended to 512 tokens, the sweep to 1024"):
+        lb.check_checkpoint_row("x", str(tmp_path / "tiny"), 1024)
     sweep = tmp_path / "sweep.yaml"
-    rows = (
-        "  baseline: {method: null}\n  se: {method: selfextend, group_size: 8, window: 64, finetune: false}\n"
-        f"  searched: {{checkpoint: {ckpt}}}\n"
-    )
-    sweep.write_text(f"# test\nmodel: {small_model}\nfactor: 4\nmethods:\n{rows}")
-    run(
-        [
-            "scripts/leaderboard.py",
-            "--quick",
-            "--config",
-            str(sweep),
-            "--output",
-            str(tmp_path / "docs"),
-            "--work-dir",
-            str(tmp_path / "work"),
-        ]
-    )
-    result = json.loads((tmp_path / "docs" / "results.json").read_text())["rows"]
-    assert list(result) == ["baseline", "se", "searched"]
-    assert result["searched"]["ppl"] != result["baseline"]["ppl"] != result["se"]["ppl"]
-    sweep.write_text(f"# test\nmodel: {small_model}\nfactor: 4\nmethods:\n  x: {{checkpoint: {tmp_path / 'no'}}}\n")
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "scripts/leaderboard.py",
-            "--quick",
-            "--config",
-            str(sweep),
-            "--output",
-            str(tmp_path / "d2"),
-            "--work-dir",
-            str(tmp_path / "w2"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
-    )
-    assert missing.returncode != 0 and "does not exist; make it first" in missing.stderr, missing.stderr[-2000:]
-    sweep.write_text(f"# test\nmethods:\n  x: {{checkpoint: {ckpt}, method: yarn}}\n")
+    sweep.write_text(f"# test\nmethods:\n  x: {{checkpoint: {tmp_path / 'tiny'}, method: yarn}}\n")
     with pytest.raises(ConfigError, match="a checkpoint row takes no method"):
         load_sweep(sweep)
 

@@ -401,3 +401,26 @@ def test_worst_depth_table_takes_each_cells_worst_depth_and_marks_missing_tasks(
         "| a | 40% | 25% | 100% | 0% |",
         "| b | n/a | n/a | 100% | 0% |",
     ]
+
+
+def test_tokenized_texts_are_remembered_per_tokenizer_content_and_texts(tokenizer, monkeypatch):
+    """Evaluating several models that share a tokenizer tokenizes each text once; another tokenizer, other texts,
+    or a change to the returned lists never get a wrong answer."""
+    from ctxext.data import text
+
+    texts = corpus.read_texts(corpus.stdlib_files("held_out")[:3])
+    want = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    backend = tokenizer.backend_tokenizer
+    same = type(tokenizer)(tokenizer_object=type(backend).from_str(backend.to_str()))  # same content, another object
+    other = train_tokenizer(texts, vocab_size=300)
+    calls = []
+    real_call = type(tokenizer).__call__
+    monkeypatch.setattr(
+        type(tokenizer), "__call__", lambda self, *a, **kw: calls.append(1) or real_call(self, *a, **kw)
+    )
+    first = text.tokenize_documents(tokenizer, texts)
+    first[0].append(-1)  # the caller's copy
+    assert text.tokenize_documents(tokenizer, texts) == want and len(calls) == 1
+    assert text.tokenize_documents(same, texts) == want and len(calls) == 1
+    assert text.tokenize_documents(other, texts) != want and len(calls) == 2
+    assert text.tokenize_documents(tokenizer, texts[:2]) == want[:2] and len(calls) == 3

@@ -75,10 +75,7 @@ def test_gemma3_conversion_keeps_rope_per_layer_type_and_equals_transformers_ggu
     with torch.no_grad():
         diff = (converted(ids).logits - stock(ids).logits).abs().max().item()
     print(f"Gemma 3 270M: converted vs transformers' GGUF loader: max |logit diff| {diff:.2e} over {LENGTH} tokens")
-    assert diff < 1e-4
-    stock_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=str(gguf))
-    text = Path(json.__file__).read_text()
-    assert AutoTokenizer.from_pretrained(hf)(text)["input_ids"] == stock_tok(text)["input_ids"]
+    assert diff < 1e-4  # the tokenizer: against llama.cpp's own on the real file, below
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ Python a measurement was made with, copied to a machine with another Python) to 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sysconfig
@@ -31,9 +32,13 @@ def stdlib_files(split: str, root: Path | None = None) -> list[Path]:
     """Sorted ``.py`` files of one split (``train`` or ``held_out``), site-packages excluded."""
     if split not in ("train", "held_out"):
         raise ValueError(f"split {split!r} is invalid; valid: train, held_out")
-    root = root or stdlib_root()
+    return list(_stdlib_files(split, root or stdlib_root()))
+
+
+@functools.lru_cache(maxsize=8)
+def _stdlib_files(split: str, root: Path) -> tuple[Path, ...]:  # a walk of the whole stdlib: once per process
     files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts]
-    return sorted(p for p in files if split_of(p.relative_to(root).as_posix()) == split)
+    return tuple(sorted(p for p in files if split_of(p.relative_to(root).as_posix()) == split))
 
 
 def package_files(name: str) -> list[Path]:

@@ -20,7 +20,10 @@ reproduces.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,8 +143,47 @@ def _column(dataset, field: str, source: str) -> list[str]:
 
 
 def tokenize_documents(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids per document, without special tokens."""
-    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    """Token ids per document, without special tokens. A process remembers its last few results, keyed by the
+    tokenizer's content (fast tokenizers) and the texts, so evaluating several models that share a tokenizer (a
+    leaderboard's rows, a model and its fine-tuned copy) tokenizes each text once."""
+    key = _tokenizer_fingerprint(tokenizer)
+    if key is not None:
+        digest = hashlib.sha256()
+        for text in texts:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+        key = (key, digest.hexdigest())
+        if key in _TOKENIZED:
+            _TOKENIZED.move_to_end(key)
+            return [ids.tolist() for ids in _TOKENIZED[key]]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    if key is not None:
+        _TOKENIZED[key] = [np.asarray(doc, dtype=np.int64) for doc in ids]
+        while len(_TOKENIZED) > _TOKENIZED_KEPT:
+            _TOKENIZED.popitem(last=False)
+    return ids
+
+
+_TOKENIZED: OrderedDict = OrderedDict()  # (tokenizer fingerprint, texts sha256) -> ids per document
+_TOKENIZED_KEPT = 4
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_fingerprint(tokenizer) -> str | None:
+    """sha256 of a fast tokenizer's whole definition (vocabulary, merges, normalizer, pre-tokenizer); None for
+    others, which are not remembered."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        return _FINGERPRINTS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    found = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    try:
+        _FINGERPRINTS[tokenizer] = found
+    except TypeError:  # not weak-referenceable: fingerprinted on every call
+        pass
+    return found
 
 
 def eos_id(tokenizer) -> int:

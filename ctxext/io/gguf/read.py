@@ -15,9 +15,11 @@ folder, renamed when complete).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,9 +164,27 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, force: bool
     gguf_reader_meta = {
         k: reader.fields[k] for k in ("tokenizer.ggml.pre", "tokenizer.ggml.model") if k in reader.fields
     }
-    del reader
-    with claim_output(out, force, "ctxext convert"):
+    with claim_output(out, force, "ctxext convert"), _parsed_once(path, reader):
         return _dequantize_and_save(path, out, arch, rope_parameters, gguf_reader_meta, force)
+
+
+@contextmanager
+def _parsed_once(path: Path, reader):
+    """transformers' GGUF loader parses the file's metadata again for the model, the config and the tokenizer (about
+    10 s each for Gemma's 262,144-token vocabulary): within a conversion each of them gets ``reader``, the one ctxext
+    parsed and checked."""
+    import gguf
+
+    stock, wanted = gguf.GGUFReader, path.resolve()
+
+    def reader_for(file, *args, **kwargs):
+        return reader if not args and not kwargs and Path(file).resolve() == wanted else stock(file, *args, **kwargs)
+
+    gguf.GGUFReader = reader_for
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = stock
 
 
 def _config_rope(config, arch: str, rope_parameters: dict) -> dict:
@@ -178,12 +198,12 @@ def _config_rope(config, arch: str, rope_parameters: dict) -> dict:
 def _dequantize_and_save(
     path: Path, out, arch: str, rope_parameters: dict, gguf_reader_meta: dict, force: bool
 ) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.absolute().parent), str(path.absolute())
     log.info("dequantizing %s with transformers' GGUF loader", path)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    config = copy.deepcopy(loaded.config)
     for key in ("quantization_config", "_name_or_path"):
         if hasattr(config, key):
             delattr(config, key)
