@@ -34,8 +34,12 @@ $(VENV)/.installed-llamacpp: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/ctxext demo
 
+# pytest-xdist: test files spread over TEST_WORKERS processes (each file whole in one, so its fixtures are built once)
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: install $(VENV)/.installed-llamacpp lint
-	$(PY) -m pytest
+	$(PYTEST)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -43,4 +47,4 @@ lint: install
 
 # the edit loop: everything but subprocess and training tests (`-m slow` is the rest); under 2 minutes on 2 cores
 test-fast: install lint
-	$(PY) -m pytest -m "not slow" -q
+	$(PYTEST) -m "not slow" -q
