@@ -232,6 +232,22 @@ def make_plan(sweep, args, context: int, checkpoint_context: int, tokenizer) -> 
     return list(cells.values()), texts, streams
 
 
+def stored_record(root: Path, cell: dict) -> dict | None:
+    """The cell's stored record for the page. A checkpoint row whose folder is gone (a fine-tune's run folder on
+    another machine) cannot have its saved rope checked: its cells are reported with the rope they were measured
+    with (in their spec); a run that measures still needs the folder."""
+    from ctxext.evals.cells import cell_path, load_cell
+
+    record = load_cell(root, cell["name"], cell["spec"])
+    if record is not None or cell["checkpoint"] is None or cell["spec"]["checkpoint_rope"] is not None:
+        return record
+    try:
+        measured_with = json.loads(cell_path(root, cell["name"]).read_text())["spec"]["checkpoint_rope"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return load_cell(root, cell["name"], {**cell["spec"], "checkpoint_rope": measured_with})
+
+
 def saved_rope(checkpoint: str) -> dict | None:
     """The rope parameters in a checkpoint row's config.json (None while the folder is missing)."""
     path = Path(checkpoint) / "config.json"
@@ -698,7 +714,6 @@ def main(argv=None) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from ctxext.errors import CtxextError
-    from ctxext.evals.cells import load_cell
     from ctxext.experiments.recipe import load_sweep
     from ctxext.io.sources import check_source
 
@@ -746,7 +761,7 @@ def main(argv=None) -> int:
                 root=root,
                 deadline=deadline,
             )
-        records = {c["name"]: r for c in cells if (r := load_cell(root, c["name"], c["spec"])) is not None}
+        records = {c["name"]: r for c in cells if (r := stored_record(root, c)) is not None}
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         page = write_page(cells, records, texts, sweep, args, context, checkpoint_context, out)

