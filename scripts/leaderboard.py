@@ -233,8 +233,6 @@ def main(argv=None) -> int:
     recipe = load_recipe(REPO / sweep.recipe, quick=args.quick, overrides=sweep.overrides)
     plan = recipe.plan()
     work, out = Path(args.work_dir), Path(args.output)
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     base = resolve_model(model_name)
     commit = source_commit(REPO)  # before the long run: the version that starts is the one that runs
     from transformers import AutoConfig, AutoTokenizer
@@ -245,7 +243,9 @@ def main(argv=None) -> int:
     stages = stage_lengths(context, target)
     checkpoints = {
         n: check_checkpoint_row(n, sweep.methods[n].checkpoint, target) for n in names if sweep.methods[n].checkpoint
-    }  # before any work: a missing one stops nothing halfway
+    }  # before any work: a missing one stops nothing halfway and leaves no folder behind
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     tuned_rows = [n for n in names if sweep.methods[n].method is not None and sweep.methods[n].finetune]
     data, retrieval_data = (  # the fine-tuning documents, only where a row fine-tunes
         recipe.build_data(AutoTokenizer.from_pretrained(base), work, stages, target) if tuned_rows else (None, None)

@@ -127,12 +127,14 @@ def test_leaderboard_refuses_a_missing_or_mismatched_checkpoint_row_and_a_checkp
     from ctxext.experiments.recipe import load_sweep
     from scripts import leaderboard as lb
 
-    with pytest.raises(SystemExit, match="does not exist; make it first"):
-        lb.check_checkpoint_row("x", str(tmp_path / "no"), 1024)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"# test\nmodel: reference\nfactor: 4\nmethods:\n  x: {{checkpoint: {tmp_path / 'no'}}}\n")
+    with pytest.raises(SystemExit, match="does not exist; make it first"):  # before anything is measured
+        lb.main(["--quick", "--config", str(sweep), "--output", str(tmp_path / "d"), "--work-dir", str(tmp_path / "w")])
+    assert not (tmp_path / "d").exists() and not (tmp_path / "w").exists()
     tiny_config("llama", max_position_embeddings=512).save_pretrained(tmp_path / "tiny")
     with pytest.raises(SystemExit, match="extended to 512 tokens, the sweep to 1024"):
         lb.check_checkpoint_row("x", str(tmp_path / "tiny"), 1024)
-    sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"# test\nmethods:\n  x: {{checkpoint: {tmp_path / 'tiny'}, method: yarn}}\n")
     with pytest.raises(ConfigError, match="a checkpoint row takes no method"):
         load_sweep(sweep)
