@@ -155,12 +155,17 @@ def tokenize_documents(tokenizer, texts: list[str]) -> list[list[int]]:
         if key in _TOKENIZED:
             _TOKENIZED.move_to_end(key)
             return [ids.tolist() for ids in _TOKENIZED[key]]
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = _token_ids(tokenizer, texts)
     if key is not None:
         _TOKENIZED[key] = [np.asarray(doc, dtype=np.int64) for doc in ids]
         while len(_TOKENIZED) > _TOKENIZED_KEPT:
             _TOKENIZED.popitem(last=False)
     return ids
+
+
+def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """``tokenize_documents`` without remembering: for the fine-tuning token file's batches, each seen once."""
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 _TOKENIZED: OrderedDict = OrderedDict()  # (tokenizer fingerprint, texts sha256) -> ids per document
@@ -311,7 +316,7 @@ def write_token_file(
 
     def tokenize(batch):
         if not with_answers:
-            return {"ids": tokenize_documents(tokenizer, batch["text"])}
+            return {"ids": _token_ids(tokenizer, batch["text"])}
         ids, spans = _answer_token_spans(tokenizer, batch["text"], batch[ANSWERS])
         return {"ids": ids, "spans": spans}
 
